@@ -1,0 +1,255 @@
+"""The backend interface, the value types it returns and the one error tree every store maps onto.
+
+A backend plug-in only builds requests and parses answers: it makes exactly one attempt per call and
+raises one of the errors below. Retries, backoff, timeouts, circuit breaking, metrics, caching and lease
+lifecycles are owned by the core (``broker.backends.guard`` and ``broker.cache``).
+
+Plug-in modules must not import cloud SDKs at module level: ``broker.backends.load_type`` imports a
+module to validate its config, and SDKs are imported only for backends that are really configured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import functools
+import ssl
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+from pydantic import Field
+
+from broker.clock import Clock
+from broker.configtypes import Duration, StrictModel
+
+if TYPE_CHECKING:
+    from broker.metrics import Metrics
+
+T = TypeVar("T")
+
+
+class Kind(enum.StrEnum):
+    """What Airflow asks for."""
+
+    CONNECTION = "connection"
+    VARIABLE = "variable"
+    CONFIG = "config"
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+class BrokerError(Exception):
+    """Root of the error tree. ``status`` and ``code`` are what the HTTP API answers.
+
+    Messages must never contain a secret value: they may name a backend, a status and a secret path.
+    """
+
+    status: ClassVar[int] = 502
+    code: ClassVar[str] = "backend_error"
+    transient: ClassVar[bool] = False
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+class SecretNotFound(BrokerError):
+    """The store answered, authoritatively, that the secret does not exist."""
+
+    status = 404
+    code = "not_found"
+
+
+class AccessDenied(BrokerError):
+    """The store refused the pod's identity for this secret (never turned into "not found")."""
+
+    status = 403
+    code = "forbidden"
+
+
+class BackendError(BrokerError):
+    """The store answered something we cannot use (malformed payload, CRC mismatch, KMS failure)."""
+
+    status = 502
+    code = "backend_error"
+
+
+class BackendUnavailable(BrokerError):
+    """The store could not be reached or answered 5xx. Transient: retried, then stale or 503."""
+
+    status = 503
+    code = "backend_unavailable"
+    transient = True
+
+
+class RateLimited(BackendUnavailable):
+    """The store throttled us (``retry_after`` in seconds when the store said)."""
+
+
+class BackendTimeout(BackendUnavailable):
+    """The store did not answer within the configured timeout. Answered as 504."""
+
+    status = 504
+    code = "backend_timeout"
+
+
+class ConfigurationError(Exception):
+    """A config file or a reload is invalid. ``errors`` holds every problem as ``key.path: message``."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("invalid configuration:\n" + "\n".join(f"  {e}" for e in errors))
+        self.errors = errors
+
+
+def is_transient(exc: BaseException) -> bool:
+    """The one place that says which failures are worth retrying."""
+    if isinstance(exc, BrokerError):
+        return exc.transient
+    return isinstance(exc, TimeoutError | ConnectionError | OSError)
+
+
+# ---------------------------------------------------------------------------------------------- values
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A lease on a dynamic secret. ``issued_at`` and ``expires_at`` are on the broker's monotonic clock."""
+
+    lease_id: str = field(repr=False)
+    duration: float
+    renewable: bool
+    issued_at: float
+
+    @property
+    def expires_at(self) -> float:
+        return self.issued_at + self.duration
+
+    def __repr__(self) -> str:
+        # Lease ids carry the secret path before the last segment; the last segment is the handle.
+        head = self.lease_id.rsplit("/", 1)[0] if "/" in self.lease_id else "?"
+        return f"Lease({head}/…, duration={self.duration:.0f}s, renewable={self.renewable})"
+
+
+class SecretValue:
+    """One secret as a backend returned it.
+
+    ``value`` is a string, or for connections a mapping of Airflow connection fields (the resolver
+    normalises both to the JSON string Airflow accepts). ``ttl_hint`` bounds the cache entry's freshness.
+    """
+
+    __slots__ = ("lease", "ttl_hint", "value", "version")
+
+    def __init__(
+        self,
+        value: str | Mapping[str, Any],
+        *,
+        version: str | None = None,
+        lease: Lease | None = None,
+        ttl_hint: float | None = None,
+    ) -> None:
+        self.value = value
+        self.version = version
+        self.lease = lease
+        self.ttl_hint = ttl_hint
+
+    def __repr__(self) -> str:
+        return f"SecretValue(<redacted>, version={self.version!r}, lease={self.lease!r}, ttl_hint={self.ttl_hint!r})"
+
+    __str__ = __repr__
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+class BackendConfig(StrictModel):
+    """Keys every backend accepts; plug-ins subclass this with their own (``extra="forbid"``)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    type: str
+    ttl: Duration | None = None
+    max_stale: Duration | None = None
+    negative_ttl: Duration | None = None
+    ca_cert: Path | None = None
+    timeout: Duration = Field(default=5.0, gt=0, le=120)
+    retries: int = Field(default=3, ge=0, le=10)
+
+
+# ---------------------------------------------------------------------------------------------- context
+
+
+@dataclass
+class BackendContext:
+    """What the core hands every backend: the shared thread pool, clock and metrics."""
+
+    executor: ThreadPoolExecutor
+    clock: Clock
+    metrics: Metrics
+
+    async def run_blocking(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """Run a blocking SDK call in the bounded pool, never on the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
+
+
+def ssl_context(ca_cert: Path | None) -> ssl.SSLContext:
+    """A verifying TLS context, trusting ``ca_cert`` instead of the system store when given."""
+    ctx = ssl.create_default_context(cafile=str(ca_cert) if ca_cert else None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+# ---------------------------------------------------------------------------------------------- backend
+
+
+class Backend(ABC):
+    """A secret store. Subclasses set ``config_model`` and implement ``locate`` and ``fetch``."""
+
+    config_model: ClassVar[type[BackendConfig]] = BackendConfig
+
+    def __init__(self, config: BackendConfig, ctx: BackendContext) -> None:
+        self.config = config
+        self.ctx = ctx
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @abstractmethod
+    def locate(self, kind: Kind, name: str) -> str | None:
+        """The store's secret path for an Airflow id, or None when this backend does not serve it
+        (kind disabled by a null prefix, id outside a lookup pattern). Pure: no I/O."""
+
+    @abstractmethod
+    async def fetch(self, kind: Kind, path: str) -> SecretValue:
+        """One attempt at reading ``path``.
+
+        Raises SecretNotFound, AccessDenied, RateLimited, BackendUnavailable, BackendTimeout, BackendError.
+        """
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Log in / warm identity. Called once at start-up before the backend serves; may raise."""
+
+    async def check(self) -> str:
+        """Prove the identity works without reading a secret; return a one-line description of it."""
+        await self.start()
+        return "usable"
+
+    async def renew(self, lease: Lease, increment: float | None = None) -> Lease:
+        """Extend a lease; returns the lease as the store now grants it. Raises like ``fetch``."""
+        raise BackendError(f"backend {self.name!r} has no leases to renew")
+
+    async def revoke(self, lease: Lease) -> None:  # noqa: B027 - optional hook
+        """Give a lease back early (on shutdown, or when its value is dropped)."""
+
+    def not_ready_reason(self) -> str | None:
+        """Why this backend cannot serve right now (e.g. no valid token), or None."""
+        return None
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release sessions and background tasks."""

@@ -1,0 +1,284 @@
+"""The YAML configuration: strict typed models, loading, and error messages that name their key path."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from broker.backends import EXTRAS, REGISTRY, load_type
+from broker.backends.base import BackendConfig, ConfigurationError
+from broker.configtypes import Duration, StrictModel
+
+DEFAULT_SOCKET = Path("/run/broker/broker.sock")
+
+
+def _parse_hostport(value: str, what: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{what} must be HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+class ListenConfig(StrictModel):
+    """Where the secrets API listens: a unix socket, and optionally loopback TCP with a token."""
+
+    socket: Path | None = DEFAULT_SOCKET
+    socket_mode: int = 0o660
+    allowed_uids: list[int] | None = None
+    allowed_gids: list[int] | None = None
+    tcp: str | None = None
+    token_file: Path | None = None
+    max_concurrency: int = Field(default=512, ge=1, le=100_000)
+    max_connections: int = Field(default=1024, ge=1, le=100_000)
+    header_timeout: Duration = Field(default=10.0, gt=0, le=300)
+    max_body_bytes: int = Field(default=16_384, ge=256, le=1_048_576)
+
+    @field_validator("socket_mode", mode="before")
+    @classmethod
+    def _octal(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                value = int(value, 8)
+            except ValueError:
+                raise ValueError(f"socket_mode must be an octal string like \"0660\", got {value!r}") from None
+        if isinstance(value, int) and not 0 <= value <= 0o777:
+            raise ValueError("socket_mode must be between 0000 and 0777")
+        return value
+
+    @field_validator("tcp")
+    @classmethod
+    def _loopback_only(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        host, _ = _parse_hostport(value, "tcp")
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"tcp must bind an IP literal on loopback (127.0.0.1 or ::1), got {host!r}") from None
+        if not address.is_loopback:
+            raise ValueError(f"tcp must bind loopback only (127.0.0.1 or ::1), got {host!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _needs_a_listener(self) -> ListenConfig:
+        if self.socket is None and self.tcp is None:
+            raise ValueError("set socket or tcp: the secrets API needs a listener")
+        if self.tcp is not None and self.token_file is None:
+            raise ValueError("token_file is required when tcp is set")
+        return self
+
+    @property
+    def tcp_address(self) -> tuple[str, int] | None:
+        return _parse_hostport(self.tcp, "tcp") if self.tcp else None
+
+
+class MetricsConfig(StrictModel):
+    listen: str | None = "127.0.0.1:9464"
+
+    @field_validator("listen")
+    @classmethod
+    def _hostport(cls, value: str | None) -> str | None:
+        if value is not None:
+            _parse_hostport(value, "listen")
+        return value
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        return _parse_hostport(self.listen, "listen") if self.listen else None
+
+
+class CacheConfig(StrictModel):
+    ttl: Duration = Field(default=300.0, gt=0, le=86_400 * 7)
+    max_entries: int = Field(default=10_000, ge=1, le=10_000_000)
+    refresh_ahead: float = Field(default=0.75, ge=0.0, lt=1.0)
+    max_stale: Duration = Field(default=3600.0, ge=0, le=86_400 * 7)
+    negative_ttl: Duration = Field(default=30.0, ge=0, le=86_400)
+    refresh_jitter: float = Field(default=0.1, ge=0.0, le=0.5)
+
+
+class PrefetchConfig(StrictModel):
+    connections: list[str] = []
+    variables: list[str] = []
+    config: list[str] = []
+
+
+class LeasesConfig(StrictModel):
+    renew_at: float = Field(default=2 / 3, gt=0.1, lt=0.95)
+    revoke_on_shutdown: bool = True
+    idle_timeout: Duration | None = None
+
+
+class LoggingConfig(StrictModel):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    access_log: bool = False
+
+
+class ShutdownConfig(StrictModel):
+    grace: Duration = Field(default=20.0, ge=0, le=600)
+
+
+class BrokerConfig(StrictModel):
+    listen: ListenConfig = ListenConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    cache: CacheConfig = CacheConfig()
+    prefetch: PrefetchConfig = PrefetchConfig()
+    leases: LeasesConfig = LeasesConfig()
+    logging: LoggingConfig = LoggingConfig()
+    shutdown: ShutdownConfig = ShutdownConfig()
+    threads: int = Field(default=16, ge=1, le=256)
+    backends: list[BackendConfig] = Field(min_length=1)
+
+    def backend(self, name: str) -> BackendConfig:
+        return next(b for b in self.backends if b.name == name)
+
+
+def embedded_default() -> dict[str, Any]:
+    """The configuration used when neither --config nor $BROKER_CONFIG is given."""
+    return {
+        "listen": {"socket": "./broker.sock"},
+        "metrics": {"listen": "127.0.0.1:9464"},
+        "backends": [
+            {
+                "name": "local",
+                "type": "file",
+                "connections_file_path": "./secrets/connections",
+                "variables_file_path": "./secrets/variables",
+                "config_file_path": "./secrets/config",
+            }
+        ],
+    }
+
+
+def _loc(parts: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _message(err: Any) -> str:
+    kind = err["type"]
+    if kind == "missing":
+        return "field required"
+    if kind == "extra_forbidden":
+        return "unknown key"
+    msg: str = err["msg"]
+    for prefix in ("Value error, ", "Assertion failed, "):
+        msg = msg.removeprefix(prefix)
+    return msg[:1].lower() + msg[1:]
+
+
+def _errors(exc: ValidationError, prefix: tuple[int | str, ...] = ()) -> list[str]:
+    out = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        out.append(f"{_loc(prefix + loc)}: {_message(err)}")
+    return out
+
+
+def validate_config(data: Any) -> BrokerConfig:
+    """Validate a parsed document. Raises ConfigurationError listing every problem at once."""
+    if not isinstance(data, dict):
+        raise ConfigurationError(["(top level): expected a mapping of keys"])
+    errors: list[str] = []
+    raw_backends = data.get("backends")
+    backends: list[BackendConfig] = []
+    if raw_backends is None:
+        errors.append("backends: field required")
+    elif not isinstance(raw_backends, list) or not raw_backends:
+        errors.append("backends: expected a non-empty list of backends")
+    else:
+        seen: dict[str, int] = {}
+        for i, raw in enumerate(raw_backends):
+            backend = _validate_backend(i, raw, errors)
+            if backend is None:
+                continue
+            if backend.name in seen:
+                errors.append(f"backends[{i}].name: duplicate backend name {backend.name!r} (also backends[{seen[backend.name]}])")
+            seen[backend.name] = i
+            backends.append(backend)
+    rest = {k: v for k, v in data.items() if k != "backends"}
+    try:
+        top = BrokerConfig.model_validate({**rest, "backends": [{"name": "placeholder", "type": "file"}]})
+    except ValidationError as exc:
+        errors.extend(_errors(exc))
+        top = None
+    if top is not None:
+        errors.extend(_prefetch_errors(top))
+    if errors or top is None:
+        raise ConfigurationError(errors)
+    return top.model_copy(update={"backends": backends})
+
+
+def _prefetch_errors(config: BrokerConfig) -> list[str]:
+    from broker.resolver import name_problem
+
+    out = []
+    for kind in ("connections", "variables", "config"):
+        for i, name in enumerate(getattr(config.prefetch, kind)):
+            problem = name_problem(name)
+            if problem:
+                out.append(f"prefetch.{kind}[{i}]: {problem}")
+    return out
+
+
+def _validate_backend(i: int, raw: Any, errors: list[str]) -> BackendConfig | None:
+    where = f"backends[{i}]"
+    if not isinstance(raw, dict):
+        errors.append(f"{where}: expected a mapping")
+        return None
+    type_name = raw.get("type")
+    if type_name is None:
+        errors.append(f"{where}.type: field required")
+        return None
+    if type_name not in REGISTRY:
+        errors.append(f"{where}.type: unknown backend type {type_name!r}; expected one of {', '.join(REGISTRY)}")
+        return None
+    try:
+        model = load_type(type_name).config_model
+    except ImportError as exc:
+        extra = EXTRAS.get(type_name)
+        hint = f" (install credential-broker[{extra}])" if extra else ""
+        errors.append(f"{where}.type: backend type {type_name!r} is not available: {exc.name or exc}{hint}")
+        return None
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        errors.extend(_errors(exc, ("backends", i)))
+        return None
+
+
+def read_config_file(path: Path) -> Any:
+    """Parse YAML. Raises ConfigurationError naming the file and the line on a syntax error."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigurationError([f"{path}: cannot read config file: {exc.strerror or exc}"]) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        raise ConfigurationError([f"{path}:{where}: invalid YAML: {getattr(exc, 'problem', exc)}"]) from None
+
+
+def config_source(cli_path: str | None) -> Path | None:
+    """--config, else $BROKER_CONFIG, else None (the embedded default)."""
+    if cli_path:
+        return Path(cli_path)
+    env = os.environ.get("BROKER_CONFIG")
+    return Path(env) if env else None
+
+
+def load_config(path: Path | None) -> BrokerConfig:
+    """Load and validate; None means the embedded default. Raises ConfigurationError."""
+    data = embedded_default() if path is None else read_config_file(path)
+    return validate_config(data)

@@ -1,0 +1,91 @@
+"""Prometheus metrics on one injected registry. Labels are bounded: backend, kind, outcome, never a secret name."""
+
+from __future__ import annotations
+
+import platform
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from broker import __version__
+
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+BACKEND_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    """Every metric the broker exports. Build one per process (tests build their own)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.build_info = Info("broker_build", "Version of the running broker.", registry=r)
+        self.build_info.info({"version": __version__, "python": platform.python_version()})
+        self.requests = Counter(
+            "broker_requests_total",
+            "Secrets API requests by kind and outcome (hit, miss, stale, refreshed, or an error code).",
+            ["kind", "outcome"],
+            registry=r,
+        )
+        self.request_latency = Histogram(
+            "broker_request_duration_seconds",
+            "Secrets API request latency, from routing to the response being ready.",
+            ["kind"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inflight = Gauge("broker_requests_in_flight", "Secrets API requests being served.", registry=r)
+        self.rejected = Counter(
+            "broker_rejected_total",
+            "Requests or connections refused at the edge, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.cache_events = Counter(
+            "broker_cache_events_total",
+            "Cache events: hit, miss, stale, negative_hit, refresh, refresh_failed, eviction, expired.",
+            ["event"],
+            registry=r,
+        )
+        self.cache_entries = Gauge("broker_cache_entries", "Entries held in the cache (including negative).", registry=r)
+        self.backend_calls = Counter(
+            "broker_backend_calls_total",
+            "Calls to secret stores by backend, operation (fetch, renew, revoke, login, check) and outcome.",
+            ["backend", "operation", "outcome"],
+            registry=r,
+        )
+        self.backend_latency = Histogram(
+            "broker_backend_call_duration_seconds",
+            "Latency of one call (one attempt) to a secret store.",
+            ["backend", "operation"],
+            buckets=BACKEND_BUCKETS,
+            registry=r,
+        )
+        self.backend_up = Gauge(
+            "broker_backend_up", "1 when the backend's last call succeeded or answered authoritatively.", ["backend"],
+            registry=r,
+        )
+        self.circuit_open = Gauge(
+            "broker_backend_circuit_open", "1 while the backend's circuit breaker is open (calls fail fast).",
+            ["backend"], registry=r,
+        )
+        self.leases_active = Gauge("broker_leases_active", "Leases held for dynamic secrets.", ["backend"], registry=r)
+        self.lease_renewals = Counter(
+            "broker_lease_renewals_total", "Lease renewals by outcome (ok, capped, failed, rotated, revoked).",
+            ["backend", "outcome"], registry=r,
+        )
+        self.lease_expiry = Gauge(
+            "broker_lease_min_expiry_seconds", "Seconds until the soonest held lease expires.", ["backend"],
+            registry=r,
+        )
+        self.identity_expiry = Gauge(
+            "broker_identity_expiry_seconds",
+            "Seconds until the backend's login token or cloud credential expires (-1 when it does not expire).",
+            ["backend"],
+            registry=r,
+        )
+        self.logins = Counter(
+            "broker_logins_total", "Logins / credential refreshes by backend and outcome.", ["backend", "outcome"],
+            registry=r,
+        )
+        self.ready = Gauge("broker_ready", "1 when /readyz answers 200.", registry=r)
+        self.reloads = Counter("broker_config_reloads_total", "Config reloads by outcome.", ["outcome"], registry=r)
