@@ -1,0 +1,105 @@
+"""``BrokerSecretsBackend``: Airflow's secrets backend that asks the broker sidecar.
+
+Importable with the standard library and Airflow only. Configure it as ``[secrets] backend`` (and on
+Airflow 3 also ``[workers] secrets_backend``) with ``backend_kwargs`` like ``{"socket_path": "/run/broker/broker.sock"}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from airflow.secrets import BaseSecretsBackend
+
+from broker.client import (
+    DEFAULT_SOCKET,
+    BrokerAccessDeniedError,
+    BrokerClient,
+    BrokerClientError,
+)
+
+try:  # Airflow 3.x stops its search path on this; 2.x does not have it.
+    from airflow.exceptions import AirflowSecretsBackendAccessDenied as _AccessDenied  # type: ignore[attr-defined,unused-ignore]
+except ImportError:  # pragma: no cover - depends on the Airflow version
+    _AccessDenied = None
+
+log = logging.getLogger(__name__)
+DEFAULT_TIMEOUT = 5.0
+
+
+def _as_float(value: Any, default: float) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        log.warning("broker backend: timeout %r is not a number; using %s", value, default)
+        return default
+    return number if number > 0 else default
+
+
+def _as_str(value: Any) -> str | None:
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+class BrokerSecretsBackend(BaseSecretsBackend):  # type: ignore[misc]
+    """Connections, variables and config values from the broker sidecar.
+
+    The constructor does no I/O (Airflow builds one for every config lookup) and never raises: Airflow
+    passes per-key overrides as strings, which are coerced here.
+    """
+
+    def __init__(
+        self,
+        socket_path: str | None = None,
+        url: str | None = None,
+        token_file: str | None = None,
+        timeout: float | str = DEFAULT_TIMEOUT,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        self.socket_path = _as_str(socket_path) or DEFAULT_SOCKET
+        self.url = _as_str(url)
+        self.token_file = _as_str(token_file)
+        self.timeout = _as_float(timeout, DEFAULT_TIMEOUT)
+        self.ignored_kwargs = sorted(kwargs)
+        self._client: BrokerClient | None = None
+
+    def _broker(self) -> BrokerClient:
+        if self._client is None:
+            token = None
+            if self.url and self.token_file:
+                try:
+                    with open(self.token_file, encoding="utf-8") as fh:
+                        token = fh.read().strip()
+                except OSError as exc:
+                    raise BrokerClientError(f"cannot read broker token file {self.token_file}: {exc.strerror}") from None
+            self._client = BrokerClient(socket_path=self.socket_path, url=self.url, token=token, timeout=self.timeout)
+        return self._client
+
+    def _get(self, kind: str, name: str) -> str | None:
+        try:
+            return self._broker().get(kind, name)
+        except BrokerAccessDeniedError as exc:
+            log.warning("broker denied %s %r: %s", kind, name, exc)
+            if _AccessDenied is not None:
+                raise _AccessDenied(str(exc)) from None
+            raise
+        except BrokerClientError as exc:
+            if exc.code == "bad_request":
+                # The broker refuses ids that cannot exist in any of its stores; let Airflow look elsewhere.
+                log.debug("broker refused %s %r: %s", kind, name, exc)
+                return None
+            # Airflow 3 logs connection-lookup errors only at DEBUG: say it here so operators see it.
+            log.warning("broker lookup of %s %r failed: %s", kind, name, exc)
+            raise
+
+    def get_conn_value(self, conn_id: str, team_name: str | None = None) -> str | None:
+        return self._get("connection", conn_id)
+
+    def get_variable(self, key: str, team_name: str | None = None) -> str | None:
+        return self._get("variable", key)
+
+    def get_config(self, key: str) -> str | None:
+        return self._get("config", key)

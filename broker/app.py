@@ -1,0 +1,307 @@
+"""Wiring and lifecycle: build backends, start listeners and background tasks, reload, drain, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import resource
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from broker.backends import load_type
+from broker.backends.base import BackendConfig, BackendContext, BrokerError, ConfigurationError, Kind, Lease
+from broker.backends.guard import Guard
+from broker.cache import Entry, LeaseOps, SecretCache
+from broker.clock import Clock, SystemClock
+from broker.config import BrokerConfig, load_config
+from broker.logging import SECRETS
+from broker.metrics import Metrics
+from broker.resolver import Resolved, Resolver
+from broker.server import bind_unix_socket, build_api_app, build_metrics_app
+
+log = logging.getLogger("broker")
+
+STARTUP_BACKOFF_CAP = 30.0
+
+
+def build_guards(configs: list[BackendConfig], ctx: BackendContext) -> list[Guard]:
+    """One guarded Backend per config entry, in chain order."""
+    return [Guard(load_type(cfg.type)(cfg, ctx), ctx.metrics) for cfg in configs]
+
+
+class BrokerState:
+    """Everything a request handler needs; replaced piecewise by a reload."""
+
+    def __init__(self, config: BrokerConfig, *, metrics: Metrics | None = None, clock: Clock | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.clock = clock or SystemClock()
+        self.executor = ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="broker-io")
+        self.ctx = BackendContext(executor=self.executor, clock=self.clock, metrics=self.metrics)
+        self.guards = build_guards(config.backends, self.ctx)
+        self.resolver = Resolver(self.guards, config.cache.ttl, config.cache.max_stale)
+        self.cache = SecretCache(
+            self._load,
+            clock=self.clock,
+            config=config.cache,
+            leases=config.leases,
+            metrics=self.metrics,
+            lease_ops=LeaseOps(self._renew, self._revoke),
+        )
+        self.inflight = 0
+        self.prefetched = not self._prefetch_keys()
+        self.starting: set[str] = {g.name for g in self.guards}
+
+    async def _load(self, kind: Kind, name: str) -> Resolved:
+        resolved = await self.resolver.resolve(kind, name)
+        SECRETS.add(resolved.value)
+        if kind is Kind.CONNECTION:
+            password = json.loads(resolved.value).get("password")
+            if isinstance(password, str):
+                SECRETS.add(password)
+        return resolved
+
+    async def _renew(self, backend: str, lease: Lease, increment: float | None) -> Lease:
+        return await self.resolver.guard(backend).renew(lease, increment)
+
+    async def _revoke(self, backend: str, lease: Lease) -> None:
+        await self.resolver.guard(backend).revoke(lease)
+
+    def _prefetch_keys(self) -> list[tuple[Kind, str]]:
+        p = self.config.prefetch
+        return ([(Kind.CONNECTION, n) for n in p.connections] + [(Kind.VARIABLE, n) for n in p.variables]
+                + [(Kind.CONFIG, n) for n in p.config])
+
+    def not_ready_reasons(self) -> list[str]:
+        reasons = []
+        for guard in self.guards:
+            reason = guard.not_ready_reason()
+            if reason:
+                reasons.append(f"backend {guard.name}: {reason}")
+        if not self.prefetched:
+            reasons.append("prefetch list not warm yet")
+        return reasons
+
+
+class Broker:
+    """The daemon: listeners, background tasks, signals."""
+
+    def __init__(self, config: BrokerConfig, config_path: Path | None) -> None:
+        self.config_path = config_path
+        self.state = BrokerState(config)
+        self._runners: list[web.AppRunner] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stop = asyncio.Event()
+        self._socket_path: Path | None = None
+        self._reload_lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------------------------------ start
+
+    async def start(self) -> None:
+        """Bind every listener, then log in to backends and warm the prefetch list in the background."""
+        cfg = self.state.config
+        if cfg.listen.socket is not None:
+            sock = bind_unix_socket(cfg.listen.socket, cfg.listen.socket_mode)
+            self._socket_path = cfg.listen.socket
+            await self._serve(build_api_app(self.state), lambda r: web.SockSite(r, sock))
+        if cfg.listen.tcp_address is not None:
+            host, port = cfg.listen.tcp_address
+            assert cfg.listen.token_file is not None
+            token = read_token(cfg.listen.token_file)
+            await self._serve(build_api_app(self.state, tcp_token=token), lambda r: web.TCPSite(r, host, port))
+        if cfg.metrics.address is not None:
+            host, port = cfg.metrics.address
+            await self._serve(build_metrics_app(self.state), lambda r: web.TCPSite(r, host, port))
+        self._spawn(self.state.cache.maintain(), "cache-maintenance")
+        self._spawn(self._start_backends(self.state.guards), "backend-start")
+        log.info("broker listening", extra={
+            "socket": str(cfg.listen.socket) if cfg.listen.socket else None,
+            "tcp": cfg.listen.tcp, "metrics": cfg.metrics.listen,
+            "backends": [f"{b.name}:{b.type}" for b in cfg.backends],
+        })
+
+    async def _serve(self, app: web.Application, site: Any) -> None:
+        runner = web.AppRunner(app, handle_signals=False, access_log=None,
+                               shutdown_timeout=self.state.config.shutdown.grace)
+        await runner.setup()
+        await site(runner).start()
+        self._runners.append(runner)
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _start_backends(self, guards: list[Guard]) -> None:
+        await asyncio.gather(*(self._start_one(g) for g in guards))
+        await self._prefetch()
+
+    async def _start_one(self, guard: Guard) -> None:
+        """Log in, retrying with capped backoff until it works (readiness reports why meanwhile)."""
+        delay = 1.0
+        while True:
+            try:
+                await guard.start()
+            except BrokerError as exc:
+                log.warning("backend start failed; retrying",
+                            extra={"backend": guard.name, "error": exc.code, "detail": exc.message, "retry_in": delay})
+            else:
+                log.info("backend ready", extra={"backend": guard.name})
+                return
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # noqa: S311 - jitter
+            delay = min(delay * 2, STARTUP_BACKOFF_CAP)
+
+    async def _prefetch(self) -> None:
+        keys = self.state._prefetch_keys()
+        if not keys:
+            self.state.prefetched = True
+            return
+        self.state.cache.pin(keys)
+        pending = list(keys)
+        delay = 1.0
+        while pending:
+            failed = []
+            for kind, name in pending:
+                try:
+                    await self.state.cache.get(kind, name)
+                except BrokerError as exc:
+                    if exc.code == "not_found":
+                        log.warning("prefetch key not found in any backend", extra={"kind": kind.value, "key": name})
+                    else:
+                        failed.append((kind, name))
+            pending = failed
+            if pending:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, STARTUP_BACKOFF_CAP)
+        self.state.prefetched = True
+        log.info("prefetch warm", extra={"keys": len(keys)})
+
+    # ------------------------------------------------------------------------------------------ run
+
+    async def run(self) -> int:
+        """Serve until SIGTERM/SIGINT, reloading on SIGHUP; returns the exit code."""
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+        loop.add_signal_handler(signal.SIGINT, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload(), "reload"))
+        try:
+            await self.start()
+            await self._stop.wait()
+            log.info("stopping: draining in-flight requests")
+        finally:
+            await self.stop()
+        return 0
+
+    async def stop(self) -> None:
+        """Stop accepting, finish in-flight requests within the grace period, revoke leases, close backends."""
+        for runner in self._runners:
+            await runner.cleanup()
+        self._runners.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5)
+        await self.state.cache.aclose(revoke_leases=self.state.config.leases.revoke_on_shutdown)
+        await asyncio.gather(*(g.backend.aclose() for g in self.state.guards), return_exceptions=True)
+        self.state.executor.shutdown(wait=False, cancel_futures=True)
+        if self._socket_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._socket_path)
+        log.info("stopped")
+
+    # ------------------------------------------------------------------------------------------ reload
+
+    async def reload(self) -> bool:
+        """Re-read the config; keep cached entries of backends whose config (and chain position) did not
+        change. A bad config keeps the old one. Returns whether the new config was applied."""
+        async with self._reload_lock:
+            state = self.state
+            try:
+                new = await asyncio.get_running_loop().run_in_executor(None, load_config, self.config_path)
+            except ConfigurationError as exc:
+                state.metrics.reloads.labels("invalid").inc()
+                log.error("reload refused: invalid configuration; keeping the running one",
+                          extra={"errors": exc.errors})
+                return False
+            old = state.config
+            for section in ("listen", "metrics", "threads"):
+                if getattr(new, section) != getattr(old, section):
+                    log.warning("reload: this section needs a restart to change", extra={"section": section})
+            if new.cache.max_entries != old.cache.max_entries:
+                log.warning("reload: cache.max_entries needs a restart to change")
+            kept = {g.name: g for g in state.guards if g.backend.config in new.backends}
+            guards = []
+            for cfg in new.backends:
+                guard = kept.get(cfg.name)
+                if guard is None or guard.backend.config != cfg:
+                    guard = Guard(load_type(cfg.type)(cfg, state.ctx), state.metrics)
+                guards.append(guard)
+            unchanged_prefix = 0
+            for old_cfg, new_cfg in zip(old.backends, new.backends, strict=False):
+                if old_cfg != new_cfg:
+                    break
+                unchanged_prefix += 1
+            valid_backends = {c.name for c in new.backends[:unchanged_prefix]}
+            whole_chain_same = unchanged_prefix == len(old.backends) == len(new.backends)
+
+            def keep(entry: Entry) -> bool:
+                if entry.resolved is None:
+                    return whole_chain_same
+                return entry.resolved.backend in valid_backends
+
+            retired = [g for g in state.guards if g not in guards]
+            state.config = new
+            state.guards = guards
+            state.resolver = Resolver(guards, new.cache.ttl, new.cache.max_stale)
+            state.cache.config = new.cache
+            state.cache.leases_config = new.leases
+            dropped = state.cache.retain(keep)
+            state.cache.pin([])
+            fresh = [g for g in guards if not g.started]
+            self._spawn(self._start_backends(fresh), "backend-start")
+            for guard in retired:
+                self._spawn(guard.backend.aclose(), "backend-close")
+            state.metrics.reloads.labels("ok").inc()
+            log.info("configuration reloaded", extra={
+                "backends_kept": sorted(kept), "backends_new": [g.name for g in fresh], "entries_dropped": dropped,
+            })
+            return True
+
+
+def read_token(path: Path) -> bytes:
+    """The TCP listener's shared token. Raises ConfigurationError when unreadable or empty."""
+    try:
+        token = path.read_bytes().strip()
+    except OSError as exc:
+        raise ConfigurationError([f"listen.token_file: cannot read {path}: {exc.strerror}"]) from None
+    if len(token) < 16:
+        raise ConfigurationError([f"listen.token_file: token in {path} must be at least 16 characters"])
+    return token
+
+
+def harden_process() -> None:
+    """No core dumps: a dump would write cached secrets to disk."""
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def serve(config: BrokerConfig, config_path: Path | None) -> int:
+    """Run the daemon until stopped; returns the process exit code."""
+    harden_process()
+
+    async def main() -> int:
+        return await Broker(config, config_path).run()
+
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main())
+    return uvloop.run(main())  # type: ignore[no-any-return]

@@ -1,0 +1,219 @@
+"""The one place that owns timeouts, retries with jittered backoff, the circuit breaker and call metrics.
+
+Backends make one attempt per call; ``Guard`` wraps every call the core makes to them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from broker.backends.base import (
+    AccessDenied,
+    Backend,
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    BrokerError,
+    Kind,
+    Lease,
+    RateLimited,
+    SecretNotFound,
+    SecretValue,
+    is_transient,
+)
+from broker.metrics import Metrics
+
+log = logging.getLogger("broker.backend")
+T = TypeVar("T")
+
+BACKOFF_BASE = 0.1
+BACKOFF_CAP = 2.0
+
+
+def outcome_of(exc: BaseException | None) -> str:
+    """A bounded metric label for the result of one call."""
+    if exc is None:
+        return "ok"
+    for cls, label in (
+        (SecretNotFound, "not_found"),
+        (AccessDenied, "denied"),
+        (RateLimited, "throttled"),
+        (BackendTimeout, "timeout"),
+        (CircuitOpen, "circuit_open"),
+        (BackendUnavailable, "unavailable"),
+    ):
+        if isinstance(exc, cls):
+            return label
+    return "error"
+
+
+def backoff_delay(attempt: int, rng: random.Random, retry_after: float | None = None) -> float:
+    """Full-jitter exponential backoff; a store's Retry-After is a floor."""
+    delay = rng.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * (2**attempt)))
+    return max(delay, retry_after or 0.0)
+
+
+class CircuitOpen(BackendUnavailable):
+    """Calls to a backend that keeps failing are refused locally until its cool-down ends."""
+
+
+class CircuitBreaker:
+    """Opens after ``threshold`` consecutive transient failures; after ``cooldown`` lets one probe through.
+
+    A probe that fails doubles the cool-down (up to ``max_cooldown``); one that succeeds closes the circuit.
+    """
+
+    def __init__(self, threshold: int = 5, cooldown: float = 5.0, max_cooldown: float = 60.0) -> None:
+        self.threshold = threshold
+        self.base_cooldown = cooldown
+        self.max_cooldown = max_cooldown
+        self.failures = 0
+        self.cooldown = cooldown
+        self.open_until: float | None = None
+        self.probing = False
+
+    def allow(self, now: float) -> bool:
+        if self.open_until is None:
+            return True
+        if now >= self.open_until and not self.probing:
+            self.probing = True
+            return True
+        return False
+
+    @property
+    def is_open(self) -> bool:
+        return self.open_until is not None
+
+    def success(self) -> None:
+        self.failures = 0
+        self.open_until = None
+        self.probing = False
+        self.cooldown = self.base_cooldown
+
+    def failure(self, now: float) -> bool:
+        """Record a transient failure; True when this failure opened (or re-opened) the circuit."""
+        self.failures += 1
+        if self.probing:
+            self.probing = False
+            self.cooldown = min(self.cooldown * 2, self.max_cooldown)
+            self.open_until = now + self.cooldown
+            return True
+        if self.open_until is None and self.failures >= self.threshold:
+            self.open_until = now + self.cooldown
+            return True
+        return False
+
+
+class Guard:
+    """Wraps a Backend: every call timed out, retried within a budget, counted, and circuit-broken."""
+
+    def __init__(self, backend: Backend, metrics: Metrics, *, rng: random.Random | None = None) -> None:
+        self.backend = backend
+        self.metrics = metrics
+        self.name = backend.name
+        self.breaker = CircuitBreaker()
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+        self._sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+        self.started = False
+
+    @property
+    def config(self) -> object:
+        return self.backend.config
+
+    async def fetch(self, kind: Kind, path: str) -> SecretValue:
+        """Read ``path`` with retries. Raises the backend's errors, or CircuitOpen."""
+        return await self._call("fetch", lambda: self.backend.fetch(kind, path), path)
+
+    async def renew(self, lease: Lease, increment: float | None = None) -> Lease:
+        return await self._call("renew", lambda: self.backend.renew(lease, increment), "lease")
+
+    async def revoke(self, lease: Lease) -> None:
+        await self._call("revoke", lambda: self.backend.revoke(lease), "lease", retries=1)
+
+    async def start(self) -> None:
+        await self._call("login", self.backend.start, "start", use_breaker=False)
+        self.started = True
+
+    async def check(self) -> str:
+        return await self._call("check", self.backend.check, "check", retries=0, use_breaker=False)
+
+    def not_ready_reason(self) -> str | None:
+        if not self.started:
+            return "not started"
+        if self.breaker.is_open:
+            return "circuit open after repeated failures"
+        return self.backend.not_ready_reason()
+
+    async def _call(
+        self,
+        operation: str,
+        attempt_fn: Callable[[], Awaitable[T]],
+        what: str,
+        *,
+        retries: int | None = None,
+        use_breaker: bool = True,
+    ) -> T:
+        cfg = self.backend.config
+        attempts = (cfg.retries if retries is None else retries) + 1
+        deadline = time.monotonic() + cfg.timeout * attempts
+        last: BrokerError | None = None
+        for attempt in range(attempts):
+            if use_breaker and not self.breaker.allow(self.backend.ctx.clock.now()):
+                self.metrics.backend_calls.labels(self.name, operation, "circuit_open").inc()
+                raise CircuitOpen(f"backend {self.name!r} is failing; calls paused for a cool-down") from last
+            try:
+                result = await self._one(operation, attempt_fn, what)
+            except BrokerError as exc:
+                last = exc
+                if not exc.transient:
+                    if use_breaker:
+                        self.breaker.success()  # the store answered; it is up
+                    raise
+                if use_breaker and self.breaker.failure(self.backend.ctx.clock.now()):
+                    self.metrics.circuit_open.labels(self.name).set(1)
+                    log.warning("circuit opened", extra={"backend": self.name, "cooldown": self.breaker.cooldown})
+                delay = backoff_delay(attempt, self._rng, exc.retry_after)
+                if attempt + 1 >= attempts or time.monotonic() + delay >= deadline:
+                    raise
+                await self._sleep(delay)
+                continue
+            if use_breaker:
+                if self.breaker.is_open:
+                    log.info("circuit closed", extra={"backend": self.name})
+                self.breaker.success()
+                self.metrics.circuit_open.labels(self.name).set(0)
+            return result
+        assert last is not None
+        raise last
+
+    async def _one(self, operation: str, attempt_fn: Callable[[], Awaitable[T]], what: str) -> T:
+        timeout = self.backend.config.timeout
+        started = time.perf_counter()
+        exc_seen: BaseException | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                return await attempt_fn()
+        except TimeoutError:
+            exc_seen = BackendTimeout(f"backend {self.name!r} did not answer {operation} within {timeout:g}s")
+            raise exc_seen from None
+        except BrokerError as exc:
+            exc_seen = exc
+            raise
+        except Exception as exc:
+            # A plug-in bug or an unmapped library error: never "not found", never the raw message
+            # (which could quote a payload).
+            log.exception("unexpected error from backend", extra={"backend": self.name, "operation": operation})
+            exc_seen = BackendError(f"backend {self.name!r} failed {operation} ({type(exc).__name__})")
+            raise exc_seen from None
+        finally:
+            outcome = outcome_of(exc_seen)
+            self.metrics.backend_calls.labels(self.name, operation, outcome).inc()
+            self.metrics.backend_latency.labels(self.name, operation).observe(time.perf_counter() - started)
+            if operation in ("fetch", "login", "check"):
+                up = exc_seen is None or not is_transient(exc_seen)
+                self.metrics.backend_up.labels(self.name).set(1 if up else 0)

@@ -1,0 +1,450 @@
+"""The shared in-memory secret cache: TTLs, single-flight, refresh-ahead, stale-if-error, negative
+entries, an LRU bound, and the lifecycle of leased (dynamic) secrets.
+
+Rules, per entry (times on the monotonic clock):
+- fresh until ``fetched + min(ttl, ttl hint)``; a leased value is fresh until shortly before its lease
+  expires and is kept alive by renewal while it is being used;
+- refreshed in the background at ``refresh_ahead`` of its TTL (with jitter) when it was read since its
+  last fetch, or is pinned by the prefetch list;
+- served stale after a failed refresh until ``max_stale`` past its TTL, never past a lease's expiry;
+- "not found in any backend" is remembered for ``negative_ttl``; errors are never cached as "not found";
+- concurrent misses for one key share one load; clients that go away do not cancel it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import heapq
+import itertools
+import logging
+import random
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import cachetools
+
+from broker.backends.base import AccessDenied, BrokerError, Kind, Lease, SecretNotFound, is_transient
+from broker.clock import Clock
+from broker.config import CacheConfig, LeasesConfig
+from broker.metrics import Metrics
+from broker.resolver import Resolved
+
+log = logging.getLogger("broker.cache")
+
+Key = tuple[Kind, str]
+Loader = Callable[[Kind, str], Awaitable[Resolved]]
+INF = float("inf")
+RETRY_BASE = 1.0
+RETRY_CAP = 30.0
+
+
+class Status(enum.StrEnum):
+    HIT = "hit"
+    MISS = "miss"
+    STALE = "stale"
+    REFRESHED = "refreshed"
+
+
+class LeaseOps:
+    """How the cache reaches a backend's lease calls (the resolver's guards, by backend name)."""
+
+    def __init__(
+        self,
+        renew: Callable[[str, Lease, float | None], Awaitable[Lease]],
+        revoke: Callable[[str, Lease], Awaitable[None]],
+    ) -> None:
+        self.renew = renew
+        self.revoke = revoke
+
+
+@dataclass(slots=True)
+class Entry:
+    key: Key
+    resolved: Resolved | None  # None: remembered as not found
+    fetched_at: float
+    fresh_until: float
+    usable_until: float
+    refresh_at: float
+    last_access: float
+    generation: int
+    failures: int = 0
+    retry_at: float = 0.0
+    lease_capped: bool = False
+    body: dict[str, Any] = field(default_factory=dict)  # per-entry memo for the server's hot path
+
+    @property
+    def lease(self) -> Lease | None:
+        return self.resolved.lease if self.resolved else None
+
+
+class _LRU(cachetools.LRUCache[Key, Entry]):
+    def __init__(self, maxsize: int, on_evict: Callable[[Entry], None]) -> None:
+        super().__init__(maxsize)
+        self._on_evict = on_evict
+
+    def popitem(self) -> tuple[Key, Entry]:
+        key, entry = super().popitem()
+        self._on_evict(entry)
+        return key, entry
+
+    def peek(self, key: Key) -> Entry | None:
+        """Look without touching the LRU order."""
+        try:
+            return cachetools.Cache.__getitem__(self, key)  # type: ignore[no-any-return]
+        except KeyError:
+            return None
+
+
+class SecretCache:
+    """One cache for every Airflow process in the pod."""
+
+    def __init__(
+        self,
+        loader: Loader,
+        *,
+        clock: Clock,
+        config: CacheConfig,
+        leases: LeasesConfig,
+        metrics: Metrics,
+        lease_ops: LeaseOps | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._loader = loader
+        self._clock = clock
+        self.config = config
+        self.leases_config = leases
+        self._metrics = metrics
+        self._lease_ops = lease_ops
+        self._rng = rng or random.Random()  # noqa: S311 - jitter only
+        self._entries = _LRU(config.max_entries, self._evicted)
+        self._inflight: dict[Key, asyncio.Task[Entry]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._heap: list[tuple[float, int, Key, int]] = []
+        self._seq = itertools.count()
+        self._gen = itertools.count(1)
+        self._pinned: set[Key] = set()
+        self._live_leases: dict[str, tuple[str, Lease]] = {}
+        self._closed = False
+
+    # ------------------------------------------------------------------------------------------ reads
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def peek(self, kind: Kind, name: str) -> Entry | None:
+        return self._entries.peek((kind, name))
+
+    async def get(self, kind: Kind, name: str) -> tuple[Entry, Status]:
+        """The entry to serve and how it was obtained.
+
+        Raises SecretNotFound (possibly from a negative entry), or the backend's error when nothing
+        servable is cached.
+        """
+        key = (kind, name)
+        now = self._clock.now()
+        entry = self._entries.get(key)
+        if entry is not None:
+            entry.last_access = now
+            if now < entry.fresh_until:
+                if entry.resolved is None:
+                    self._metrics.cache_events.labels("negative_hit").inc()
+                    raise SecretNotFound(f"{kind} not found in any backend")
+                self._metrics.cache_events.labels("hit").inc()
+                if now >= entry.refresh_at and entry.lease is None and key not in self._inflight:
+                    self._spawn_load(key)
+                return entry, Status.HIT
+            if entry.resolved is not None and now < entry.usable_until and now < entry.retry_at:
+                # A refresh failed moments ago: answer from stale at once instead of making every
+                # client wait out the same outage; the scheduler keeps retrying in the background.
+                return self._stale(entry)
+        self._metrics.cache_events.labels("miss").inc()
+        try:
+            fresh = await asyncio.shield(self._load(key))
+        except SecretNotFound:
+            raise
+        except AccessDenied:
+            raise
+        except BrokerError:
+            current = self._entries.peek(key)
+            if current is not None and current.resolved is not None and self._clock.now() < current.usable_until:
+                return self._stale(current)
+            raise
+        had_value = entry is not None and entry.resolved is not None
+        return fresh, Status.REFRESHED if had_value else Status.MISS
+
+    def _stale(self, entry: Entry) -> tuple[Entry, Status]:
+        self._metrics.cache_events.labels("stale").inc()
+        return entry, Status.STALE
+
+    # ------------------------------------------------------------------------------------------ loads
+
+    def _load(self, key: Key) -> asyncio.Task[Entry]:
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._fetch_and_store(key), name=f"load-{key[0]}")
+            self._inflight[key] = task
+            self._track(task)
+            task.add_done_callback(lambda _t, k=key: self._inflight.pop(k, None))
+        return task
+
+    def _spawn_load(self, key: Key) -> None:
+        """Start a background refresh (single-flight with client loads); failures are recorded, not raised."""
+        self._metrics.cache_events.labels("refresh").inc()
+        self._load(key)
+
+    def _track(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled():
+                t.exception()  # retrieved here: background failures are logged where they happen
+
+        task.add_done_callback(done)
+
+    async def _fetch_and_store(self, key: Key) -> Entry:
+        kind, name = key
+        try:
+            resolved = await self._loader(kind, name)
+        except SecretNotFound:
+            self._drop(key)
+            if self.config.negative_ttl > 0:
+                now = self._clock.now()
+                self._put(Entry(key, None, now, now + self.config.negative_ttl, now + self.config.negative_ttl,
+                                INF, now, next(self._gen)))
+            raise
+        except AccessDenied:
+            # Authoritative: the identity lost access. Serving the old value would hide that.
+            self._drop(key)
+            raise
+        except BrokerError as exc:
+            self._record_failure(key, exc)
+            raise
+        entry = self._entry_for(key, resolved)
+        self._put(entry)
+        return entry
+
+    def _record_failure(self, key: Key, exc: BrokerError) -> None:
+        entry = self._entries.peek(key)
+        if entry is None or entry.resolved is None:
+            return
+        now = self._clock.now()
+        entry.failures += 1
+        delay = min(RETRY_CAP, RETRY_BASE * 2 ** (entry.failures - 1)) * self._rng.uniform(0.5, 1.0)
+        if exc.retry_after:
+            delay = max(delay, exc.retry_after)
+        entry.retry_at = now + delay
+        self._metrics.cache_events.labels("refresh_failed").inc()
+        if entry.lease is None or entry.lease_capped:
+            entry.refresh_at = now + delay
+            self._schedule(entry)
+        log.warning(
+            "refresh failed; serving cached value while it lasts",
+            extra={"kind": key[0].value, "error": exc.code, "retry_in": round(delay, 2),
+                   "stale_for": round(max(0.0, entry.usable_until - now), 1)},
+        )
+
+    def _entry_for(self, key: Key, resolved: Resolved) -> Entry:
+        now = self._clock.now()
+        lease = resolved.lease
+        if lease is not None:
+            hard = self._lease_hard_expiry(lease)
+            entry = Entry(key, resolved, now, hard, hard, self._renew_time(lease, now), now, next(self._gen))
+            entry.lease_capped = not lease.renewable
+            self._track_lease(resolved.backend, lease)
+            return entry
+        fresh = now + resolved.ttl
+        refresh_at = INF
+        if self.config.refresh_ahead > 0:
+            jitter = 1 - self._rng.uniform(0, self.config.refresh_jitter)
+            refresh_at = now + resolved.ttl * self.config.refresh_ahead * jitter
+        return Entry(key, resolved, now, fresh, fresh + resolved.max_stale, refresh_at, now, next(self._gen))
+
+    @staticmethod
+    def _lease_hard_expiry(lease: Lease) -> float:
+        # Hand out a leased credential only while it has some life left for the caller to use it.
+        return lease.expires_at - min(5.0, lease.duration * 0.1)
+
+    def _renew_time(self, lease: Lease, now: float) -> float:
+        fraction = self.leases_config.renew_at * (1 - self._rng.uniform(0, 0.05))
+        return max(now, lease.issued_at + lease.duration * fraction)
+
+    # ------------------------------------------------------------------------------------------ storage
+
+    def _put(self, entry: Entry) -> None:
+        old = self._entries.peek(entry.key)
+        if old is not None and old.lease is not None and (entry.lease is None or entry.lease != old.lease):
+            self._retire_lease(old)
+        self._entries[entry.key] = entry
+        self._metrics.cache_entries.set(len(self._entries))
+        if entry.refresh_at != INF:
+            self._schedule(entry)
+
+    def _drop(self, key: Key) -> Entry | None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._metrics.cache_entries.set(len(self._entries))
+        return entry
+
+    def _evicted(self, entry: Entry) -> None:
+        self._metrics.cache_events.labels("eviction").inc()
+
+    def _schedule(self, entry: Entry) -> None:
+        heapq.heappush(self._heap, (entry.refresh_at, next(self._seq), entry.key, entry.generation))
+
+    def pin(self, keys: Iterable[Key]) -> None:
+        """Keep these keys warm even when nobody reads them (the prefetch list)."""
+        self._pinned.update(keys)
+
+    def invalidate(self, kind: Kind | None = None, name: str | None = None) -> int:
+        """Forget one key, every key of a kind, or everything. Held leases stay valid until they expire."""
+        keys = [k for k in list(self._entries.keys()) if (kind is None or k[0] == kind) and (name is None or k[1] == name)]
+        for key in keys:
+            self._drop(key)
+        return len(keys)
+
+    def retain(self, keep: Callable[[Entry], bool]) -> int:
+        """Drop every entry for which ``keep`` is false (used by a config reload); returns how many."""
+        dropped = [k for k, e in list(self._entries.items()) if not keep(e)]
+        for key in dropped:
+            self._drop(key)
+        return len(dropped)
+
+    def replace_loader(self, loader: Loader, lease_ops: LeaseOps | None) -> None:
+        self._loader = loader
+        self._lease_ops = lease_ops
+
+    # ------------------------------------------------------------------------------------------ background
+
+    async def run_due(self) -> None:
+        """Do every scheduled refresh, renewal and rotation that is due now. Called by ``maintain``."""
+        now = self._clock.now()
+        while self._heap and self._heap[0][0] <= now:
+            _, _, key, generation = heapq.heappop(self._heap)
+            entry = self._entries.peek(key)
+            if entry is None or entry.generation != generation or entry.resolved is None:
+                continue
+            if key in self._inflight:
+                continue
+            if entry.lease is not None:
+                self._maintain_lease(entry, now)
+            elif key in self._pinned or entry.last_access > entry.fetched_at or entry.failures:
+                self._spawn_load(key)
+        self._prune_leases(now)
+
+    async def maintain(self, interval: float = 0.25) -> None:
+        """The background loop: runs ``run_due`` until cancelled."""
+        while True:
+            try:
+                await self.run_due()
+            except Exception:
+                log.exception("cache maintenance failed")
+            await asyncio.sleep(interval)
+
+    def _maintain_lease(self, entry: Entry, now: float) -> None:
+        idle = self.leases_config.idle_timeout
+        idle_limit = idle if idle is not None else max(self.config.ttl, 1.0)
+        if entry.key not in self._pinned and now - entry.last_access > idle_limit:
+            # Nobody uses this credential any more: let it go instead of renewing it forever.
+            self._drop(entry.key)
+            self._retire_lease(entry, revoke=True)
+            return
+        if entry.lease_capped:
+            self._metrics.lease_renewals.labels(entry.resolved.backend if entry.resolved else "", "rotated").inc()
+            self._spawn_load(entry.key)
+            return
+        task = asyncio.get_running_loop().create_task(self._renew(entry), name="lease-renew")
+        self._track(task)
+
+    async def _renew(self, entry: Entry) -> None:
+        assert entry.resolved is not None and entry.resolved.lease is not None and self._lease_ops is not None
+        backend, lease = entry.resolved.backend, entry.resolved.lease
+        try:
+            renewed = await self._lease_ops.renew(backend, lease, lease.duration)
+        except BrokerError as exc:
+            now = self._clock.now()
+            if is_transient(exc) and now < entry.usable_until:
+                self._metrics.lease_renewals.labels(backend, "failed").inc()
+                entry.refresh_at = now + min(RETRY_CAP, max(1.0, (entry.usable_until - now) / 4))
+                self._schedule(entry)
+                log.warning("lease renewal failed; will retry", extra={"backend": backend, "error": exc.code})
+                return
+            # The lease is gone or cannot be renewed: fetch a new credential.
+            self._metrics.lease_renewals.labels(backend, "failed").inc()
+            entry.lease_capped = True
+            self._spawn_load(entry.key)
+            return
+        if self._entries.peek(entry.key) is not entry:
+            return  # replaced while we renewed
+        capped = (not renewed.renewable) or renewed.duration < lease.duration * 0.9
+        self._metrics.lease_renewals.labels(backend, "capped" if capped else "ok").inc()
+        entry.resolved.lease = renewed
+        self._live_leases[renewed.lease_id] = (backend, renewed)
+        hard = self._lease_hard_expiry(renewed)
+        entry.fresh_until = entry.usable_until = hard
+        entry.lease_capped = capped
+        entry.refresh_at = self._renew_time(renewed, self._clock.now())
+        entry.generation = next(self._gen)
+        self._schedule(entry)
+
+    def _track_lease(self, backend: str, lease: Lease) -> None:
+        self._live_leases[lease.lease_id] = (backend, lease)
+        self._lease_gauges()
+
+    def _retire_lease(self, entry: Entry, *, revoke: bool = False) -> None:
+        """An entry no longer serves its lease. Revoke it now, or keep it until it expires (callers may
+        still hold the credential) and revoke it at shutdown."""
+        lease = entry.lease
+        if lease is None or entry.resolved is None:
+            return
+        if revoke and self._lease_ops is not None:
+            self._live_leases.pop(lease.lease_id, None)
+            task = asyncio.get_running_loop().create_task(self._revoke(entry.resolved.backend, lease))
+            self._track(task)
+        self._lease_gauges()
+
+    async def _revoke(self, backend: str, lease: Lease) -> None:
+        assert self._lease_ops is not None
+        try:
+            await self._lease_ops.revoke(backend, lease)
+            self._metrics.lease_renewals.labels(backend, "revoked").inc()
+        except BrokerError as exc:
+            log.warning("lease revocation failed", extra={"backend": backend, "error": exc.code})
+
+    def _prune_leases(self, now: float) -> None:
+        expired = [lid for lid, (_, lease) in self._live_leases.items() if lease.expires_at <= now]
+        for lid in expired:
+            del self._live_leases[lid]
+        if expired:
+            self._lease_gauges()
+
+    def _lease_gauges(self) -> None:
+        now = self._clock.now()
+        per_backend: dict[str, list[float]] = {}
+        for backend, lease in self._live_leases.values():
+            per_backend.setdefault(backend, []).append(lease.expires_at - now)
+        for backend, remaining in per_backend.items():
+            self._metrics.leases_active.labels(backend).set(len(remaining))
+            self._metrics.lease_expiry.labels(backend).set(max(0.0, min(remaining)))
+
+    def live_leases(self) -> list[tuple[str, Lease]]:
+        return list(self._live_leases.values())
+
+    async def aclose(self, *, revoke_leases: bool, timeout: float = 10.0) -> None:
+        """Stop background work; revoke every held lease first when asked."""
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
+        if revoke_leases and self._lease_ops is not None and self._live_leases:
+            leases = list(self._live_leases.values())
+            self._live_leases.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await asyncio.gather(*(self._revoke(b, lease) for b, lease in leases))
+            for backend in {b for b, _ in leases}:
+                self._metrics.leases_active.labels(backend).set(0)

@@ -1,0 +1,169 @@
+"""Command line: ``broker serve | get | check | version``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from broker import __version__
+
+EXIT_OK, EXIT_NOT_FOUND, EXIT_ERROR = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="broker", description="Sidecar credential broker for Apache Airflow.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the daemon")
+    serve.add_argument("--config", help="YAML config file (default: $BROKER_CONFIG, else the embedded default)")
+
+    get = sub.add_parser("get", help="print one value from a running broker")
+    get.add_argument("kind", choices=["connection", "variable", "config"])
+    get.add_argument("name")
+    target = get.add_mutually_exclusive_group()
+    target.add_argument("--socket", help="API socket (default: $BROKER_SOCKET, ./broker.sock if present, "
+                                         "else /run/broker/broker.sock)")
+    target.add_argument("--url", help="loopback TCP listener, e.g. http://127.0.0.1:8201")
+    get.add_argument("--token-file", help="file holding the X-Broker-Token for --url")
+    get.add_argument("--timeout", type=float, default=5.0)
+
+    check = sub.add_parser("check", help="validate the config and log in to every backend once")
+    check.add_argument("--config", help="YAML config file (default: $BROKER_CONFIG, else the embedded default)")
+    check.add_argument("--validate-only", action="store_true", help="validate the config without contacting backends")
+
+    sub.add_parser("version", help="print the version")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "version":
+        print(f"broker {__version__}")
+        return EXIT_OK
+    if args.command == "get":
+        return _get(args)
+    if args.command == "check":
+        return _check(args)
+    return _serve(args)
+
+
+def _load(path_arg: str | None) -> tuple[object, Path | None] | None:
+    from broker.backends.base import ConfigurationError
+    from broker.config import config_source, load_config
+
+    path = config_source(path_arg)
+    try:
+        return load_config(path), path
+    except ConfigurationError as exc:
+        source = str(path) if path else "embedded default config"
+        print(f"broker: invalid configuration ({source}):", file=sys.stderr)
+        for error in exc.errors:
+            print(f"  {error}", file=sys.stderr)
+        return None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from broker.app import serve
+    from broker.backends.base import ConfigurationError
+    from broker.config import BrokerConfig
+    from broker.logging import setup_logging
+    from broker.server import SocketPathError
+
+    loaded = _load(args.config)
+    if loaded is None:
+        return EXIT_ERROR
+    config, path = loaded
+    assert isinstance(config, BrokerConfig)
+    setup_logging(config.logging.level)
+    try:
+        return serve(config, path)
+    except (SocketPathError, ConfigurationError) as exc:
+        print(f"broker: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:
+        print(f"broker: cannot start: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _default_socket() -> str:
+    env = os.environ.get("BROKER_SOCKET")
+    if env:
+        return env
+    if Path("broker.sock").exists():
+        return "./broker.sock"
+    from broker.client import DEFAULT_SOCKET
+
+    return DEFAULT_SOCKET
+
+
+def _get(args: argparse.Namespace) -> int:
+    from broker.client import BrokerClient, BrokerClientError
+
+    token = None
+    if args.url:
+        if not args.token_file:
+            print("broker get: --url needs --token-file", file=sys.stderr)
+            return EXIT_ERROR
+        try:
+            token = Path(args.token_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            print(f"broker get: cannot read {args.token_file}: {exc.strerror}", file=sys.stderr)
+            return EXIT_ERROR
+    try:
+        client = BrokerClient(socket_path=None if args.url else (args.socket or _default_socket()),
+                              url=args.url, token=token, timeout=args.timeout)
+        value = client.get(args.kind, args.name)
+    except (BrokerClientError, ValueError) as exc:
+        print(f"broker get: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    if value is None:
+        print(f"broker get: {args.kind} {args.name!r} not found", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    sys.stdout.write(value + "\n")
+    return EXIT_OK
+
+
+def _check(args: argparse.Namespace) -> int:
+    from broker.config import BrokerConfig
+
+    loaded = _load(args.config)
+    if loaded is None:
+        return EXIT_ERROR
+    config, _ = loaded
+    assert isinstance(config, BrokerConfig)
+    if args.validate_only:
+        print(f"config ok: {len(config.backends)} backend(s): " + ", ".join(f"{b.name} ({b.type})" for b in config.backends))
+        return EXIT_OK
+    return asyncio.run(_check_backends(config))
+
+
+async def _check_backends(config: object) -> int:
+    from broker.app import build_guards
+    from broker.backends.base import BackendContext, BrokerError
+    from broker.clock import SystemClock
+    from broker.config import BrokerConfig
+    from broker.metrics import Metrics
+
+    assert isinstance(config, BrokerConfig)
+    executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="broker-check")
+    ctx = BackendContext(executor=executor, clock=SystemClock(), metrics=Metrics())
+    ok = True
+    try:
+        for guard in build_guards(config.backends, ctx):
+            label = f"{guard.name} ({guard.backend.config.type})"
+            try:
+                detail = await guard.check()
+            except BrokerError as exc:
+                ok = False
+                print(f"FAIL  {label}: {exc.code}: {exc.message}")
+            else:
+                print(f"ok    {label}: {detail}")
+            finally:
+                await guard.backend.aclose()
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
+    return EXIT_OK if ok else EXIT_ERROR

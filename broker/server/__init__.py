@@ -1,0 +1,335 @@
+"""The HTTP edge: the secrets API (unix socket, optional loopback TCP) and the metrics listener.
+
+Every answer is JSON; every error carries ``{"error": code, "message": ...}`` and never a secret value.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import socket
+import stat
+import struct
+import time
+import uuid
+import weakref
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from broker.backends.base import BrokerError, Kind
+from broker.cache import Entry, Status
+from broker.logging import request_id
+from broker.resolver import name_problem
+
+if TYPE_CHECKING:
+    from broker.app import BrokerState
+
+log = logging.getLogger("broker.server")
+
+KINDS = {"connections": Kind.CONNECTION, "variables": Kind.VARIABLE, "config": Kind.CONFIG}
+NO_STORE = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+_RID_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+STATE: web.AppKey[BrokerState] = web.AppKey("state")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    body = json.dumps({"error": code, "message": message})
+    return web.Response(status=status, body=body.encode(), content_type="application/json",
+                        headers={**NO_STORE, **(headers or {})})
+
+
+def json_response(payload: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=json.dumps(payload).encode(), content_type="application/json",
+                        headers={**NO_STORE, **(headers or {})})
+
+
+# ---------------------------------------------------------------------------------------------- peers
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a unix socket."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+class PeerPolicy:
+    """The uid/gid allowlist for the unix socket, checked once per connection (results kept per transport)."""
+
+    def __init__(self, uids: list[int] | None, gids: list[int] | None) -> None:
+        self.uids = set(uids) if uids is not None else None
+        self.gids = set(gids) if gids is not None else None
+        self._seen: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+    @property
+    def active(self) -> bool:
+        return self.uids is not None or self.gids is not None
+
+    def allowed(self, request: web.Request) -> bool:
+        transport = request.transport
+        if transport is None:
+            return False
+        known = self._seen.get(transport)
+        if known is not None:
+            return known
+        sock = transport.get_extra_info("socket")
+        if sock is None or sock.family != socket.AF_UNIX:
+            return True  # TCP listeners have their own token check
+        try:
+            _, uid, gid = peer_credentials(sock)
+        except OSError:
+            ok = False
+        else:
+            ok = (self.uids is not None and uid in self.uids) or (self.gids is not None and gid in self.gids)
+        self._seen[transport] = ok
+        return ok
+
+
+# ---------------------------------------------------------------------------------------------- API app
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get("X-Request-Id", "")
+    if 0 < len(given) <= 64 and all(c in _RID_OK for c in given):
+        return given
+    return uuid.uuid4().hex[:16]
+
+
+def build_api_app(state: BrokerState, *, tcp_token: bytes | None = None) -> web.Application:
+    """The secrets API. ``tcp_token`` set means this app serves the loopback TCP listener."""
+    cfg = state.config.listen
+    peers = PeerPolicy(cfg.allowed_uids, cfg.allowed_gids)
+
+    @web.middleware
+    async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
+        rid = _request_id(request)
+        token = request_id.set(rid)
+        try:
+            if tcp_token is not None:
+                if "X-Forwarded-For" in request.headers or "Forwarded" in request.headers:
+                    state.metrics.rejected.labels("forwarded").inc()
+                    return error_response(400, "bad_request", "proxied requests are refused (X-Forwarded-For/Forwarded)")
+                given = request.headers.get("X-Broker-Token", "").encode()
+                if not hmac.compare_digest(given, tcp_token):
+                    state.metrics.rejected.labels("unauthorized").inc()
+                    return error_response(401, "unauthorized", "missing or wrong X-Broker-Token")
+            elif peers.active and not peers.allowed(request):
+                state.metrics.rejected.labels("peer_denied").inc()
+                return error_response(403, "forbidden", "this uid/gid may not use the broker socket")
+            response = await handler(request)
+            response.headers["X-Request-Id"] = rid
+            return response
+        except web.HTTPException as exc:
+            code = {404: "not_found", 405: "method_not_allowed", 413: "bad_request"}.get(exc.status, "bad_request")
+            return error_response(exc.status, code, exc.reason)
+        finally:
+            request_id.reset(token)
+
+    app = web.Application(middlewares=[edge], client_max_size=cfg.max_body_bytes, handler_args={"max_field_size": 8190})
+    app[STATE] = state
+
+    async def secret(request: web.Request) -> web.Response:
+        return await serve_secret(state, request)
+
+    app.router.add_route("*", "/v1/{tail:.*}", secret)
+    app.router.add_get("/healthz", lambda _r: _healthz())
+    app.router.add_get("/readyz", lambda _r: _readyz(state))
+    app.router.add_get("/openapi.json", lambda _r: _openapi())
+    return app
+
+
+async def _healthz() -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def _readyz(state: BrokerState) -> web.Response:
+    reasons = state.not_ready_reasons()
+    state.metrics.ready.set(0 if reasons else 1)
+    if reasons:
+        return json_response({"status": "not_ready", "reasons": reasons}, status=503)
+    return json_response({"status": "ready"})
+
+
+async def _openapi() -> web.Response:
+    path = Path(__file__).resolve().parent.parent / "openapi.json"
+    try:
+        body = path.read_bytes()
+    except OSError:
+        return error_response(404, "not_found", "no API description in this build")
+    return web.Response(body=body, content_type="application/json", headers=NO_STORE)
+
+
+def _split(raw_path: str) -> tuple[str, str] | None:
+    """('connections', name) from the raw, still percent-encoded path, or None for no such endpoint."""
+    path = raw_path.split("?", 1)[0]
+    parts = path.split("/")
+    # ['', 'v1', '<collection>', '<name>']
+    if len(parts) != 4 or parts[1] != "v1":
+        return None
+    return parts[2], parts[3]
+
+
+async def serve_secret(state: BrokerState, request: web.Request) -> web.Response:
+    """GET /v1/{connections|variables|config}/{name} and POST /v1/cache/invalidate."""
+    split = _split(request.raw_path)
+    if split is None:
+        return error_response(404, "not_found", "no such endpoint")
+    collection, raw_name = split
+    if collection == "cache" and raw_name == "invalidate":
+        if request.method != "POST":
+            return error_response(405, "method_not_allowed", "use POST", {"Allow": "POST"})
+        return await _invalidate(state, request)
+    kind = KINDS.get(collection)
+    if kind is None:
+        return error_response(404, "not_found", "no such endpoint")
+    if request.method not in ("GET", "HEAD"):
+        return error_response(405, "method_not_allowed", "use GET", {"Allow": "GET"})
+    try:
+        name = unquote(raw_name, errors="strict")
+    except UnicodeDecodeError:
+        state.metrics.requests.labels(kind.value, "bad_request").inc()
+        return error_response(400, "bad_request", "name is not valid UTF-8")
+    problem = name_problem(name)
+    if problem:
+        state.metrics.requests.labels(kind.value, "bad_request").inc()
+        return error_response(400, "bad_request", problem)
+    return await lookup(state, kind, name)
+
+
+async def lookup(state: BrokerState, kind: Kind, name: str) -> web.Response:
+    metrics = state.metrics
+    if state.inflight >= state.config.listen.max_concurrency:
+        metrics.requests.labels(kind.value, "overloaded").inc()
+        return error_response(429, "overloaded", "too many requests in flight; retry shortly", {"Retry-After": "1"})
+    state.inflight += 1
+    metrics.inflight.inc()
+    started = time.perf_counter()
+    try:
+        try:
+            entry, status = await state.cache.get(kind, name)
+        except BrokerError as exc:
+            metrics.requests.labels(kind.value, exc.code).inc()
+            if exc.status >= 500:
+                log.warning("lookup failed", extra={"kind": kind.value, "error": exc.code, "detail": exc.message})
+            headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after else None
+            return error_response(exc.status, exc.code, exc.message, headers)
+        metrics.requests.labels(kind.value, status.value).inc()
+        return _found(entry, status, state.clock.now())
+    finally:
+        state.inflight -= 1
+        metrics.inflight.dec()
+        metrics.request_latency.labels(kind.value).observe(time.perf_counter() - started)
+
+
+def _found(entry: Entry, status: Status, now: float) -> web.Response:
+    resolved = entry.resolved
+    assert resolved is not None
+    head = entry.body.get("head")
+    if head is None:
+        # The JSON of the value is encoded once per entry, not once per request.
+        head = '{"value":%s,"backend":%s,"version":%s' % (  # noqa: UP031
+            json.dumps(resolved.value), json.dumps(resolved.backend), json.dumps(resolved.version)
+        )
+        entry.body["head"] = head
+    body = f'{head},"cache":"{status.value}","age":{max(0, int(now - entry.fetched_at))}}}'
+    return web.Response(body=body.encode(), content_type="application/json",
+                        headers={**NO_STORE, "X-Broker-Cache": status.value})
+
+
+async def _invalidate(state: BrokerState, request: web.Request) -> web.Response:
+    try:
+        raw = await request.read()
+        body = json.loads(raw) if raw.strip() else {}
+    except (ValueError, UnicodeDecodeError):
+        return error_response(400, "bad_request", "body must be JSON")
+    if not isinstance(body, dict) or set(body) - {"kind", "name"}:
+        return error_response(400, "bad_request", 'body must be {"kind": ..., "name": ...} or {}')
+    kind_raw, name = body.get("kind"), body.get("name")
+    kind = None
+    if kind_raw is not None:
+        try:
+            kind = Kind(kind_raw)
+        except ValueError:
+            return error_response(400, "bad_request", "kind must be connection, variable or config")
+    if name is not None:
+        if kind is None:
+            return error_response(400, "bad_request", "name needs a kind")
+        if not isinstance(name, str) or (problem := name_problem(name)):
+            return error_response(400, "bad_request", problem if isinstance(name, str) else "name must be a string")
+    dropped = state.cache.invalidate(kind, name)
+    state.metrics.requests.labels("invalidate", "ok").inc()
+    log.info("cache invalidated", extra={"kind": kind_raw or "all", "entries": dropped})
+    return web.Response(status=204, headers=NO_STORE)
+
+
+# ---------------------------------------------------------------------------------------------- metrics app
+
+
+def build_metrics_app(state: BrokerState) -> web.Application:
+    """/metrics, /healthz, /readyz: no secret and no secret name is ever served here."""
+    app = web.Application()
+
+    async def metrics(_request: web.Request) -> web.Response:
+        body = generate_latest(state.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", lambda _r: _healthz())
+    app.router.add_get("/readyz", lambda _r: _readyz(state))
+    return app
+
+
+# ---------------------------------------------------------------------------------------------- sockets
+
+
+class SocketPathError(Exception):
+    """The socket path is taken by something we must not replace."""
+
+
+def bind_unix_socket(path: Path, mode: int) -> socket.socket:
+    """A listening unix socket at ``path`` with ``mode``, whatever the umask.
+
+    A stale socket file (nobody accepting) is replaced; a live one or a non-socket file is an error.
+    Raises SocketPathError.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise SocketPathError(f"{path} exists and is not a socket; refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.settimeout(1.0)
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)
+        except OSError as exc:
+            raise SocketPathError(f"{path}: cannot probe existing socket: {exc.strerror}") from None
+        else:
+            raise SocketPathError(f"{path} is in use by a running process")
+        finally:
+            probe.close()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)  # the file is never more open than 0600 before the chmod below
+    try:
+        sock.bind(str(path))
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        os.umask(old)
+    os.chmod(path, mode)
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
