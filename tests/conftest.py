@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.broker_process import BrokerProcess
+
+# Tests never reach outside loopback: scrub proxies that could route test traffic elsewhere.
+for _var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+    os.environ.pop(_var, None)
+os.environ["NO_PROXY"] = "127.0.0.1,localhost,::1"
+
+
+@pytest.fixture
+def broker_factory(tmp_path: Path) -> Iterator[Any]:
+    """Start brokers as subprocesses; every one is stopped by its own pid at teardown."""
+    started: list[BrokerProcess] = []
+
+    def make(config: dict[str, Any], env: dict[str, str] | None = None, start: bool = True,
+             cwd: Path | None = None) -> BrokerProcess:
+        sub = tmp_path / f"broker{len(started)}"
+        sub.mkdir()
+        proc = BrokerProcess(config, sub, env=env, cwd=cwd)
+        started.append(proc)
+        if start:
+            proc.start()
+        return proc
+
+    yield make
+    for proc in started:
+        proc.stop()
