@@ -73,7 +73,7 @@ class Entry:
     failures: int = 0
     retry_at: float = 0.0
     lease_capped: bool = False
-    body: dict[str, Any] = field(default_factory=dict)  # per-entry memo for the server's hot path
+    body: dict[str, Any] = field(default_factory=dict, repr=False)  # memo for the server hot path
 
     @property
     def lease(self) -> Lease | None:

@@ -1,0 +1,456 @@
+"""Every cache rule, with a fake clock and a scripted loader."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+import pytest
+
+from broker.backends.base import (
+    AccessDenied,
+    BackendError,
+    BackendUnavailable,
+    BrokerError,
+    Kind,
+    Lease,
+    SecretNotFound,
+)
+from broker.cache import LeaseOps, SecretCache, Status
+from broker.clock import FakeClock
+from broker.config import CacheConfig, LeasesConfig
+from broker.metrics import Metrics
+from broker.resolver import Resolved
+
+V = Kind.VARIABLE
+
+
+class ScriptedLoader:
+    """Answers per key from a script of values or exceptions; counts calls; can be held at a gate."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.calls: dict[str, int] = {}
+        self.answers: dict[str, Any] = {}
+        self.lease_duration: dict[str, float] = {}
+        self.gate: asyncio.Event | None = None
+        self.version = 0
+
+    async def __call__(self, kind: Kind, name: str) -> Resolved:
+        self.calls[name] = self.calls.get(name, 0) + 1
+        if self.gate is not None:
+            await self.gate.wait()
+        answer = self.answers.get(name, SecretNotFound("nope"))
+        if isinstance(answer, BaseException):
+            raise answer
+        self.version += 1
+        lease = None
+        if name in self.lease_duration:
+            lease = Lease(f"database/creds/x/{self.version}", self.lease_duration[name], True, self.clock.now())
+        return Resolved(value=answer, backend="b1", version=str(self.version), lease=lease, ttl=100.0, max_stale=50.0)
+
+
+class Leases:
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.renewed: list[str] = []
+        self.revoked: list[str] = []
+        self.cap_at: float | None = None  # absolute clock time the lease cannot pass
+        self.fail: BrokerError | None = None
+
+    async def renew(self, backend: str, lease: Lease, increment: float | None) -> Lease:
+        if self.fail:
+            raise self.fail
+        self.renewed.append(lease.lease_id)
+        now = self.clock.now()
+        duration = increment or lease.duration
+        if self.cap_at is not None:
+            duration = max(0.0, min(duration, self.cap_at - now))
+        return Lease(lease.lease_id, duration, True, now)
+
+    async def revoke(self, backend: str, lease: Lease) -> None:
+        self.revoked.append(lease.lease_id)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def loader(clock: FakeClock) -> ScriptedLoader:
+    return ScriptedLoader(clock)
+
+
+@pytest.fixture
+def leases(clock: FakeClock) -> Leases:
+    return Leases(clock)
+
+
+def make_cache(loader: ScriptedLoader, clock: FakeClock, leases: Leases | None = None, **cfg: Any) -> SecretCache:
+    settings = {"ttl": 100, "max_stale": 50, "negative_ttl": 10, "refresh_ahead": 0.75, "refresh_jitter": 0.0, **cfg}
+    lease_ops = LeaseOps(leases.renew, leases.revoke) if leases else None
+    return SecretCache(loader, clock=clock, config=CacheConfig(**settings), leases=LeasesConfig(),
+                       metrics=Metrics(), lease_ops=lease_ops, rng=random.Random(7))
+
+
+async def settle() -> None:
+    """Let background tasks started by the cache run to completion (no wall-clock waits)."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+async def value(cache: SecretCache, name: str) -> tuple[str, Status]:
+    entry, status = await cache.get(V, name)
+    assert entry.resolved is not None
+    return entry.resolved.value, status
+
+
+async def test_thousand_concurrent_misses_make_one_backend_call(loader: ScriptedLoader, clock: FakeClock) -> None:
+    loader.answers["k"] = "v1"
+    loader.gate = asyncio.Event()
+    cache = make_cache(loader, clock)
+    tasks = [asyncio.create_task(cache.get(V, "k")) for _ in range(1000)]
+    await settle()
+    loader.gate.set()
+    results = await asyncio.gather(*tasks)
+    assert loader.calls == {"k": 1}
+    assert {e.resolved.value for e, _ in results if e.resolved} == {"v1"}
+    assert {s for _, s in results} == {Status.MISS}
+
+
+async def test_concurrent_not_found_misses_share_one_call(loader: ScriptedLoader, clock: FakeClock) -> None:
+    loader.gate = asyncio.Event()
+    cache = make_cache(loader, clock)
+    tasks = [asyncio.create_task(cache.get(V, "missing")) for _ in range(200)]
+    await settle()
+    loader.gate.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, SecretNotFound) for r in results)
+    assert loader.calls == {"missing": 1}
+
+
+async def test_hit_within_ttl_and_reload_after(loader: ScriptedLoader, clock: FakeClock) -> None:
+    loader.answers["k"] = "v1"
+    cache = make_cache(loader, clock, refresh_ahead=0)
+    assert await value(cache, "k") == ("v1", Status.MISS)
+    clock.advance(99)
+    assert await value(cache, "k") == ("v1", Status.HIT)
+    assert loader.calls["k"] == 1
+    loader.answers["k"] = "v2"
+    clock.advance(2)
+    assert await value(cache, "k") == ("v2", Status.REFRESHED)
+    assert loader.calls["k"] == 2
+
+
+async def test_ttl_is_min_of_configured_and_hint(loader: ScriptedLoader, clock: FakeClock) -> None:
+    async def short(kind: Kind, name: str) -> Resolved:
+        loader.calls[name] = loader.calls.get(name, 0) + 1
+        return Resolved("v", "b1", None, None, ttl=5.0, max_stale=0.0)
+
+    cache = SecretCache(short, clock=clock, config=CacheConfig(ttl=100, refresh_ahead=0), leases=LeasesConfig(),
+                        metrics=Metrics())
+    await cache.get(V, "k")
+    clock.advance(6)
+    await cache.get(V, "k")
+    assert loader.calls["k"] == 2
+
+
+async def test_backend_error_serves_stale_within_max_stale_then_fails(loader: ScriptedLoader, clock: FakeClock) -> None:
+    loader.answers["k"] = "v1"
+    cache = make_cache(loader, clock, refresh_ahead=0)
+    await cache.get(V, "k")
+    loader.answers["k"] = BackendUnavailable("down")
+    clock.advance(101)  # expired, inside max_stale (50)
+    assert await value(cache, "k") == ("v1", Status.STALE)
+    clock.advance(48)
+    assert await value(cache, "k") == ("v1", Status.STALE)
+    clock.advance(2)  # past ttl + max_stale
+    with pytest.raises(BackendUnavailable):
+        await cache.get(V, "k")
+
+
+async def test_stale_after_recent_failure_does_not_wait_on_backend(loader: ScriptedLoader, clock: FakeClock) -> None:
+    loader.answers["k"] = "v1"
+    cache = make_cache(loader, clock, refresh_ahead=0)
+    await cache.get(V, "k")
+    loader.answers["k"] = BackendUnavailable("down")
+    clock.advance(101)
+    await cache.get(V, "k")
+    calls = loader.calls["k"]
+    for _ in range(50):
+        assert (await value(cache, "k"))[1] is Status.STALE
+    assert loader.calls["k"] == calls  # inside the retry back-off: answered from stale without a call
+
+
+async def test_recovery_after_outage(loader: ScriptedLoader, clock: FakeClock) -> None:
+    loader.answers["k"] = "v1"
+    cache = make_cache(loader, clock, refresh_ahead=0)
+    await cache.get(V, "k")
+    loader.answers["k"] = BackendUnavailable("down")
+    clock.advance(101)
+    await cache.get(V, "k")
+    loader.answers["k"] = "v2"
+    clock.advance(31)  # past the longest retry back-off
+    await cache.run_due()
+    await settle()
+    assert await value(cache, "k") == ("v2", Status.HIT)
+
+
+async def test_error_without_cached_value_is_raised_not_cached(loader: ScriptedLoader, clock: FakeClock) -> None:
+    loader.answers["k"] = BackendUnavailable("down")
+    cache = make_cache(loader, clock)
+    for _ in range(3):
+        with pytest.raises(BackendUnavailable):
+            await cache.get(V, "k")
+    assert loader.calls["k"] == 3  # never remembered as "not found"
+    loader.answers["k"] = "v"
+    assert await value(cache, "k") == ("v", Status.MISS)
+
+
+async def test_negative_entries_are_cached_then_expire(loader: ScriptedLoader, clock: FakeClock) -> None:
+    cache = make_cache(loader, clock)
+    for _ in range(5):
+        with pytest.raises(SecretNotFound):
+            await cache.get(V, "absent")
+    assert loader.calls["absent"] == 1
+    loader.answers["absent"] = "now-here"
+    clock.advance(9)
+    with pytest.raises(SecretNotFound):
+        await cache.get(V, "absent")
+    clock.advance(2)
+    assert await value(cache, "absent") == ("now-here", Status.MISS)
+    assert loader.calls["absent"] == 2
+
+
+async def test_negative_ttl_zero_disables_negative_cache(loader: ScriptedLoader, clock: FakeClock) -> None:
+    cache = make_cache(loader, clock, negative_ttl=0)
+    for _ in range(3):
+        with pytest.raises(SecretNotFound):
+            await cache.get(V, "absent")
+    assert loader.calls["absent"] == 3
+
+
+async def test_deleted_secret_becomes_not_found_not_stale(loader: ScriptedLoader, clock: FakeClock) -> None:
+    loader.answers["k"] = "v1"
+    cache = make_cache(loader, clock, refresh_ahead=0)
+    await cache.get(V, "k")
+    loader.answers["k"] = SecretNotFound("gone")
+    clock.advance(101)
+    with pytest.raises(SecretNotFound):
+        await cache.get(V, "k")
+
+
+async def test_access_denied_is_never_answered_from_stale(loader: ScriptedLoader, clock: FakeClock) -> None:
+    loader.answers["k"] = "v1"
+    cache = make_cache(loader, clock, refresh_ahead=0)
+    await cache.get(V, "k")
+    loader.answers["k"] = AccessDenied("policy changed")
+    clock.advance(101)
+    with pytest.raises(AccessDenied):
+        await cache.get(V, "k")
+    assert cache.peek(V, "k") is None
+
+
+async def test_malformed_answer_serves_stale(loader: ScriptedLoader, clock: FakeClock) -> None:
+    loader.answers["k"] = "v1"
+    cache = make_cache(loader, clock, refresh_ahead=0)
+    await cache.get(V, "k")
+    loader.answers["k"] = BackendError("bad payload")
+    clock.advance(101)
+    assert await value(cache, "k") == ("v1", Status.STALE)
+
+
+async def test_refresh_ahead_refreshes_in_background(loader: ScriptedLoader, clock: FakeClock) -> None:
+    loader.answers["k"] = "v1"
+    cache = make_cache(loader, clock)
+    await cache.get(V, "k")
+    loader.answers["k"] = "v2"
+    clock.advance(76)  # past 0.75 * ttl
+    assert await value(cache, "k") == ("v1", Status.HIT)  # served at once, refresh started
+    await settle()
+    assert loader.calls["k"] == 2
+    assert await value(cache, "k") == ("v2", Status.HIT)
+
+
+async def test_scheduler_refreshes_only_keys_read_since_fetch(loader: ScriptedLoader, clock: FakeClock) -> None:
+    loader.answers.update(read="r", unread="u")
+    cache = make_cache(loader, clock)
+    await cache.get(V, "read")
+    await cache.get(V, "unread")
+    clock.advance(1)
+    await cache.get(V, "read")
+    clock.advance(75)
+    await cache.run_due()
+    await settle()
+    assert loader.calls == {"read": 2, "unread": 1}
+
+
+async def test_pinned_keys_stay_warm_unread(loader: ScriptedLoader, clock: FakeClock) -> None:
+    loader.answers["p"] = "v1"
+    cache = make_cache(loader, clock)
+    cache.pin([(V, "p")])
+    await cache.get(V, "p")
+    for _ in range(4):
+        clock.advance(76)
+        await cache.run_due()
+        await settle()
+    assert loader.calls["p"] == 5
+    assert cache.peek(V, "p") is not None and cache.peek(V, "p").fresh_until > clock.now()
+
+
+async def test_refresh_jitter_spreads_refresh_times(clock: FakeClock) -> None:
+    loader = ScriptedLoader(clock)
+    for i in range(50):
+        loader.answers[f"k{i}"] = "v"
+    cache = make_cache(loader, clock, refresh_jitter=0.2)
+    for i in range(50):
+        await cache.get(V, f"k{i}")
+    times = {round(cache.peek(V, f"k{i}").refresh_at, 3) for i in range(50)}
+    assert len(times) > 40
+    assert all(clock.now() + 100 * 0.75 * 0.8 - 1e-6 <= t <= clock.now() + 75 for t in times)
+
+
+async def test_lru_bound_holds(loader: ScriptedLoader, clock: FakeClock) -> None:
+    cache = make_cache(loader, clock, max_entries=10)
+    for i in range(100):
+        loader.answers[f"k{i}"] = "v"
+        await cache.get(V, f"k{i}")
+    assert len(cache) == 10
+    assert cache.peek(V, "k99") is not None and cache.peek(V, "k0") is None
+    # recently used keys survive
+    await cache.get(V, "k90")
+    for i in range(100, 109):
+        loader.answers[f"k{i}"] = "v"
+        await cache.get(V, f"k{i}")
+    assert cache.peek(V, "k90") is not None
+
+
+async def test_client_cancellation_does_not_cancel_the_load(loader: ScriptedLoader, clock: FakeClock) -> None:
+    loader.answers["k"] = "v1"
+    loader.gate = asyncio.Event()
+    cache = make_cache(loader, clock)
+    first = asyncio.create_task(cache.get(V, "k"))
+    await settle()
+    first.cancel()
+    second = asyncio.create_task(cache.get(V, "k"))
+    await settle()
+    loader.gate.set()
+    entry, _ = await second
+    assert entry.resolved is not None and entry.resolved.value == "v1"
+    assert loader.calls["k"] == 1
+
+
+async def test_invalidate(loader: ScriptedLoader, clock: FakeClock) -> None:
+    loader.answers.update(a="1", b="2")
+    cache = make_cache(loader, clock)
+    await cache.get(V, "a")
+    await cache.get(V, "b")
+    assert cache.invalidate(V, "a") == 1
+    await cache.get(V, "a")
+    assert loader.calls == {"a": 2, "b": 1}
+    assert cache.invalidate() == 2
+
+
+# ---------------------------------------------------------------------------------------------- leases
+
+
+async def test_leased_value_never_served_past_expiry(loader: ScriptedLoader, clock: FakeClock, leases: Leases) -> None:
+    loader.answers["db"] = "creds"
+    loader.lease_duration["db"] = 60
+    cache = make_cache(loader, clock, leases, max_stale=3600)
+    await cache.get(V, "db")
+    loader.answers["db"] = BackendUnavailable("down")
+    leases.fail = BackendUnavailable("down")
+    clock.advance(54)  # hard expiry is 60 - min(5, 6) = 55
+    assert (await value(cache, "db"))[1] is Status.HIT
+    clock.advance(2)
+    with pytest.raises(BackendUnavailable):
+        await cache.get(V, "db")  # max_stale does not extend a lease
+
+
+async def test_lease_renewed_at_two_thirds_while_used(loader: ScriptedLoader, clock: FakeClock, leases: Leases) -> None:
+    loader.answers["db"] = "creds"
+    loader.lease_duration["db"] = 90
+    cache = make_cache(loader, clock, leases)
+    await cache.get(V, "db")
+    clock.advance(59)
+    await cache.run_due()
+    await settle()
+    assert leases.renewed == []
+    clock.advance(1)
+    await cache.get(V, "db")
+    await cache.run_due()
+    await settle()
+    assert len(leases.renewed) == 1
+    entry = cache.peek(V, "db")
+    assert entry is not None and entry.fresh_until == pytest.approx(clock.now() + 85)
+    assert loader.calls["db"] == 1
+
+
+async def test_capped_lease_rotates_before_expiry(loader: ScriptedLoader, clock: FakeClock, leases: Leases) -> None:
+    loader.answers["db"] = "creds"
+    loader.lease_duration["db"] = 90
+    cache = make_cache(loader, clock, leases, ttl=1000)
+    await cache.get(V, "db")
+    first = cache.peek(V, "db").lease
+    leases.cap_at = clock.now() + 120  # max TTL: the lease cannot live past t0 + 120
+    for _ in range(6):
+        clock.advance(10)
+        await cache.get(V, "db")
+        await cache.run_due()
+        await settle()
+    # at t0+60 renewed to t0+120 (capped); 2/3 into the remaining 60 s (t0+100) a new credential replaces it
+    clock.advance(45)
+    await cache.run_due()
+    await settle()
+    entry = cache.peek(V, "db")
+    assert loader.calls["db"] == 2
+    assert entry.lease != first and entry.lease.expires_at > first.issued_at + 120
+    assert entry.fresh_until > clock.now()
+
+
+async def test_idle_lease_is_released_and_revoked(loader: ScriptedLoader, clock: FakeClock, leases: Leases) -> None:
+    loader.answers["db"] = "creds"
+    loader.lease_duration["db"] = 300
+    cache = make_cache(loader, clock, leases, ttl=60)
+    await cache.get(V, "db")
+    clock.advance(201)
+    await cache.run_due()
+    await settle()
+    assert cache.peek(V, "db") is None
+    assert len(leases.revoked) == 1 and leases.renewed == []
+
+
+async def test_shutdown_revokes_every_live_lease(loader: ScriptedLoader, clock: FakeClock, leases: Leases) -> None:
+    loader.lease_duration.update(a=300, b=300)
+    loader.answers.update(a="x", b="y")
+    cache = make_cache(loader, clock, leases)
+    await cache.get(V, "a")
+    await cache.get(V, "b")
+    cache.invalidate(V, "a")
+    await cache.get(V, "a")  # a second lease for "a"; the first stays live until revoked
+    await cache.aclose(revoke_leases=True)
+    assert len(leases.revoked) == 3
+
+
+async def test_lost_lease_fetches_new_credential(loader: ScriptedLoader, clock: FakeClock, leases: Leases) -> None:
+    loader.answers["db"] = "creds"
+    loader.lease_duration["db"] = 90
+    cache = make_cache(loader, clock, leases)
+    await cache.get(V, "db")
+    leases.fail = BackendError("lease not found")
+    clock.advance(60)
+    await cache.get(V, "db")
+    await cache.run_due()
+    await settle()
+    assert loader.calls["db"] == 2
+
+
+async def test_repr_never_shows_values(loader: ScriptedLoader, clock: FakeClock) -> None:
+    loader.answers["k"] = "super-secret-value"
+    cache = make_cache(loader, clock)
+    entry, _ = await cache.get(V, "k")
+    assert "super-secret-value" not in repr(entry)
+    assert "super-secret-value" not in repr(entry.resolved)
