@@ -202,6 +202,13 @@ class Broker:
 
     async def stop(self) -> None:
         """Stop accepting, finish in-flight requests within the grace period, revoke leases, close backends."""
+        if self._socket_path is not None:
+            # Unlink first so new clients fail fast (ENOENT), then keep accepting for a moment so the
+            # connections already queued in the listen backlog are served instead of reset.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._socket_path)
+        if self._runners:
+            await asyncio.sleep(self.state.config.shutdown.drain_delay)
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()

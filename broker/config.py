@@ -120,6 +120,7 @@ class LoggingConfig(StrictModel):
 
 class ShutdownConfig(StrictModel):
     grace: Duration = Field(default=20.0, ge=0, le=600)
+    drain_delay: Duration = Field(default=0.5, ge=0, le=30)
 
 
 class BrokerConfig(StrictModel):

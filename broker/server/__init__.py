@@ -133,7 +133,7 @@ def build_api_app(state: BrokerState, *, tcp_token: bytes | None = None) -> web.
         finally:
             request_id.reset(token)
 
-    app = web.Application(middlewares=[edge], client_max_size=cfg.max_body_bytes, handler_args={"max_field_size": 8190})
+    app = web.Application(middlewares=[edge], client_max_size=cfg.max_body_bytes, handler_args={"max_field_size": 8190, "max_line_size": 65536})
     app[STATE] = state
 
     async def secret(request: web.Request) -> web.Response:
