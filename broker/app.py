@@ -10,6 +10,7 @@ import os
 import random
 import resource
 import signal
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from broker.logging import SECRETS
 from broker.metrics import Metrics
 from broker.resolver import Resolved, Resolver
 from broker.server import bind_unix_socket, build_api_app, build_metrics_app
+from broker.server.listener import Listener, tcp_socket
 
 log = logging.getLogger("broker")
 
@@ -98,6 +100,7 @@ class Broker:
         self.config_path = config_path
         self.state = BrokerState(config)
         self._runners: list[web.AppRunner] = []
+        self._listeners: list[Listener] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stop = asyncio.Event()
         self._socket_path: Path | None = None
@@ -108,18 +111,18 @@ class Broker:
     async def start(self) -> None:
         """Bind every listener, then log in to backends and warm the prefetch list in the background."""
         cfg = self.state.config
+        token = None
+        if cfg.listen.tcp_address is not None:
+            assert cfg.listen.token_file is not None
+            token = read_token(cfg.listen.token_file)  # before binding anything: fail fast
         if cfg.listen.socket is not None:
             sock = bind_unix_socket(cfg.listen.socket, cfg.listen.socket_mode)
             self._socket_path = cfg.listen.socket
-            await self._serve(build_api_app(self.state), lambda r: web.SockSite(r, sock))
+            await self._serve(build_api_app(self.state), sock)
         if cfg.listen.tcp_address is not None:
-            host, port = cfg.listen.tcp_address
-            assert cfg.listen.token_file is not None
-            token = read_token(cfg.listen.token_file)
-            await self._serve(build_api_app(self.state, tcp_token=token), lambda r: web.TCPSite(r, host, port))
+            await self._serve(build_api_app(self.state, tcp_token=token), tcp_socket(*cfg.listen.tcp_address))
         if cfg.metrics.address is not None:
-            host, port = cfg.metrics.address
-            await self._serve(build_metrics_app(self.state), lambda r: web.TCPSite(r, host, port))
+            await self._serve(build_metrics_app(self.state), tcp_socket(*cfg.metrics.address))
         self._spawn(self.state.cache.maintain(), "cache-maintenance")
         self._spawn(self._start_backends(self.state.guards), "backend-start")
         log.info("broker listening", extra={
@@ -128,12 +131,16 @@ class Broker:
             "backends": [f"{b.name}:{b.type}" for b in cfg.backends],
         })
 
-    async def _serve(self, app: web.Application, site: Any) -> None:
+    async def _serve(self, app: web.Application, sock: socket.socket) -> None:
+        listen = self.state.config.listen
         runner = web.AppRunner(app, handle_signals=False, access_log=None,
-                               shutdown_timeout=self.state.config.shutdown.grace)
+                               shutdown_timeout=self.state.config.shutdown.grace, keepalive_timeout=30.0)
         await runner.setup()
-        await site(runner).start()
+        listener = Listener(runner, sock, max_connections=listen.max_connections,
+                            header_timeout=listen.header_timeout, metrics=self.state.metrics)
+        await listener.start()
         self._runners.append(runner)
+        self._listeners.append(listener)
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -209,6 +216,9 @@ class Broker:
                 os.unlink(self._socket_path)
         if self._runners:
             await asyncio.sleep(self.state.config.shutdown.drain_delay)
+        for listener in self._listeners:
+            listener.close()
+        self._listeners.clear()
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()

@@ -27,6 +27,7 @@ from broker.backends.base import BrokerError, Kind
 from broker.cache import Entry, Status
 from broker.logging import request_id
 from broker.resolver import name_problem
+from broker.server.listener import with_header_timeout
 
 if TYPE_CHECKING:
     from broker.app import BrokerState
@@ -143,7 +144,7 @@ def build_api_app(state: BrokerState, *, tcp_token: bytes | None = None) -> web.
     app.router.add_get("/healthz", lambda _r: _healthz())
     app.router.add_get("/readyz", lambda _r: _readyz(state))
     app.router.add_get("/openapi.json", lambda _r: _openapi())
-    return app
+    return with_header_timeout(app)
 
 
 async def _healthz() -> web.Response:
@@ -284,7 +285,7 @@ def build_metrics_app(state: BrokerState) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", lambda _r: _healthz())
     app.router.add_get("/readyz", lambda _r: _readyz(state))
-    return app
+    return with_header_timeout(app)
 
 
 # ---------------------------------------------------------------------------------------------- sockets

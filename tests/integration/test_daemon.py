@@ -305,3 +305,35 @@ def test_started_and_stopped_quickly_enough_to_be_a_sidecar(broker_factory: Any,
     assert broker.proc.poll() is None
     assert broker.stop() == 0
     assert time.monotonic() - started < 60
+
+
+def test_header_timeout_and_connection_cap(broker_factory: Any, files_backend: dict[str, Any]) -> None:
+    broker = broker_factory({"listen": {"header_timeout": 0.5, "max_connections": 4}, "backends": [files_backend]})
+    slow = socket.socket(socket.AF_UNIX)
+    slow.connect(broker.socket_path)
+    slow.sendall(b"GET /v1/variables/plain HTTP/1.1\r\nHost: x\r\n")  # headers never finished
+    slow.settimeout(10)
+    assert slow.recv(1024) == b""  # closed by the broker, not by us
+    slow.close()
+    held = []
+    for _ in range(4):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(broker.socket_path)
+        held.append(s)
+    extra = socket.socket(socket.AF_UNIX)
+    extra.connect(broker.socket_path)
+    extra.settimeout(10)
+    answer = extra.recv(4096)
+    extra.close()
+    assert answer.startswith(b"HTTP/1.1 503") and b'"overloaded"' in answer
+    for s in held:
+        s.close()
+    def served() -> bool:
+        try:
+            return broker.get("variable", "plain")[0] == 200
+        except OSError:  # still refused while the closed connections are being counted down
+            return False
+
+    wait_for(served, what="capacity back")
+    assert broker.metric("broker_rejected_total", reason="header_timeout") >= 1
+    assert broker.metric("broker_rejected_total", reason="connection_cap") >= 1
