@@ -1,7 +1,8 @@
 """``BrokerSecretsBackend``: Airflow's secrets backend that asks the broker sidecar.
 
 Importable with the standard library and Airflow only. Configure it as ``[secrets] backend`` (and on
-Airflow 3 also ``[workers] secrets_backend``) with ``backend_kwargs`` like ``{"socket_path": "/run/broker/broker.sock"}``.
+Airflow 3 also ``[workers] secrets_backend``) with ``backend_kwargs`` like
+``{"socket_path": "/run/broker/broker.sock"}``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from broker.client import (
 )
 
 try:  # Airflow 3.x stops its search path on this; 2.x does not have it.
-    from airflow.exceptions import AirflowSecretsBackendAccessDenied as _AccessDenied  # type: ignore[attr-defined,unused-ignore]
+    from airflow.exceptions import AirflowSecretsBackendAccessDenied as _AccessDenied
 except ImportError:  # pragma: no cover - depends on the Airflow version
     _AccessDenied = None
 
@@ -43,7 +44,7 @@ def _as_str(value: Any) -> str | None:
     return text or None
 
 
-class BrokerSecretsBackend(BaseSecretsBackend):  # type: ignore[misc]
+class BrokerSecretsBackend(BaseSecretsBackend):  # type: ignore[misc,unused-ignore]
     """Connections, variables and config values from the broker sidecar.
 
     The constructor does no I/O (Airflow builds one for every config lookup) and never raises: Airflow
@@ -74,7 +75,9 @@ class BrokerSecretsBackend(BaseSecretsBackend):  # type: ignore[misc]
                     with open(self.token_file, encoding="utf-8") as fh:
                         token = fh.read().strip()
                 except OSError as exc:
-                    raise BrokerClientError(f"cannot read broker token file {self.token_file}: {exc.strerror}") from None
+                    raise BrokerClientError(
+                        f"cannot read broker token file {self.token_file}: {exc.strerror}"
+                    ) from None
             self._client = BrokerClient(socket_path=self.socket_path, url=self.url, token=token, timeout=self.timeout)
         return self._client
 

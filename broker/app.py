@@ -79,8 +79,11 @@ class BrokerState:
 
     def _prefetch_keys(self) -> list[tuple[Kind, str]]:
         p = self.config.prefetch
-        return ([(Kind.CONNECTION, n) for n in p.connections] + [(Kind.VARIABLE, n) for n in p.variables]
-                + [(Kind.CONFIG, n) for n in p.config])
+        return (
+            [(Kind.CONNECTION, n) for n in p.connections]
+            + [(Kind.VARIABLE, n) for n in p.variables]
+            + [(Kind.CONFIG, n) for n in p.config]
+        )
 
     def not_ready_reasons(self) -> list[str]:
         reasons = []
@@ -125,19 +128,33 @@ class Broker:
             await self._serve(build_metrics_app(self.state), tcp_socket(*cfg.metrics.address))
         self._spawn(self.state.cache.maintain(), "cache-maintenance")
         self._spawn(self._start_backends(self.state.guards), "backend-start")
-        log.info("broker listening", extra={
-            "socket": str(cfg.listen.socket) if cfg.listen.socket else None,
-            "tcp": cfg.listen.tcp, "metrics": cfg.metrics.listen,
-            "backends": [f"{b.name}:{b.type}" for b in cfg.backends],
-        })
+        log.info(
+            "broker listening",
+            extra={
+                "socket": str(cfg.listen.socket) if cfg.listen.socket else None,
+                "tcp": cfg.listen.tcp,
+                "metrics": cfg.metrics.listen,
+                "backends": [f"{b.name}:{b.type}" for b in cfg.backends],
+            },
+        )
 
     async def _serve(self, app: web.Application, sock: socket.socket) -> None:
         listen = self.state.config.listen
-        runner = web.AppRunner(app, handle_signals=False, access_log=None,
-                               shutdown_timeout=self.state.config.shutdown.grace, keepalive_timeout=30.0)
+        runner = web.AppRunner(
+            app,
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=self.state.config.shutdown.grace,
+            keepalive_timeout=30.0,
+        )
         await runner.setup()
-        listener = Listener(runner, sock, max_connections=listen.max_connections,
-                            header_timeout=listen.header_timeout, metrics=self.state.metrics)
+        listener = Listener(
+            runner,
+            sock,
+            max_connections=listen.max_connections,
+            header_timeout=listen.header_timeout,
+            metrics=self.state.metrics,
+        )
         await listener.start()
         self._runners.append(runner)
         self._listeners.append(listener)
@@ -158,8 +175,10 @@ class Broker:
             try:
                 await guard.start()
             except BrokerError as exc:
-                log.warning("backend start failed; retrying",
-                            extra={"backend": guard.name, "error": exc.code, "detail": exc.message, "retry_in": delay})
+                log.warning(
+                    "backend start failed; retrying",
+                    extra={"backend": guard.name, "error": exc.code, "detail": exc.message, "retry_in": delay},
+                )
             else:
                 log.info("backend ready", extra={"backend": guard.name})
                 return
@@ -245,8 +264,9 @@ class Broker:
                 new = await asyncio.get_running_loop().run_in_executor(None, load_config, self.config_path)
             except ConfigurationError as exc:
                 state.metrics.reloads.labels("invalid").inc()
-                log.error("reload refused: invalid configuration; keeping the running one",
-                          extra={"errors": exc.errors})
+                log.error(
+                    "reload refused: invalid configuration; keeping the running one", extra={"errors": exc.errors}
+                )
                 return False
             old = state.config
             for section in ("listen", "metrics", "threads"):
@@ -287,9 +307,14 @@ class Broker:
             for guard in retired:
                 self._spawn(guard.backend.aclose(), "backend-close")
             state.metrics.reloads.labels("ok").inc()
-            log.info("configuration reloaded", extra={
-                "backends_kept": sorted(kept), "backends_new": [g.name for g in fresh], "entries_dropped": dropped,
-            })
+            log.info(
+                "configuration reloaded",
+                extra={
+                    "backends_kept": sorted(kept),
+                    "backends_new": [g.name for g in fresh],
+                    "entries_dropped": dropped,
+                },
+            )
             return True
 
 
@@ -321,4 +346,4 @@ def serve(config: BrokerConfig, config_path: Path | None) -> int:
         import uvloop
     except ImportError:
         return asyncio.run(main())
-    return uvloop.run(main())  # type: ignore[no-any-return]
+    return uvloop.run(main())

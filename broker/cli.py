@@ -25,8 +25,9 @@ def _parser() -> argparse.ArgumentParser:
     get.add_argument("kind", choices=["connection", "variable", "config"])
     get.add_argument("name")
     target = get.add_mutually_exclusive_group()
-    target.add_argument("--socket", help="API socket (default: $BROKER_SOCKET, ./broker.sock if present, "
-                                         "else /run/broker/broker.sock)")
+    target.add_argument(
+        "--socket", help="API socket (default: $BROKER_SOCKET, ./broker.sock if present, else /run/broker/broker.sock)"
+    )
     target.add_argument("--url", help="loopback TCP listener, e.g. http://127.0.0.1:8201")
     get.add_argument("--token-file", help="file holding the X-Broker-Token for --url")
     get.add_argument("--timeout", type=float, default=5.0)
@@ -114,8 +115,12 @@ def _get(args: argparse.Namespace) -> int:
             print(f"broker get: cannot read {args.token_file}: {exc.strerror}", file=sys.stderr)
             return EXIT_ERROR
     try:
-        client = BrokerClient(socket_path=None if args.url else (args.socket or _default_socket()),
-                              url=args.url, token=token, timeout=args.timeout)
+        client = BrokerClient(
+            socket_path=None if args.url else (args.socket or _default_socket()),
+            url=args.url,
+            token=token,
+            timeout=args.timeout,
+        )
         value = client.get(args.kind, args.name)
     except (BrokerClientError, ValueError) as exc:
         print(f"broker get: {exc}", file=sys.stderr)
@@ -136,7 +141,10 @@ def _check(args: argparse.Namespace) -> int:
     config, _ = loaded
     assert isinstance(config, BrokerConfig)
     if args.validate_only:
-        print(f"config ok: {len(config.backends)} backend(s): " + ", ".join(f"{b.name} ({b.type})" for b in config.backends))
+        print(
+            f"config ok: {len(config.backends)} backend(s): "
+            + ", ".join(f"{b.name} ({b.type})" for b in config.backends)
+        )
         return EXIT_OK
     return asyncio.run(_check_backends(config))
 

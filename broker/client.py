@@ -131,20 +131,25 @@ class BrokerClient:
                 self._drop()
                 if reused and attempt == 1:
                     continue
-                raise BrokerUnavailableError(f"broker at {self.target} closed the connection: {exc}",
-                                             "unreachable") from None
+                raise BrokerUnavailableError(
+                    f"broker at {self.target} closed the connection: {exc}", "unreachable"
+                ) from None
             except TimeoutError:
                 self._drop()
-                raise BrokerUnavailableError(f"broker at {self.target} did not answer within {self.timeout:g}s",
-                                             "timeout") from None
+                raise BrokerUnavailableError(
+                    f"broker at {self.target} did not answer within {self.timeout:g}s", "timeout"
+                ) from None
             except OSError as exc:
                 self._drop()
                 reason = exc.strerror or type(exc).__name__
-                raise BrokerUnavailableError(f"broker at {self.target} is unreachable: {reason}", "unreachable") from None
+                raise BrokerUnavailableError(
+                    f"broker at {self.target} is unreachable: {reason}", "unreachable"
+                ) from None
             except http.client.HTTPException as exc:
                 self._drop()
-                raise BrokerUnavailableError(f"broker at {self.target} answered garbage: {type(exc).__name__}",
-                                             "protocol") from None
+                raise BrokerUnavailableError(
+                    f"broker at {self.target} answered garbage: {type(exc).__name__}", "protocol"
+                ) from None
             try:
                 data = json.loads(raw) if raw else {}
             except ValueError:
@@ -182,5 +187,6 @@ class BrokerClient:
             body["name"] = name
         status, data = self.request("POST", "/v1/cache/invalidate", json.dumps(body).encode())
         if status != 204:
-            raise BrokerClientError(f"broker at {self.target}: {status} {data.get('error', '')}", str(data.get("error")),
-                                    status)
+            raise BrokerClientError(
+                f"broker at {self.target}: {status} {data.get('error', '')}", str(data.get("error")), status
+            )

@@ -45,7 +45,7 @@ class ListenConfig(StrictModel):
             try:
                 value = int(value, 8)
             except ValueError:
-                raise ValueError(f"socket_mode must be an octal string like \"0660\", got {value!r}") from None
+                raise ValueError(f'socket_mode must be an octal string like "0660", got {value!r}') from None
         if isinstance(value, int) and not 0 <= value <= 0o777:
             raise ValueError("socket_mode must be between 0000 and 0777")
         return value
@@ -203,7 +203,9 @@ def validate_config(data: Any) -> BrokerConfig:
             if backend is None:
                 continue
             if backend.name in seen:
-                errors.append(f"backends[{i}].name: duplicate backend name {backend.name!r} (also backends[{seen[backend.name]}])")
+                errors.append(
+                    f"backends[{i}].name: duplicate backend name {backend.name!r} (also backends[{seen[backend.name]}])"
+                )
             seen[backend.name] = i
             backends.append(backend)
     rest = {k: v for k, v in data.items() if k != "backends"}

@@ -14,7 +14,7 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0
 def parse_duration(value: Any) -> Any:
     """Seconds as a number, or a string like ``90``, ``500ms``, ``5m``, ``1h``, ``2d``."""
     if isinstance(value, bool):
-        raise ValueError("expected a duration (seconds, or a string like 5m / 1h), got a boolean")
+        raise ValueError("expected a duration (seconds, or a string like 5m / 1h), got a boolean")  # noqa: TRY004
     if isinstance(value, int | float):
         return float(value)
     if isinstance(value, str):

@@ -19,8 +19,12 @@ request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
 _PATTERNS = [
     (re.compile(r"(://[^:/@\s]*:)[^@\s]+@"), r"\1***@"),
-    (re.compile(r"(?i)\b(password|passwd|secret|token|api[_-]?key|client_secret|secret_id)(\"?\s*[=:]\s*\"?)[^\s\",&}]+"),
-     r"\1\2***"),
+    (
+        re.compile(
+            r"(?i)\b(password|passwd|secret|token|api[_-]?key|client_secret|secret_id)(\"?\s*[=:]\s*\"?)[^\s\",&}]+"
+        ),
+        r"\1\2***",
+    ),
     (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+"), r"\1 ***"),
     (re.compile(r"\b(hv[sbr]|s|b|r)\.[A-Za-z0-9_-]{20,}"), "***"),
 ]
@@ -62,7 +66,7 @@ class RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         try:
             message = record.getMessage()
-        except Exception:  # a bad format string must not lose the log line
+        except Exception:  # noqa: BLE001 - a bad format string must not lose the log line
             message = str(record.msg)
         record.msg = redact(message)
         record.args = None

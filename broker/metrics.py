@@ -46,7 +46,9 @@ class Metrics:
             ["event"],
             registry=r,
         )
-        self.cache_entries = Gauge("broker_cache_entries", "Entries held in the cache (including negative).", registry=r)
+        self.cache_entries = Gauge(
+            "broker_cache_entries", "Entries held in the cache (including negative).", registry=r
+        )
         self.backend_calls = Counter(
             "broker_backend_calls_total",
             "Calls to secret stores by backend, operation (fetch, renew, revoke, login, check) and outcome.",
@@ -61,20 +63,28 @@ class Metrics:
             registry=r,
         )
         self.backend_up = Gauge(
-            "broker_backend_up", "1 when the backend's last call succeeded or answered authoritatively.", ["backend"],
+            "broker_backend_up",
+            "1 when the backend's last call succeeded or answered authoritatively.",
+            ["backend"],
             registry=r,
         )
         self.circuit_open = Gauge(
-            "broker_backend_circuit_open", "1 while the backend's circuit breaker is open (calls fail fast).",
-            ["backend"], registry=r,
+            "broker_backend_circuit_open",
+            "1 while the backend's circuit breaker is open (calls fail fast).",
+            ["backend"],
+            registry=r,
         )
         self.leases_active = Gauge("broker_leases_active", "Leases held for dynamic secrets.", ["backend"], registry=r)
         self.lease_renewals = Counter(
-            "broker_lease_renewals_total", "Lease renewals by outcome (ok, capped, failed, rotated, revoked).",
-            ["backend", "outcome"], registry=r,
+            "broker_lease_renewals_total",
+            "Lease renewals by outcome (ok, capped, failed, rotated, revoked).",
+            ["backend", "outcome"],
+            registry=r,
         )
         self.lease_expiry = Gauge(
-            "broker_lease_min_expiry_seconds", "Seconds until the soonest held lease expires.", ["backend"],
+            "broker_lease_min_expiry_seconds",
+            "Seconds until the soonest held lease expires.",
+            ["backend"],
             registry=r,
         )
         self.identity_expiry = Gauge(
@@ -84,7 +94,9 @@ class Metrics:
             registry=r,
         )
         self.logins = Counter(
-            "broker_logins_total", "Logins / credential refreshes by backend and outcome.", ["backend", "outcome"],
+            "broker_logins_total",
+            "Logins / credential refreshes by backend and outcome.",
+            ["backend", "outcome"],
             registry=r,
         )
         self.ready = Gauge("broker_ready", "1 when /readyz answers 200.", registry=r)

@@ -20,8 +20,9 @@ def broker_factory(tmp_path: Path) -> Iterator[Any]:
     """Start brokers as subprocesses; every one is stopped by its own pid at teardown."""
     started: list[BrokerProcess] = []
 
-    def make(config: dict[str, Any], env: dict[str, str] | None = None, start: bool = True,
-             cwd: Path | None = None) -> BrokerProcess:
+    def make(
+        config: dict[str, Any], env: dict[str, str] | None = None, start: bool = True, cwd: Path | None = None
+    ) -> BrokerProcess:
         sub = tmp_path / f"broker{len(started)}"
         sub.mkdir()
         proc = BrokerProcess(config, sub, env=env, cwd=cwd)

@@ -125,7 +125,11 @@ class Backend(BaseBackend):
             return SecretValue(value)
         if isinstance(value, str):
             return SecretValue(value)
-        return SecretValue(json.dumps(value, separators=(",", ":"))) if isinstance(value, dict | list) else SecretValue(str(value))
+        return (
+            SecretValue(json.dumps(value, separators=(",", ":")))
+            if isinstance(value, dict | list)
+            else SecretValue(str(value))
+        )
 
     async def start(self) -> None:
         for kind in Kind:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import heapq
 import itertools
 import logging
@@ -93,7 +94,7 @@ class _LRU(cachetools.LRUCache[Key, Entry]):
     def peek(self, key: Key) -> Entry | None:
         """Look without touching the LRU order."""
         try:
-            return cachetools.Cache.__getitem__(self, key)  # type: ignore[no-any-return]
+            return cachetools.Cache.__getitem__(self, key)
         except KeyError:
             return None
 
@@ -187,8 +188,11 @@ class SecretCache:
             task = asyncio.get_running_loop().create_task(self._fetch_and_store(key), name=f"load-{key[0]}")
             self._inflight[key] = task
             self._track(task)
-            task.add_done_callback(lambda _t, k=key: self._inflight.pop(k, None))
+            task.add_done_callback(functools.partial(self._forget_inflight, key))
         return task
+
+    def _forget_inflight(self, key: Key, _task: asyncio.Task[Entry]) -> None:
+        self._inflight.pop(key, None)
 
     def _spawn_load(self, key: Key) -> None:
         """Start a background refresh (single-flight with client loads); failures are recorded, not raised."""
@@ -213,8 +217,18 @@ class SecretCache:
             self._drop(key)
             if self.config.negative_ttl > 0:
                 now = self._clock.now()
-                self._put(Entry(key, None, now, now + self.config.negative_ttl, now + self.config.negative_ttl,
-                                INF, now, next(self._gen)))
+                self._put(
+                    Entry(
+                        key,
+                        None,
+                        now,
+                        now + self.config.negative_ttl,
+                        now + self.config.negative_ttl,
+                        INF,
+                        now,
+                        next(self._gen),
+                    )
+                )
             raise
         except AccessDenied:
             # Authoritative: the identity lost access. Serving the old value would hide that.
@@ -243,8 +257,12 @@ class SecretCache:
             self._schedule(entry)
         log.warning(
             "refresh failed; serving cached value while it lasts",
-            extra={"kind": key[0].value, "error": exc.code, "retry_in": round(delay, 2),
-                   "stale_for": round(max(0.0, entry.usable_until - now), 1)},
+            extra={
+                "kind": key[0].value,
+                "error": exc.code,
+                "retry_in": round(delay, 2),
+                "stale_for": round(max(0.0, entry.usable_until - now), 1),
+            },
         )
 
     def _entry_for(self, key: Key, resolved: Resolved) -> Entry:
@@ -301,7 +319,9 @@ class SecretCache:
 
     def invalidate(self, kind: Kind | None = None, name: str | None = None) -> int:
         """Forget one key, every key of a kind, or everything. Held leases stay valid until they expire."""
-        keys = [k for k in list(self._entries.keys()) if (kind is None or k[0] == kind) and (name is None or k[1] == name)]
+        keys = [
+            k for k in list(self._entries.keys()) if (kind is None or k[0] == kind) and (name is None or k[1] == name)
+        ]
         for key in keys:
             self._drop(key)
         return len(keys)
@@ -433,7 +453,7 @@ class SecretCache:
     def live_leases(self) -> list[tuple[str, Lease]]:
         return list(self._live_leases.values())
 
-    async def aclose(self, *, revoke_leases: bool, timeout: float = 10.0) -> None:
+    async def aclose(self, *, revoke_leases: bool, timeout: float = 10.0) -> None:  # noqa: ASYNC109
         """Stop background work; revoke every held lease first when asked."""
         self._closed = True
         for task in list(self._tasks):

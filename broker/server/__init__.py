@@ -5,6 +5,7 @@ Every answer is JSON; every error carries ``{"error": code, "message": ...}`` an
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import logging
@@ -43,13 +44,18 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
     body = json.dumps({"error": code, "message": message})
-    return web.Response(status=status, body=body.encode(), content_type="application/json",
-                        headers={**NO_STORE, **(headers or {})})
+    return web.Response(
+        status=status, body=body.encode(), content_type="application/json", headers={**NO_STORE, **(headers or {})}
+    )
 
 
 def json_response(payload: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(status=status, body=json.dumps(payload).encode(), content_type="application/json",
-                        headers={**NO_STORE, **(headers or {})})
+    return web.Response(
+        status=status,
+        body=json.dumps(payload).encode(),
+        content_type="application/json",
+        headers={**NO_STORE, **(headers or {})},
+    )
 
 
 # ---------------------------------------------------------------------------------------------- peers
@@ -117,7 +123,9 @@ def build_api_app(state: BrokerState, *, tcp_token: bytes | None = None) -> web.
             if tcp_token is not None:
                 if "X-Forwarded-For" in request.headers or "Forwarded" in request.headers:
                     state.metrics.rejected.labels("forwarded").inc()
-                    return error_response(400, "bad_request", "proxied requests are refused (X-Forwarded-For/Forwarded)")
+                    return error_response(
+                        400, "bad_request", "proxied requests are refused (X-Forwarded-For/Forwarded)"
+                    )
                 given = request.headers.get("X-Broker-Token", "").encode()
                 if not hmac.compare_digest(given, tcp_token):
                     state.metrics.rejected.labels("unauthorized").inc()
@@ -134,7 +142,11 @@ def build_api_app(state: BrokerState, *, tcp_token: bytes | None = None) -> web.
         finally:
             request_id.reset(token)
 
-    app = web.Application(middlewares=[edge], client_max_size=cfg.max_body_bytes, handler_args={"max_field_size": 8190, "max_line_size": 65536})
+    app = web.Application(
+        middlewares=[edge],
+        client_max_size=cfg.max_body_bytes,
+        handler_args={"max_field_size": 8190, "max_line_size": 65536},
+    )
     app[STATE] = state
 
     async def secret(request: web.Request) -> web.Response:
@@ -159,11 +171,17 @@ async def _readyz(state: BrokerState) -> web.Response:
     return json_response({"status": "ready"})
 
 
-async def _openapi() -> web.Response:
-    path = Path(__file__).resolve().parent.parent / "openapi.json"
+@functools.cache
+def _openapi_document() -> bytes | None:
     try:
-        body = path.read_bytes()
+        return (Path(__file__).resolve().parent.parent / "openapi.json").read_bytes()
     except OSError:
+        return None
+
+
+async def _openapi() -> web.Response:
+    body = _openapi_document()  # read once, then served from memory
+    if body is None:
         return error_response(404, "not_found", "no API description in this build")
     return web.Response(body=body, content_type="application/json", headers=NO_STORE)
 
@@ -237,12 +255,15 @@ def _found(entry: Entry, status: Status, now: float) -> web.Response:
     if head is None:
         # The JSON of the value is encoded once per entry, not once per request.
         head = '{"value":%s,"backend":%s,"version":%s' % (  # noqa: UP031
-            json.dumps(resolved.value), json.dumps(resolved.backend), json.dumps(resolved.version)
+            json.dumps(resolved.value),
+            json.dumps(resolved.backend),
+            json.dumps(resolved.version),
         )
         entry.body["head"] = head
     body = f'{head},"cache":"{status.value}","age":{max(0, int(now - entry.fetched_at))}}}'
-    return web.Response(body=body.encode(), content_type="application/json",
-                        headers={**NO_STORE, "X-Broker-Cache": status.value})
+    return web.Response(
+        body=body.encode(), content_type="application/json", headers={**NO_STORE, "X-Broker-Cache": status.value}
+    )
 
 
 async def _invalidate(state: BrokerState, request: web.Request) -> web.Response:
@@ -263,8 +284,11 @@ async def _invalidate(state: BrokerState, request: web.Request) -> web.Response:
     if name is not None:
         if kind is None:
             return error_response(400, "bad_request", "name needs a kind")
-        if not isinstance(name, str) or (problem := name_problem(name)):
-            return error_response(400, "bad_request", problem if isinstance(name, str) else "name must be a string")
+        if not isinstance(name, str):
+            return error_response(400, "bad_request", "name must be a string")
+        problem = name_problem(name)
+        if problem:
+            return error_response(400, "bad_request", problem)
     dropped = state.cache.invalidate(kind, name)
     state.metrics.requests.labels("invalidate", "ok").inc()
     log.info("cache invalidated", extra={"kind": kind_raw or "all", "entries": dropped})

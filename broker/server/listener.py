@@ -79,8 +79,15 @@ class _Guarded(asyncio.Protocol):
 class Listener:
     """One listening socket served by an aiohttp runner's request handler."""
 
-    def __init__(self, runner: web.AppRunner, sock: socket.socket, *, max_connections: int,
-                 header_timeout: float, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        runner: web.AppRunner,
+        sock: socket.socket,
+        *,
+        max_connections: int,
+        header_timeout: float,
+        metrics: Metrics,
+    ) -> None:
         self.runner = runner
         self.sock = sock
         self.max_connections = max_connections

@@ -30,15 +30,30 @@ PLANTED = [PASSWORD, VARIABLE, CONFIG_VALUE]
 
 def write_secrets(root: Path, variable: str = VARIABLE) -> dict[str, Any]:
     root.mkdir(parents=True, exist_ok=True)
-    (root / "connections.json").write_text(json.dumps({
-        "pg": {"conn_type": "postgres", "host": "db", "login": "u", "password": PASSWORD, "port": 5432,
-               "extra": {"sslmode": "require", "nested": {"a": [1, 2]}}},
-        "uri_conn": "mysql://u:p%40ss@h:3306/s",
-    }))
+    (root / "connections.json").write_text(
+        json.dumps(
+            {
+                "pg": {
+                    "conn_type": "postgres",
+                    "host": "db",
+                    "login": "u",
+                    "password": PASSWORD,
+                    "port": 5432,
+                    "extra": {"sslmode": "require", "nested": {"a": [1, 2]}},
+                },
+                "uri_conn": "mysql://u:p%40ss@h:3306/s",
+            }
+        )
+    )
     (root / "variables.yaml").write_text(yaml.safe_dump({"plain": variable, "json_var": {"a": 1}}))
     (root / "config.env").write_text(f"sql_alchemy_conn_secret={CONFIG_VALUE}\n")
-    return {"name": "files", "type": "file", "connections_file_path": str(root / "connections.json"),
-            "variables_file_path": str(root / "variables.yaml"), "config_file_path": str(root / "config.env")}
+    return {
+        "name": "files",
+        "type": "file",
+        "connections_file_path": str(root / "connections.json"),
+        "variables_file_path": str(root / "variables.yaml"),
+        "config_file_path": str(root / "config.env"),
+    }
 
 
 @pytest.fixture
@@ -47,8 +62,13 @@ def files_backend(tmp_path: Path) -> dict[str, Any]:
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "broker", *args], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "broker", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def assert_no_planted_values(text: str) -> None:
@@ -60,8 +80,14 @@ def test_client_and_cli_against_the_daemon(broker_factory: Any, files_backend: d
     broker = broker_factory({"backends": [files_backend]})
     client = BrokerClient(socket_path=broker.socket_path)
     conn = json.loads(client.get("connection", "pg") or "")
-    assert conn == {"conn_type": "postgres", "host": "db", "login": "u", "password": PASSWORD, "port": 5432,
-                    "extra": {"sslmode": "require", "nested": {"a": [1, 2]}}}
+    assert conn == {
+        "conn_type": "postgres",
+        "host": "db",
+        "login": "u",
+        "password": PASSWORD,
+        "port": 5432,
+        "extra": {"sslmode": "require", "nested": {"a": [1, 2]}},
+    }
     assert json.loads(client.get("connection", "uri_conn") or "")["password"] == "p@ss"
     assert client.get("variable", "plain") == VARIABLE
     assert json.loads(client.get("variable", "json_var") or "") == {"a": 1}
@@ -98,8 +124,9 @@ def test_tcp_listener_token_and_forwarding(broker_factory: Any, files_backend: d
     token_file = tmp_path / "token"
     token_file.write_text(token + "\n")
     port = free_port()
-    broker = broker_factory({"listen": {"tcp": f"127.0.0.1:{port}", "token_file": str(token_file)},
-                             "backends": [files_backend]})
+    broker = broker_factory(
+        {"listen": {"tcp": f"127.0.0.1:{port}", "token_file": str(token_file)}, "backends": [files_backend]}
+    )
 
     def get(headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
@@ -111,7 +138,7 @@ def test_tcp_listener_token_and_forwarding(broker_factory: Any, files_backend: d
 
     assert get({"X-Broker-Token": token})[0] == 200
     assert get({"X-Broker-Token": token})[1]["value"] == VARIABLE
-    assert get({"X-Broker-Token": "wrong" * 8}) [0] == 401
+    assert get({"X-Broker-Token": "wrong" * 8})[0] == 401
     assert get({})[1]["error"] == "unauthorized"
     assert get({"X-Broker-Token": token, "X-Forwarded-For": "10.0.0.1"})[0] == 400
     assert get({"X-Broker-Token": token, "Forwarded": "for=10.0.0.1"})[1]["error"] == "bad_request"
@@ -126,8 +153,9 @@ def test_peer_uid_allowlist(broker_factory: Any, files_backend: dict[str, Any]) 
     denied = broker_factory({"listen": {"allowed_uids": [me + 12345]}, "backends": [files_backend]})
     status, body = denied.get("variable", "plain")
     assert (status, body["error"]) == (403, "forbidden")
-    allowed = broker_factory({"listen": {"allowed_uids": [me + 12345], "allowed_gids": [os.getgid()]},
-                              "backends": [files_backend]})
+    allowed = broker_factory(
+        {"listen": {"allowed_uids": [me + 12345], "allowed_gids": [os.getgid()]}, "backends": [files_backend]}
+    )
     assert allowed.get("variable", "plain")[0] == 200
 
 
@@ -142,8 +170,9 @@ def test_socket_mode_whatever_the_umask(broker_factory: Any, files_backend: dict
     assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o660
 
 
-def test_stale_socket_replaced_and_regular_file_refused(broker_factory: Any, files_backend: dict[str, Any],
-                                                         tmp_path: Path) -> None:
+def test_stale_socket_replaced_and_regular_file_refused(
+    broker_factory: Any, files_backend: dict[str, Any], tmp_path: Path
+) -> None:
     stale = tmp_path / "stale.sock"
     s = socket.socket(socket.AF_UNIX)
     s.bind(str(stale))
@@ -269,14 +298,15 @@ def test_airflow_client_imports_with_stdlib_and_airflow_only(tmp_path: Path) -> 
     (stub / "__init__.py").write_text("class BaseSecretsBackend:\n    def __init__(self, **kw):\n        pass\n")
     repo = Path(__file__).resolve().parents[2]
     code = (
-        "import sys; sys.path[:0] = [%r, %r]\n"
+        "import sys; sys.path[:0] = [{!r}, {!r}]\n"
         "from broker.airflow import BrokerSecretsBackend\n"
         "b = BrokerSecretsBackend(socket_path='/nonexistent.sock', timeout='0.5', extra_kw='x')\n"
         "assert b.timeout == 0.5\n"
-        "mods = [m for m in sys.modules if m.split('.')[0] in ('aiohttp','pydantic','yaml','cachetools','prometheus_client')]\n"
+        "heavy = ('aiohttp', 'pydantic', 'yaml', 'cachetools', 'prometheus_client')\n"
+        "mods = [m for m in sys.modules if m.split('.')[0] in heavy]\n"
         "assert not mods, mods\n"
         "print('ok')\n"
-    ) % (str(tmp_path / "stub"), str(repo))
+    ).format(str(tmp_path / "stub"), str(repo))
     result = subprocess.run([sys.executable, "-S", "-I", "-c", code], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
@@ -328,6 +358,7 @@ def test_header_timeout_and_connection_cap(broker_factory: Any, files_backend: d
     assert answer.startswith(b"HTTP/1.1 503") and b'"overloaded"' in answer
     for s in held:
         s.close()
+
     def served() -> bool:
         try:
             return broker.get("variable", "plain")[0] == 200

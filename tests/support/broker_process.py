@@ -52,8 +52,9 @@ def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05, what
 class BrokerProcess:
     """A broker daemon for one test: ``start()``, requests, metrics, ``stop()`` by its own pid."""
 
-    def __init__(self, config: dict[str, Any], tmp_path: Path, env: dict[str, str] | None = None,
-                 cwd: Path | None = None) -> None:
+    def __init__(
+        self, config: dict[str, Any], tmp_path: Path, env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> None:
         self.tmp_path = Path(tmp_path)
         self.config = json.loads(json.dumps(config))
         listen = self.config.setdefault("listen", {})
@@ -79,10 +80,13 @@ class BrokerProcess:
         self.write_config()
         env = dict(os.environ if self.env is None else self.env)
         env.setdefault("PYTHONUNBUFFERED", "1")
-        self._log_fh = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._log_fh = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "broker", "serve", "--config", str(self.config_path)],
-            stdout=self._log_fh, stderr=subprocess.STDOUT, env=env, cwd=self.cwd,
+            stdout=self._log_fh,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=self.cwd,
         )
         if wait_ready:
             self.wait_ready(timeout)
@@ -99,8 +103,14 @@ class BrokerProcess:
 
         wait_for(ready, timeout, what="broker /readyz")
 
-    def request(self, method: str, path: str, body: bytes | None = None,
-                headers: dict[str, str] | None = None, timeout: float = 10.0) -> tuple[int, dict[str, Any], dict[str, str]]:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float = 10.0,
+    ) -> tuple[int, dict[str, Any], dict[str, str]]:
         conn = UnixHTTPConnection(self.socket_path, timeout)
         try:
             conn.request(method, path, body=body, headers=headers or {})
@@ -145,8 +155,7 @@ class BrokerProcess:
             if metric != name:
                 continue
             found = dict(
-                (kv.split("=", 1)[0], kv.split("=", 1)[1].strip('"'))
-                for kv in rest.rstrip("}").split(",") if "=" in kv
+                (kv.split("=", 1)[0], kv.split("=", 1)[1].strip('"')) for kv in rest.rstrip("}").split(",") if "=" in kv
             )
             if all(found.get(k) == v for k, v in labels.items()):
                 total += float(value)

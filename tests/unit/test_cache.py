@@ -91,8 +91,15 @@ def leases(clock: FakeClock) -> Leases:
 def make_cache(loader: ScriptedLoader, clock: FakeClock, leases: Leases | None = None, **cfg: Any) -> SecretCache:
     settings = {"ttl": 100, "max_stale": 50, "negative_ttl": 10, "refresh_ahead": 0.75, "refresh_jitter": 0.0, **cfg}
     lease_ops = LeaseOps(leases.renew, leases.revoke) if leases else None
-    return SecretCache(loader, clock=clock, config=CacheConfig(**settings), leases=LeasesConfig(),
-                       metrics=Metrics(), lease_ops=lease_ops, rng=random.Random(7))
+    return SecretCache(
+        loader,
+        clock=clock,
+        config=CacheConfig(**settings),
+        leases=LeasesConfig(),
+        metrics=Metrics(),
+        lease_ops=lease_ops,
+        rng=random.Random(7),
+    )
 
 
 async def settle() -> None:
@@ -149,8 +156,9 @@ async def test_ttl_is_min_of_configured_and_hint(loader: ScriptedLoader, clock: 
         loader.calls[name] = loader.calls.get(name, 0) + 1
         return Resolved("v", "b1", None, None, ttl=5.0, max_stale=0.0)
 
-    cache = SecretCache(short, clock=clock, config=CacheConfig(ttl=100, refresh_ahead=0), leases=LeasesConfig(),
-                        metrics=Metrics())
+    cache = SecretCache(
+        short, clock=clock, config=CacheConfig(ttl=100, refresh_ahead=0), leases=LeasesConfig(), metrics=Metrics()
+    )
     await cache.get(V, "k")
     clock.advance(6)
     await cache.get(V, "k")

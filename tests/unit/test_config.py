@@ -16,7 +16,9 @@ FIXTURES = sorted((Path(__file__).parent / "bad_configs").glob("*.yaml"))
 
 
 def expectations(path: Path) -> list[str]:
-    return [line.split("expect:", 1)[1].strip() for line in path.read_text().splitlines() if line.startswith("# expect:")]
+    return [
+        line.split("expect:", 1)[1].strip() for line in path.read_text().splitlines() if line.startswith("# expect:")
+    ]
 
 
 @pytest.mark.parametrize("path", FIXTURES, ids=[p.stem for p in FIXTURES])
@@ -36,8 +38,10 @@ def test_several_errors_are_reported_together() -> None:
     assert len(info.value.errors) >= 4
 
 
-@pytest.mark.parametrize(("raw", "seconds"), [(30, 30.0), ("45", 45.0), ("500ms", 0.5), ("5m", 300.0), ("1h", 3600.0),
-                                              ("2d", 172800.0), (1.5, 1.5)])
+@pytest.mark.parametrize(
+    ("raw", "seconds"),
+    [(30, 30.0), ("45", 45.0), ("500ms", 0.5), ("5m", 300.0), ("1h", 3600.0), ("2d", 172800.0), (1.5, 1.5)],
+)
 def test_durations(raw: object, seconds: float) -> None:
     assert parse_duration(raw) == seconds
 
@@ -52,14 +56,21 @@ def test_embedded_default_is_valid() -> None:
 def test_contract_example_shape_is_accepted(tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text("x" * 32)
-    config = validate_config({
-        "listen": {"socket": "/run/broker/broker.sock", "socket_mode": "0660", "allowed_uids": [50000],
-                   "tcp": "[::1]:8201", "token_file": str(token)},
-        "metrics": {"listen": "0.0.0.0:9464"},
-        "cache": {"ttl": 300, "max_entries": 10000, "refresh_ahead": 0.75, "max_stale": 3600, "negative_ttl": 30},
-        "prefetch": {"connections": ["postgres_default"], "variables": ["env_name"]},
-        "backends": [{"name": "env", "type": "env", "ttl": "1m", "config_prefix": None}],
-    })
+    config = validate_config(
+        {
+            "listen": {
+                "socket": "/run/broker/broker.sock",
+                "socket_mode": "0660",
+                "allowed_uids": [50000],
+                "tcp": "[::1]:8201",
+                "token_file": str(token),
+            },
+            "metrics": {"listen": "0.0.0.0:9464"},
+            "cache": {"ttl": 300, "max_entries": 10000, "refresh_ahead": 0.75, "max_stale": 3600, "negative_ttl": 30},
+            "prefetch": {"connections": ["postgres_default"], "variables": ["env_name"]},
+            "backends": [{"name": "env", "type": "env", "ttl": "1m", "config_prefix": None}],
+        }
+    )
     assert config.listen.socket_mode == 0o660
     assert config.listen.tcp_address == ("::1", 8201)
     assert config.backends[0].ttl == 60.0
@@ -67,8 +78,9 @@ def test_contract_example_shape_is_accepted(tmp_path: Path) -> None:
 
 def test_cli_check_reports_every_error_with_exit_2(tmp_path: Path) -> None:
     bad = Path(__file__).parent / "bad_configs" / "several_errors.yaml"
-    result = subprocess.run([sys.executable, "-m", "broker", "check", "--config", str(bad)], capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "broker", "check", "--config", str(bad)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 2
     assert "backends[1].type: unknown backend type 'nope'" in result.stderr
     assert "cache.ttl" in result.stderr
@@ -76,8 +88,9 @@ def test_cli_check_reports_every_error_with_exit_2(tmp_path: Path) -> None:
 
 def test_cli_serve_refuses_bad_config(tmp_path: Path) -> None:
     bad = Path(__file__).parent / "bad_configs" / "non_loopback_tcp.yaml"
-    result = subprocess.run([sys.executable, "-m", "broker", "serve", "--config", str(bad)], capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "broker", "serve", "--config", str(bad)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 2
     assert "listen.tcp: tcp must bind loopback only" in result.stderr
 
@@ -85,7 +98,12 @@ def test_cli_serve_refuses_bad_config(tmp_path: Path) -> None:
 def test_broker_config_env_is_used(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text("backends: [{name: only-env, type: env}]\n")
-    result = subprocess.run([sys.executable, "-m", "broker", "check", "--validate-only"], capture_output=True,
-                            text=True, timeout=60, env={**__import__("os").environ, "BROKER_CONFIG": str(cfg)})
+    result = subprocess.run(
+        [sys.executable, "-m", "broker", "check", "--validate-only"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**__import__("os").environ, "BROKER_CONFIG": str(cfg)},
+    )
     assert result.returncode == 0, result.stderr
     assert "only-env (env)" in result.stdout

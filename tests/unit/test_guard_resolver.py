@@ -174,8 +174,9 @@ async def test_per_backend_ttl(ctx: BackendContext) -> None:
     assert (await r.resolve(Kind.VARIABLE, "k")).ttl == 7
 
 
-@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "../x", "a\\b", "a\x00b", "a\nb", "a b", "%2e%2e", "x" * 251,
-                                  "a?b", "a#b", "\u202e"])
+@pytest.mark.parametrize(
+    "name", ["", ".", "..", "a/b", "../x", "a\\b", "a\x00b", "a\nb", "a b", "%2e%2e", "x" * 251, "a?b", "a#b", "\u202e"]
+)
 def test_hostile_names_are_refused(name: str) -> None:
     assert name_problem(name) is not None
 

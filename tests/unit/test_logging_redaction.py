@@ -24,13 +24,16 @@ def capture() -> tuple[logging.Logger, io.StringIO]:
     return logger, stream
 
 
-@pytest.mark.parametrize(("text", "leak"), [
-    ("dial postgres://user:hunter2-pw@db:5432/x", "hunter2-pw"),
-    ("password=hunter2-pw and more", "hunter2-pw"),
-    ('{"token": "abc.def.ghi"}', "abc.def.ghi"),
-    ("Authorization: Bearer eyJhbGciOiJSUzI1NiJ9.payload.sig", "eyJhbGciOiJSUzI1NiJ9"),
-    ("got hvs.CAESIJ1234567890abcdefghijklmnop", "CAESIJ1234567890abcdefghijklmnop"),
-])
+@pytest.mark.parametrize(
+    ("text", "leak"),
+    [
+        ("dial postgres://user:hunter2-pw@db:5432/x", "hunter2-pw"),
+        ("password=hunter2-pw and more", "hunter2-pw"),
+        ('{"token": "abc.def.ghi"}', "abc.def.ghi"),
+        ("Authorization: Bearer eyJhbGciOiJSUzI1NiJ9.payload.sig", "eyJhbGciOiJSUzI1NiJ9"),
+        ("got hvs.CAESIJ1234567890abcdefghijklmnop", "CAESIJ1234567890abcdefghijklmnop"),
+    ],
+)
 def test_patterns(text: str, leak: str) -> None:
     assert leak not in redact(text)
 

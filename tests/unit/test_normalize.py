@@ -10,12 +10,22 @@ from broker.backends.base import BackendError, Kind
 from broker.normalize import connection_fields, normalise
 
 CASES = [
-    ("postgres://user:p%40ss%2Fw%3Ard%23@db.local:5432/airflow",
-     {"conn_type": "postgres", "host": "db.local", "login": "user", "password": "p@ss/w:rd#", "schema": "airflow",
-      "port": 5432}),
+    (
+        "postgres://user:p%40ss%2Fw%3Ard%23@db.local:5432/airflow",
+        {
+            "conn_type": "postgres",
+            "host": "db.local",
+            "login": "user",
+            "password": "p@ss/w:rd#",
+            "schema": "airflow",
+            "port": 5432,
+        },
+    ),
     ("postgresql://u@h/s", {"conn_type": "postgres", "host": "h", "login": "u", "schema": "s"}),
-    ("google-cloud-platform://?key_path=%2Fkeys%2Fkey.json&project=p",
-     {"conn_type": "google_cloud_platform", "extra": {"key_path": "/keys/key.json", "project": "p"}}),
+    (
+        "google-cloud-platform://?key_path=%2Fkeys%2Fkey.json&project=p",
+        {"conn_type": "google_cloud_platform", "extra": {"key_path": "/keys/key.json", "project": "p"}},
+    ),
     ("http://h?__extra__=%7B%22a%22%3A+%5B1%2C+2%5D%7D", {"conn_type": "http", "host": "h", "extra": {"a": [1, 2]}}),
     ("spark://spark://master:7077", {"conn_type": "spark", "host": "spark://master", "port": 7077}),
     ("aws://", {"conn_type": "aws"}),
@@ -36,8 +46,12 @@ def test_json_string_and_mapping() -> None:
 
 
 def test_conn_uri_form() -> None:
-    assert connection_fields({"conn_uri": "http://a:b@h"}, "t") == {"conn_type": "http", "host": "h", "login": "a",
-                                                                    "password": "b"}
+    assert connection_fields({"conn_uri": "http://a:b@h"}, "t") == {
+        "conn_type": "http",
+        "host": "h",
+        "login": "a",
+        "password": "b",
+    }
 
 
 def test_extra_dejson_alias() -> None:
@@ -59,8 +73,15 @@ def test_unknown_field_is_an_error_not_silence() -> None:
 
 def test_normalised_connection_round_trips_through_airflow_rules() -> None:
     value = normalise(Kind.CONNECTION, "postgres://u:p%40ss@h:1/s?sslmode=require", "t")
-    assert json.loads(value) == {"conn_type": "postgres", "host": "h", "login": "u", "password": "p@ss", "schema": "s",
-                                 "port": 1, "extra": {"sslmode": "require"}}
+    assert json.loads(value) == {
+        "conn_type": "postgres",
+        "host": "h",
+        "login": "u",
+        "password": "p@ss",
+        "schema": "s",
+        "port": 1,
+        "extra": {"sslmode": "require"},
+    }
 
 
 def test_variables_pass_through_and_mappings_become_json() -> None:
