@@ -301,8 +301,8 @@ class Broker:
             state.cache.config = new.cache
             state.cache.leases_config = new.leases
             dropped = state.cache.retain(keep)
-            state.cache.pin([])
             fresh = [g for g in guards if not g.started]
+            state.prefetched = False
             self._spawn(self._start_backends(fresh), "backend-start")
             for guard in retired:
                 self._spawn(guard.backend.aclose(), "backend-close")

@@ -32,17 +32,24 @@ MIN_SECRET_LEN = 4
 
 
 class SecretRegistry:
-    """Values that must never appear in a log line. The cache registers what it holds."""
+    """Values that must never appear in a log line. The resolver registers every value it serves.
 
-    def __init__(self) -> None:
-        self._values: set[str] = set()
+    Bounded: past ``limit`` values the oldest are forgotten (they are usually long rotated away).
+    """
+
+    def __init__(self, limit: int = 100_000) -> None:
+        self._values: dict[str, None] = {}
+        self._limit = limit
 
     def add(self, value: str) -> None:
         if len(value) >= MIN_SECRET_LEN:
-            self._values.add(value)
+            self._values.pop(value, None)
+            self._values[value] = None
+            while len(self._values) > self._limit:
+                del self._values[next(iter(self._values))]
 
     def discard(self, value: str) -> None:
-        self._values.discard(value)
+        self._values.pop(value, None)
 
     def scrub(self, text: str) -> str:
         for value in self._values:

@@ -314,8 +314,8 @@ class SecretCache:
         heapq.heappush(self._heap, (entry.refresh_at, next(self._seq), entry.key, entry.generation))
 
     def pin(self, keys: Iterable[Key]) -> None:
-        """Keep these keys warm even when nobody reads them (the prefetch list)."""
-        self._pinned.update(keys)
+        """Keep exactly these keys warm even when nobody reads them (the prefetch list)."""
+        self._pinned = set(keys)
 
     def invalidate(self, kind: Kind | None = None, name: str | None = None) -> int:
         """Forget one key, every key of a kind, or everything. Held leases stay valid until they expire."""
