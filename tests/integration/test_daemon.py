@@ -368,3 +368,47 @@ def test_header_timeout_and_connection_cap(broker_factory: Any, files_backend: d
     wait_for(served, what="capacity back")
     assert broker.metric("broker_rejected_total", reason="header_timeout") >= 1
     assert broker.metric("broker_rejected_total", reason="connection_cap") >= 1
+
+
+def test_backend_error_path_leaks_nothing(broker_factory: Any, tmp_path: Path) -> None:
+    root = tmp_path / "broken"
+    root.mkdir()
+    secret = "leaky-secret-in-bad-uri-4411"
+    (root / "connections.json").write_text(
+        json.dumps(
+            {
+                "bad_uri": f"not a uri {secret}",
+                "bad_field": {"conn_type": "x", "hostname": secret},
+                "good": {"conn_type": "x", "password": PASSWORD},
+            }
+        )
+    )
+    (root / "variables.env").write_text(f"ok={VARIABLE}\nthis line has no equals {secret}\n")
+    broker = broker_factory(
+        {
+            "backends": [
+                {
+                    "name": "broken",
+                    "type": "file",
+                    "connections_file_path": str(root / "connections.json"),
+                    "variables_file_path": str(root / "variables.env"),
+                }
+            ]
+        },
+        start=False,
+    )
+    broker.start(wait_ready=False)  # the variables file is malformed: start-up retries, readiness says why
+    wait_for(lambda: broker.readyz_status() == 503, what="not ready")
+    status, body, _ = broker.request("GET", "/readyz")
+    assert status == 503 and any("broken" in r for r in body["reasons"])
+    answers = [
+        broker.get("connection", "bad_uri"),
+        broker.get("connection", "bad_field"),
+        broker.get("variable", "ok"),
+        broker.get("connection", "good"),
+    ]
+    assert [a[0] for a in answers] == [502, 502, 502, 200]
+    assert answers[0][1]["error"] == "backend_error" and "bad_uri" in answers[0][1]["message"]
+    everything = json.dumps(answers[:3]) + broker.logs() + broker.metrics()
+    for value in (secret, PASSWORD, VARIABLE):
+        assert value not in everything

@@ -141,6 +141,13 @@ class BrokerProcess:
         finally:
             conn.close()
 
+    def readyz_status(self) -> int | None:
+        """/readyz's status, or None while the metrics listener is not up yet."""
+        try:
+            return self.metrics_get("/readyz")[0]
+        except OSError:
+            return None
+
     def metrics(self) -> str:
         return self.metrics_get("/metrics")[1]
 
