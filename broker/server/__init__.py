@@ -153,17 +153,18 @@ def build_api_app(state: BrokerState, *, tcp_token: bytes | None = None) -> web.
         return await serve_secret(state, request)
 
     app.router.add_route("*", "/v1/{tail:.*}", secret)
-    app.router.add_get("/healthz", lambda _r: _healthz())
-    app.router.add_get("/readyz", lambda _r: _readyz(state))
-    app.router.add_get("/openapi.json", lambda _r: _openapi())
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/openapi.json", _openapi)
     return with_header_timeout(app)
 
 
-async def _healthz() -> web.Response:
+async def _healthz(_request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
 
-async def _readyz(state: BrokerState) -> web.Response:
+async def _readyz(request: web.Request) -> web.Response:
+    state = request.app[STATE]
     reasons = state.not_ready_reasons()
     state.metrics.ready.set(0 if reasons else 1)
     if reasons:
@@ -179,7 +180,7 @@ def _openapi_document() -> bytes | None:
         return None
 
 
-async def _openapi() -> web.Response:
+async def _openapi(_request: web.Request) -> web.Response:
     body = _openapi_document()  # read once, then served from memory
     if body is None:
         return error_response(404, "not_found", "no API description in this build")
@@ -301,14 +302,15 @@ async def _invalidate(state: BrokerState, request: web.Request) -> web.Response:
 def build_metrics_app(state: BrokerState) -> web.Application:
     """/metrics, /healthz, /readyz: no secret and no secret name is ever served here."""
     app = web.Application()
+    app[STATE] = state
 
     async def metrics(_request: web.Request) -> web.Response:
         body = generate_latest(state.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app.router.add_get("/metrics", metrics)
-    app.router.add_get("/healthz", lambda _r: _healthz())
-    app.router.add_get("/readyz", lambda _r: _readyz(state))
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
     return with_header_timeout(app)
 
 

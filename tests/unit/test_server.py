@@ -1,0 +1,111 @@
+"""The API app in-process: concurrency cap, error mapping, request ids, response shape."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from broker.app import BrokerState
+from broker.backends.base import BackendTimeout, Kind, RateLimited
+from broker.config import validate_config
+from broker.resolver import Resolved
+from broker.server import build_api_app, build_metrics_app
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Any:
+    config = validate_config(
+        {
+            "listen": {"socket": str(tmp_path / "s.sock"), "max_concurrency": 3},
+            "backends": [{"name": "env", "type": "env"}],
+        }
+    )
+    st = BrokerState(config)
+    yield st
+    st.executor.shutdown(wait=False)
+
+
+async def client_for(app: Any) -> TestClient[Any, Any]:
+    client: TestClient[Any, Any] = TestClient(TestServer(app))
+    await client.start_server()
+    return client
+
+
+async def test_concurrency_cap_answers_429(state: Any) -> None:
+    gate = asyncio.Event()
+
+    async def slow(kind: Kind, name: str) -> Resolved:
+        await gate.wait()
+        return Resolved("v", "env", None, None, 300, 0)
+
+    state.cache._loader = slow
+    client = await client_for(build_api_app(state))
+    try:
+        held = [asyncio.create_task(client.get(f"/v1/variables/k{i}")) for i in range(3)]
+        for _ in range(100):
+            if state.inflight == 3:
+                break
+            await asyncio.sleep(0.01)
+        over = await client.get("/v1/variables/other")
+        assert over.status == 429 and (await over.json())["error"] == "overloaded"
+        assert over.headers["Retry-After"] == "1"
+        gate.set()
+        assert [r.status for r in await asyncio.gather(*held)] == [200, 200, 200]
+        assert state.inflight == 0
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize(
+    ("exc", "status", "code"),
+    [
+        (RateLimited("slow down", retry_after=7), 503, "backend_unavailable"),
+        (BackendTimeout("too slow"), 504, "backend_timeout"),
+    ],
+)
+async def test_errors_map_to_status_and_retry_after(state: Any, exc: Exception, status: int, code: str) -> None:
+    async def failing(kind: Kind, name: str) -> Resolved:
+        raise exc
+
+    state.cache._loader = failing
+    client = await client_for(build_api_app(state))
+    try:
+        resp = await client.get("/v1/connections/c")
+        assert resp.status == status and (await resp.json())["error"] == code
+        if isinstance(exc, RateLimited):
+            assert resp.headers["Retry-After"] == "7"
+    finally:
+        await client.close()
+
+
+async def test_request_id_echoed_or_generated(state: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIRFLOW_VAR_K", "v")
+    client = await client_for(build_api_app(state))
+    try:
+        given = await client.get("/v1/variables/k", headers={"X-Request-Id": "abc-123"})
+        assert given.headers["X-Request-Id"] == "abc-123"
+        hostile = await client.get("/v1/variables/k", headers={"X-Request-Id": "a\tb" + "x" * 100})
+        assert hostile.headers["X-Request-Id"] != "a\tb" + "x" * 100 and len(hostile.headers["X-Request-Id"]) == 16
+        body = await given.json()
+        assert body == {"value": "v", "backend": "env", "version": None, "cache": "miss", "age": 0}
+    finally:
+        await client.close()
+
+
+async def test_metrics_app_serves_no_secret(state: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIRFLOW_VAR_SECRET_NAME_XYZ", "secret-value-xyz")
+    api = await client_for(build_api_app(state))
+    metrics = await client_for(build_metrics_app(state))
+    try:
+        assert (await api.get("/v1/variables/secret_name_xyz")).status == 200
+        text = await (await metrics.get("/metrics")).text()
+        assert "broker_requests_total" in text
+        assert "secret-value-xyz" not in text and "secret_name_xyz" not in text.lower()
+        assert (await metrics.get("/v1/variables/secret_name_xyz")).status == 404
+    finally:
+        await api.close()
+        await metrics.close()
