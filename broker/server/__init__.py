@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("broker.server")
 
 KINDS = {"connections": Kind.CONNECTION, "variables": Kind.VARIABLE, "config": Kind.CONFIG}
-NO_STORE = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+NO_STORE = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff", "Server": "broker"}
 _RID_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 STATE: web.AppKey[BrokerState] = web.AppKey("state")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
