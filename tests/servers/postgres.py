@@ -1,0 +1,84 @@
+"""A throwaway PostgreSQL cluster on loopback, run as the ``postgres`` user when the tests run as root."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+from pathlib import Path
+
+from tests.support.net import free_port
+
+PG_BIN_CANDIDATES = [Path(f"/usr/lib/postgresql/{v}/bin") for v in (17, 16, 15, 14)]
+SUPERUSER_PASSWORD = "pg-superuser-test-password"
+
+
+def pg_bin() -> Path | None:
+    for candidate in PG_BIN_CANDIDATES:
+        if (candidate / "initdb").exists():
+            return candidate
+    return None
+
+
+class Postgres:
+    def __init__(self, workdir: Path) -> None:
+        self.bin = pg_bin()
+        if self.bin is None:
+            raise RuntimeError("PostgreSQL server binaries are not installed")
+        self.workdir = workdir
+        self.data = workdir / "data"
+        self.sockdir = workdir / "sock"
+        self.port = free_port()
+        self.started = False
+
+    def _run(self, *args: str) -> None:
+        cmd = list(args)
+        if os.geteuid() == 0:
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=60)
+
+    def start(self) -> Postgres:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.sockdir.mkdir(exist_ok=True)
+        pwfile = self.workdir / "pw"
+        pwfile.write_text(SUPERUSER_PASSWORD)
+        if os.geteuid() == 0:
+            uid = pwd.getpwnam("postgres").pw_uid
+            for path in (self.workdir, self.sockdir, pwfile):
+                os.chown(path, uid, -1)
+            os.chmod(self.workdir, 0o755)
+        assert self.bin is not None
+        self._run(
+            str(self.bin / "initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
+            f"--pwfile={pwfile}",
+            "-A",
+            "scram-sha-256",
+            "--no-sync",
+        )
+        self._run(
+            str(self.bin / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-w",
+            "-l",
+            str(self.workdir / "pg.log"),
+            "-o",
+            f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.sockdir} -c fsync=off",
+            "start",
+        )
+        self.started = True
+        return self
+
+    def dsn(self, user: str = "postgres", password: str = SUPERUSER_PASSWORD, db: str = "postgres") -> str:
+        return f"host=127.0.0.1 port={self.port} user={user} password={password} dbname={db} connect_timeout=5"
+
+    def stop(self) -> None:
+        if self.started and self.bin is not None:
+            self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
+            self.started = False
+        shutil.rmtree(self.workdir, ignore_errors=True)
