@@ -6,6 +6,7 @@ import os
 import pwd
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 from tests.support.net import free_port
@@ -22,13 +23,14 @@ def pg_bin() -> Path | None:
 
 
 class Postgres:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path | None = None) -> None:
         self.bin = pg_bin()
         if self.bin is None:
             raise RuntimeError("PostgreSQL server binaries are not installed")
-        self.workdir = workdir
-        self.data = workdir / "data"
-        self.sockdir = workdir / "sock"
+        # A directory of its own under /tmp: the postgres user cannot traverse pytest's private temp dirs.
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="broker-test-pg-"))
+        self.data = self.workdir / "data"
+        self.sockdir = self.workdir / "sock"
         self.port = free_port()
         self.started = False
 
@@ -36,7 +38,9 @@ class Postgres:
         cmd = list(args)
         if os.geteuid() == 0:
             cmd = ["runuser", "-u", "postgres", "--", *cmd]
-        subprocess.run(cmd, check=True, capture_output=True, timeout=60)
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        if result.returncode != 0:
+            raise RuntimeError(f"{args[0]} failed ({result.returncode}): {result.stderr[-1500:]}")
 
     def start(self) -> Postgres:
         self.workdir.mkdir(parents=True, exist_ok=True)

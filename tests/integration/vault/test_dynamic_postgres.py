@@ -1,0 +1,130 @@
+"""Dynamic PostgreSQL credentials through the broker: real leases, renewals, rotation at max TTL, revocation."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from tests.integration.vault.conftest import VaultEnv
+from tests.servers.postgres import SUPERUSER_PASSWORD, Postgres, pg_bin
+from tests.support.broker_process import wait_for
+
+pytestmark = pytest.mark.skipif(pg_bin() is None, reason="PostgreSQL server binaries are not installed")
+
+
+@pytest.fixture(scope="module")
+def postgres(tmp_path_factory: pytest.TempPathFactory, vault_env: VaultEnv) -> Iterator[Postgres]:
+    pg = Postgres().start()
+    c = vault_env.bao.client()
+    c.sys.enable_secrets_engine("database")
+    c.write(
+        "database/config/pg",
+        plugin_name="postgresql-database-plugin",
+        allowed_roles=["airflow"],
+        connection_url=f"postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{pg.port}/postgres?sslmode=disable",
+        username="postgres",
+        password=SUPERUSER_PASSWORD,
+    )
+    c.write(
+        "database/roles/airflow",
+        db_name="pg",
+        default_ttl="9s",
+        max_ttl="24s",
+        creation_statements=[
+            "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';"
+        ],
+    )
+    yield pg
+    pg.stop()
+
+
+def role_valid_until(pg: Postgres, role: str) -> Any:
+    with psycopg.connect(pg.dsn()) as conn:
+        row = conn.execute("SELECT rolvaliduntil FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
+    return row[0] if row else None
+
+
+def can_log_in(pg: Postgres, fields: dict[str, Any]) -> bool:
+    with psycopg.connect(
+        host=fields["host"],
+        port=fields["port"],
+        user=fields["login"],
+        password=fields["password"],
+        dbname=fields["schema"],
+        connect_timeout=5,
+    ) as conn:
+        return conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_leased_credential_renewed_rotated_and_revoked(
+    broker_factory: Any, vault_env: VaultEnv, postgres: Postgres
+) -> None:
+    backend = vault_env.backend(
+        "approle",
+        dynamic_connections={
+            "pg_dynamic": {
+                "path": "database/creds/airflow",
+                "fields": {
+                    "conn_type": "postgres",
+                    "host": "127.0.0.1",
+                    "port": postgres.port,
+                    "schema": "postgres",
+                    "login": "{{ username }}",
+                    "password": "{{ password }}",
+                    "extra": {"sslmode": "disable"},
+                },
+            }
+        },
+    )
+    broker = broker_factory({"cache": {"ttl": 300}, "backends": [backend]})
+    status, body = broker.get("connection", "pg_dynamic")
+    assert status == 200
+    first = json.loads(body["value"])
+    assert can_log_in(postgres, first)
+    initial_valid_until = role_valid_until(postgres, first["login"])
+    assert initial_valid_until is not None
+    assert broker.metric("broker_leases_active", backend="vault") == 1
+
+    # In use: renewed at ~2/3 of the 9 s lease; PostgreSQL's VALID UNTIL moves forward.
+    wait_for(
+        lambda: (
+            broker.get("connection", "pg_dynamic")[0] == 200
+            and broker.metric("broker_lease_renewals_total", backend="vault", outcome="ok") >= 1
+        ),
+        timeout=15,
+        interval=0.5,
+        what="a lease renewal",
+    )
+    assert role_valid_until(postgres, first["login"]) > initial_valid_until
+    assert json.loads(broker.get("connection", "pg_dynamic")[1]["value"])["login"] == first["login"]
+
+    # Near the 24 s max TTL renewals are capped; a new credential replaces the old one before it expires.
+    seen: dict[str, dict[str, Any]] = {first["login"]: first}
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(seen) < 2:
+        status, body = broker.get("connection", "pg_dynamic")
+        assert status == 200
+        fields = json.loads(body["value"])
+        if fields["login"] not in seen:
+            seen[fields["login"]] = fields
+            assert role_valid_until(postgres, first["login"]) is not None  # the old role still exists
+        time.sleep(0.5)
+    assert len(seen) == 2, "no rotation before max TTL"
+    second = next(f for login, f in seen.items() if login != first["login"])
+    assert can_log_in(postgres, second)
+    assert broker.metric("broker_lease_renewals_total", backend="vault", outcome="capped") >= 1
+
+    # Shutdown revokes what it holds: the roles are dropped from PostgreSQL.
+    broker.signal(signal.SIGTERM)
+    assert broker.proc.wait(30) == 0
+    assert role_valid_until(postgres, second["login"]) is None
+    with psycopg.connect(postgres.dsn()) as conn:
+        remaining = conn.execute("SELECT count(*) FROM pg_roles WHERE rolname LIKE 'v-%%'").fetchone()
+    assert remaining == (0,)
+    assert second["password"] not in broker.logs() and first["password"] not in broker.logs()
