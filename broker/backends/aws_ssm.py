@@ -1,0 +1,45 @@
+"""``type: aws_ssm``: SSM Parameter Store in the layout of Airflow's ``SystemsManagerParameterStoreBackend``.
+
+``/airflow/connections/{id}`` etc.: prefixes get a leading slash and lose a trailing one, the full name a
+leading slash; ``GetParameter(WithDecryption=True)`` so SecureString values arrive decrypted.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from broker.backends.aws_common import AwsBackend, AwsConfig
+from broker.backends.base import BackendError, Kind, SecretValue
+
+
+class SsmConfig(AwsConfig):
+    type: Literal["aws_ssm"]
+    connections_prefix: str | None = "/airflow/connections"
+    variables_prefix: str | None = "/airflow/variables"
+    config_prefix: str | None = "/airflow/config"
+
+
+class Backend(AwsBackend):
+    config_model = SsmConfig
+    config: SsmConfig
+    service = "ssm"
+
+    def locate(self, kind: Kind, name: str) -> str | None:
+        prefix = {
+            Kind.CONNECTION: self.config.connections_prefix,
+            Kind.VARIABLE: self.config.variables_prefix,
+            Kind.CONFIG: self.config.config_prefix,
+        }[kind]
+        if prefix is None or not self.allowed(kind, name):
+            return None
+        prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
+        return f"{prefix}/{name}"
+
+    async def fetch(self, kind: Kind, path: str) -> SecretValue:
+        response = await self._call(f"GetParameter {path}", "get_parameter", Name=path, WithDecryption=True)
+        parameter = response.get("Parameter") or {}
+        value = parameter.get("Value")
+        if not isinstance(value, str):
+            raise BackendError(f"aws {self.name}: {path}: parameter has no value")
+        version = parameter.get("Version")
+        return SecretValue(value, version=str(version) if version is not None else None)

@@ -1,0 +1,161 @@
+"""moto behind a counting proxy, secrets planted in Airflow's default layouts, and identity helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from moto.server import ThreadedMotoServer
+
+from tests.servers.aws_proxy import AwsProxy
+
+REGION = "eu-west-1"
+PASSWORD = "p@ss/w:rd#-aws-3b7f"
+VARIABLE = "aws-variable-value-1c9e"
+CONFIG_VALUE = "aws-config-value-6a0d"
+SSM_SECRET = "ssm-secure-value-44f1"
+
+
+@pytest.fixture(scope="session")
+def moto_proxy() -> Iterator[AwsProxy]:
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    proxy = AwsProxy(f"http://{host}:{port}").start()
+    sm = boto3.client(
+        "secretsmanager",
+        region_name=REGION,
+        endpoint_url=proxy.url,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    ssm = boto3.client(
+        "ssm", region_name=REGION, endpoint_url=proxy.url, aws_access_key_id="testing", aws_secret_access_key="testing"
+    )
+    sm.create_secret(
+        Name="airflow/connections/pg_uri", SecretString="postgres://u:p%40ss%2Fw%3Ard%23-aws-3b7f@db.aws:5432/airflow"
+    )
+    sm.create_secret(
+        Name="airflow/connections/pg_json",
+        SecretString=json.dumps(
+            {
+                "conn_type": "postgres",
+                "host": "db.aws",
+                "user": "u",
+                "password": PASSWORD,
+                "port": 5432,
+                "database": "airflow",
+                "extra": {"sslmode": "require"},
+            }
+        ),
+    )
+    sm.create_secret(Name="airflow/variables/plain", SecretString=VARIABLE)
+    sm.create_secret(Name="airflow/variables/binary", SecretBinary=b"binary-variable")
+    sm.create_secret(Name="airflow/variables/rotating", SecretString="version-one")
+    sm.create_secret(Name="airflow/config/sql_alchemy_conn", SecretString=CONFIG_VALUE)
+    sm.create_secret(Name="outside/variables/plain", SecretString="outside-prefix-value")
+    ssm.put_parameter(Name="/airflow/connections/ssm_conn", Value="mysql://a:b@h:3306/s", Type="SecureString")
+    ssm.put_parameter(Name="/airflow/variables/ssm_var", Value=SSM_SECRET, Type="SecureString")
+    ssm.put_parameter(Name="/airflow/config/ssm_cfg", Value="ssm-config", Type="String")
+    proxy.sm = sm  # type: ignore[attr-defined]
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+        server.stop()
+
+
+@pytest.fixture
+def proxy(moto_proxy: AwsProxy) -> AwsProxy:
+    moto_proxy.reset()
+    return moto_proxy
+
+
+def base_env(extra: dict[str, str]) -> dict[str, str]:
+    """The daemon's environment: nothing from the test runner's AWS settings, no metadata service."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(
+        {
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "AWS_CONFIG_FILE": "/dev/null",
+            "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+            "AWS_DEFAULT_REGION": REGION,
+        }
+    )
+    env.update(extra)
+    return env
+
+
+def static_env(proxy: AwsProxy) -> dict[str, str]:
+    return base_env(
+        {"AWS_ACCESS_KEY_ID": "AKIASTATICTESTKEY000", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_ENDPOINT_URL": proxy.url}
+    )
+
+
+def sm_backend(**overrides: Any) -> dict[str, Any]:
+    return {"name": "sm", "type": "aws_secrets_manager", "region_name": REGION, "timeout": 5, "retries": 3, **overrides}
+
+
+def ssm_backend(**overrides: Any) -> dict[str, Any]:
+    return {"name": "ssm", "type": "aws_ssm", "region_name": REGION, "timeout": 5, **overrides}
+
+
+class PodIdentityAgent:
+    """The EKS Pod Identity agent's credentials endpoint, on loopback: checks the Authorization header."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+        self.requests = 0
+        self.refused = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                outer.requests += 1
+                if self.headers.get("Authorization") != outer.token:
+                    outer.refused += 1
+                    self.send_response(401)
+                    self.end_headers()
+                    return
+                body = json.dumps(
+                    {
+                        "AccessKeyId": "ASIAPODIDENTITYKEY01",
+                        "SecretAccessKey": "pod-identity-secret",
+                        "Token": "pod-identity-session-token",
+                        "AccountId": "123456789012",
+                        "Expiration": (datetime.now(UTC) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    }
+                ).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                return
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1/credentials"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def pod_identity(tmp_path: Path) -> Iterator[tuple[PodIdentityAgent, Path]]:
+    token_file = tmp_path / "eks-pod-identity-token"
+    token_file.write_text("pod-identity-projected-token")
+    agent = PodIdentityAgent("pod-identity-projected-token")
+    yield agent, token_file
+    agent.stop()
