@@ -1,0 +1,306 @@
+"""A fast front for the secrets API: fresh cache hits answered straight from the protocol.
+
+``GET /v1/{connections|variables|config}/{name}`` whose answer is a fresh cache hit is parsed with
+httptools, checked (name rules, TCP token, proxy headers, unix peer credentials) and answered with a
+prepared response, with no framework work per request. A cache miss on such a request is looked up with
+the same ``lookup()`` the application uses and written back in order. Anything else (other paths and
+methods, bodies, HEAD, HTTP/1.0, ``Connection: close``, a bad name, a missing token, a refused peer,
+a malformed request) is handed, from the first byte of that request on, to the aiohttp request handler
+for the rest of the connection, so every error answer and edge rule stays in one place.
+
+Wiring (see ``FastFront``): the listener's protocol factory returns ``front.protocol(runner.server)``
+instead of ``runner.server()``; ``front.close_idle()`` runs when the listener stops accepting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
+
+import httptools  # type: ignore[import-not-found,unused-ignore]
+
+from broker.backends.base import Kind
+from broker.cache import Entry
+from broker.resolver import name_problem
+from broker.server import lookup, peer_credentials
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from broker.app import BrokerState
+
+KINDS = {b"connections": Kind.CONNECTION, b"variables": Kind.VARIABLE, b"config": Kind.CONFIG}
+_MAX_HEAD = 16_384  # a longer head goes to aiohttp, which answers it with its own limits
+_RID_OK = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+_HIT_PREFIX = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nCache-Control: no-store\r\n"
+    b"X-Content-Type-Options: nosniff\r\nServer: broker\r\nX-Broker-Cache: hit\r\n"
+)
+
+
+def _body_head(entry: Entry) -> bytes:
+    """The JSON of the value and its metadata, encoded once per entry (the same text the app serves)."""
+    memo = entry.body.get("fast_head")
+    if memo is None:
+        head = entry.body.get("head")
+        if head is None:
+            resolved = entry.resolved
+            assert resolved is not None
+            head = '{"value":%s,"backend":%s,"version":%s' % (  # noqa: UP031
+                json.dumps(resolved.value),
+                json.dumps(resolved.backend),
+                json.dumps(resolved.version),
+            )
+            entry.body["head"] = head
+        memo = entry.body["fast_head"] = head.encode()
+    return bytes(memo)
+
+
+def _serialise(response: web.Response, request_id: bytes) -> bytes:
+    """An aiohttp Response as HTTP/1.1 bytes (status, its headers, length, request id, body)."""
+    body = response.body if isinstance(response.body, bytes) else b""
+    lines = [f"HTTP/1.1 {response.status} {response.reason}"]
+    lines += [f"{k}: {v}" for k, v in response.headers.items() if k.lower() != "content-length"]
+    lines.append(f"Content-Length: {len(body)}")
+    return "\r\n".join(lines).encode("latin-1") + b"\r\nX-Request-Id: " + request_id + b"\r\n\r\n" + body
+
+
+class FastFront:
+    """Per listener: the state, the TCP token (None on the unix socket), and the live fast connections."""
+
+    def __init__(self, state: BrokerState, *, tcp_token: bytes | None, seen: set[int] | None = None) -> None:
+        self.state = state
+        self.tcp_token = tcp_token
+        self.seen = seen  # the listener's header-timeout bookkeeping (ids of protocols that sent a request)
+        self.connections: set[FastProtocol] = set()
+        listen = state.config.listen
+        self.uids = set(listen.allowed_uids) if listen.allowed_uids is not None else None
+        self.gids = set(listen.allowed_gids) if listen.allowed_gids is not None else None
+        metrics = state.metrics
+        self.hit_counters = {k: metrics.requests.labels(k.value, "hit") for k in Kind}
+        self.latency = {k: metrics.request_latency.labels(k.value) for k in Kind}
+        self.cache_hit = metrics.cache_events.labels("hit")
+
+    def protocol(self, handler_factory: Callable[[], asyncio.Protocol]) -> FastProtocol:
+        return FastProtocol(self, handler_factory)
+
+    def peer_allowed(self, sock: socket.socket | None) -> bool:
+        if self.uids is None and self.gids is None:
+            return True
+        if sock is None or sock.family != socket.AF_UNIX:
+            return True
+        try:
+            _, uid, gid = peer_credentials(sock)
+        except OSError:
+            return False
+        return (self.uids is not None and uid in self.uids) or (self.gids is not None and gid in self.gids)
+
+    def close_idle(self) -> None:
+        """Close fast connections with no request in progress (called when the listener stops accepting)."""
+        for proto in list(self.connections):
+            proto.close_if_idle()
+
+
+class FastProtocol(asyncio.Protocol):
+    """One connection: fast answers while requests qualify, then aiohttp's handler for the rest."""
+
+    def __init__(self, front: FastFront, handler_factory: Callable[[], asyncio.Protocol]) -> None:
+        self.front = front
+        self.handler_factory = handler_factory
+        self.inner: asyncio.Protocol | None = None
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.buf = b""
+        self.pending: asyncio.Task[Any] | None = None
+        # per-request parse results
+        self.url = b""
+        self.token: bytes | None = None
+        self.tokens = 0
+        self.forwarded = False
+        self.request_id: bytes | None = None
+        self.complete = False
+
+    # ---- httptools callbacks
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        lowered = name.lower()
+        if lowered == b"x-broker-token":
+            self.token = value
+            self.tokens += 1
+        elif lowered in (b"x-forwarded-for", b"forwarded"):
+            self.forwarded = True
+        elif lowered == b"x-request-id":
+            self.request_id = value
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+    # ---- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.front.connections.add(self)
+        if not self.front.peer_allowed(transport.get_extra_info("socket")):
+            self._hand_off(b"")  # aiohttp answers every request on it with 403 and counts it
+
+    def data_received(self, data: bytes) -> None:
+        if self.inner is not None:
+            self.inner.data_received(data)
+            return
+        self.buf += data
+        if self.pending is None:
+            self._drain()
+
+    def eof_received(self) -> bool | None:
+        if self.inner is not None:
+            return self.inner.eof_received()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.front.connections.discard(self)
+        if self.front.seen is not None:
+            self.front.seen.discard(id(self.inner))
+        if self.pending is not None:
+            self.pending.cancel()
+        if self.inner is not None:
+            self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.resume_writing()
+
+    def close_if_idle(self) -> None:
+        if self.inner is None and self.pending is None and not self.buf and self.transport is not None:
+            self.transport.close()
+
+    # ---- the fast path
+
+    def _drain(self) -> None:
+        """Answer every complete, qualifying request in the buffer; hand off at the first that is not."""
+        transport = self.transport
+        assert transport is not None
+        while self.buf:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self.buf) > _MAX_HEAD:
+                    self._hand_off(self.buf)
+                return
+            head = self.buf[: end + 4]
+            if self.front.seen is not None:
+                self.front.seen.add(id(self))  # lifts the header timeout, as aiohttp's middleware does
+            target = self._parse(head)
+            if target is None:
+                self._hand_off(self.buf)
+                return
+            kind, name = target
+            self.buf = self.buf[end + 4 :]
+            answer = self._hit(kind, name)
+            if answer is not None:
+                transport.write(answer)
+                continue
+            # A miss (or anything but a plain fresh hit): the application's own lookup, in order.
+            transport.pause_reading()
+            self.pending = asyncio.get_running_loop().create_task(self._slow(kind, name, self._rid()))
+            return
+
+    def _parse(self, head: bytes) -> tuple[Kind, str] | None:
+        """(kind, name) when ``head`` is a complete, qualifying GET; None to hand it to aiohttp."""
+        self.url, self.token, self.tokens, self.forwarded, self.request_id = b"", None, 0, False, None
+        self.complete = False
+        try:
+            self.parser.feed_data(head)
+        except httptools.HttpParserError:
+            return None
+        if not self.complete or self.parser.get_method() != b"GET" or self.parser.get_http_version() != "1.1":
+            return None
+        if not self.parser.should_keep_alive():
+            return None
+        token = self.front.tcp_token
+        if token is not None and (
+            self.forwarded or self.tokens != 1 or self.token is None or not hmac.compare_digest(self.token, token)
+        ):
+            return None
+        parts = self.url.split(b"/")
+        if len(parts) != 4 or parts[0] or parts[1] != b"v1":
+            return None
+        kind = KINDS.get(parts[2])
+        if kind is None:
+            return None
+        try:
+            name = unquote(parts[3].decode("ascii"), errors="strict")
+        except UnicodeDecodeError:
+            return None
+        if name_problem(name) is not None:  # also refuses '?', '#', '/', '%' left after decoding
+            return None
+        return kind, name
+
+    def _hit(self, kind: Kind, name: str) -> bytes | None:
+        """The prepared answer for a fresh hit, or None when the cache has to do more than look."""
+        started = time.perf_counter()
+        state = self.front.state
+        entry = state.cache.peek(kind, name)
+        if entry is None or entry.resolved is None:
+            return None
+        now = state.clock.now()
+        if now >= entry.fresh_until or (now >= entry.refresh_at and entry.lease is None):
+            return None  # stale, or due for refresh-ahead: the cache's get() decides
+        entry.last_access = now
+        body = _body_head(entry) + b',"cache":"hit","age":%d}' % max(0, int(now - entry.fetched_at))
+        answer = b"%sContent-Length: %d\r\nX-Request-Id: %s\r\n\r\n%s" % (
+            _HIT_PREFIX,
+            len(body),
+            self._rid(),
+            body,
+        )
+        self.front.cache_hit.inc()
+        self.front.hit_counters[kind].inc()
+        self.front.latency[kind].observe(time.perf_counter() - started)
+        return answer
+
+    def _rid(self) -> bytes:
+        given = self.request_id
+        if given is not None and 0 < len(given) <= 64 and all(c in _RID_OK for c in given):
+            return given
+        return os.urandom(8).hex().encode()
+
+    async def _slow(self, kind: Kind, name: str, request_id: bytes) -> None:
+        transport = self.transport
+        assert transport is not None
+        try:
+            response = await lookup(self.front.state, kind, name)
+        except Exception:
+            # lookup() maps every BrokerError itself; anything else is a bug: drop the connection
+            # rather than leave the client waiting.
+            transport.close()
+            raise
+        finally:
+            self.pending = None
+        if transport.is_closing():
+            return
+        transport.write(_serialise(response, request_id))
+        transport.resume_reading()
+        self._drain()
+
+    def _hand_off(self, data: bytes) -> None:
+        """From here on the connection is aiohttp's; ``data`` starts at the first byte of a request."""
+        assert self.transport is not None
+        inner = self.handler_factory()
+        self.inner = inner
+        inner.connection_made(self.transport)
+        self.buf = b""
+        if data:
+            inner.data_received(data)
