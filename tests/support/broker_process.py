@@ -78,6 +78,8 @@ class BrokerProcess:
 
     def start(self, wait_ready: bool = True, timeout: float = 20.0) -> BrokerProcess:
         self.write_config()
+        if self._log_fh is not None:
+            self._log_fh.close()
         env = dict(os.environ if self.env is None else self.env)
         env.setdefault("PYTHONUNBUFFERED", "1")
         self._log_fh = open(self.log_path, "ab")

@@ -1,0 +1,69 @@
+"""Real Apache Airflow installs for the end-to-end tests, each in its own venv, cached between runs.
+
+The cache lives outside the checkout (``$BROKER_E2E_CACHE``, default ``~/.cache/broker-e2e``) and is keyed
+by the Airflow version and the pins below; a fresh machine builds it on first use. The broker goes in with
+``--no-deps``: Airflow's side needs only the standard library and Airflow.
+
+``python -m tests.e2e.venvs`` builds every venv (both in parallel).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+AIRFLOW_VERSIONS = {"2": "2.10.5", "3": "3.3.2"}
+# Pins that keep an unconstrained resolve of the older release working on current PyPI.
+EXTRA_PINS: dict[str, list[str]] = {"2.10.5": [], "3.3.2": []}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("BROKER_E2E_CACHE") or Path.home() / ".cache" / "broker-e2e")
+
+
+def venv_path(version: str) -> Path:
+    key = hashlib.sha256(f"{version}|{EXTRA_PINS[version]}|{sys.version_info[:2]}".encode()).hexdigest()[:10]
+    return cache_root() / f"airflow-{version}-{key}"
+
+
+def _run(cmd: list[str], log: Path) -> None:
+    with open(log, "ab") as fh:
+        fh.write(f"$ {' '.join(cmd)}\n".encode())
+        fh.flush()
+        result = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, timeout=1200)
+    if result.returncode != 0:
+        raise RuntimeError(f"{cmd[:4]} failed; see {log}:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def ensure_airflow(version: str) -> Path:
+    """The venv's python for ``version``, building the venv if needed; the broker is reinstalled every time."""
+    venv = venv_path(version)
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    python = venv / "bin" / "python"
+    log = venv.parent / f"{venv.name}.log"
+    with open(venv.parent / f"{venv.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent sessions build once
+        if not (venv / ".complete").exists():
+            started = time.monotonic()
+            _run([sys.executable, "-m", "venv", "--clear", str(venv)], log)
+            _run([str(python), "-m", "pip", "install", "--quiet", "--upgrade", "pip"], log)
+            _run(
+                [str(python), "-m", "pip", "install", "--quiet", f"apache-airflow=={version}", *EXTRA_PINS[version]],
+                log,
+            )
+            (venv / ".complete").write_text(f"built in {time.monotonic() - started:.0f}s\n")
+        _run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--force-reinstall", str(REPO)], log)
+    return python
+
+
+if __name__ == "__main__":
+    with ThreadPoolExecutor(2) as pool:
+        for python in pool.map(ensure_airflow, AIRFLOW_VERSIONS.values()):
+            print(python)
