@@ -248,6 +248,9 @@ def _validate_backend(i: int, raw: Any, errors: list[str]) -> BackendConfig | No
     try:
         model = load_type(type_name).config_model
     except ImportError as exc:
+        if exc.name == REGISTRY[type_name]:
+            errors.append(f"{where}.type: backend type {type_name!r} is not part of this build")
+            return None
         extra = EXTRAS.get(type_name)
         hint = f" (install credential-broker[{extra}])" if extra else ""
         errors.append(f"{where}.type: backend type {type_name!r} is not available: {exc.name or exc}{hint}")
