@@ -112,13 +112,10 @@ def main() -> int:
             }
         ],
     }
-    plain = stack.Daemon(work / "plain", json.loads(json.dumps(cfg)), tcp=True).start()
-    fast = stack.Daemon(
-        work / "fast",
-        json.loads(json.dumps(cfg)),
-        tcp=True,
-        launcher=[stack.PY, str(stack.HERE / "fast_serve.py"), "serve"],
-    ).start()
+    plain_cfg = json.loads(json.dumps(cfg))
+    plain_cfg.setdefault("listen", {})["fast_path"] = False
+    plain = stack.Daemon(work / "plain", plain_cfg, tcp=True).start()
+    fast = stack.Daemon(work / "fast", json.loads(json.dumps(cfg)), tcp=True).start()
     failures = 0
     try:
         for daemon in (plain, fast):  # warm the same keys in both, so "hit" means hit

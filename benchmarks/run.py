@@ -27,7 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import stack
-from stack import HERE, PY, ROOT, TOKEN, Daemon, Vault
+from stack import HERE, ROOT, TOKEN, Daemon, Vault
 
 AIRFLOW_VENV = Path(os.environ.get("BROKER_BENCH_AIRFLOW_VENV", HERE / ".venv-airflow"))
 AIRFLOW_PACKAGES = [
@@ -35,7 +35,6 @@ AIRFLOW_PACKAGES = [
     "apache-airflow-providers-hashicorp",
     "apache-airflow-providers-amazon",
 ]
-FAST = [PY, str(HERE / "fast_serve.py"), "serve"]
 AUTH = {"X-Broker-Token": TOKEN}
 SECTIONS = ("throughput", "airflow", "herd", "memory")
 
@@ -124,7 +123,7 @@ def throughput(vault: Vault, broker: Daemon, fast: Daemon, args: argparse.Namesp
         f"wrk -t1, {args.duration:g} s per run, median of {args.repeats} interleaved runs. `proxy dynamic`: "
         "`bao proxy` (auto-auth jwt, `cache {}`) serving a cached leased secret (database/creds); `proxy kv2`: "
         "KV v2 read through the proxy (it cannot cache KV). `broker`: `broker serve` (aiohttp), Vault backend "
-        "with jwt login, cached; `fast`: the same daemon with the `broker/server/fast.py` front.",
+        "with jwt login, cached; `fast`: the default fast path on; `broker`: `listen.fast_path: false`.",
     )
 
     # The unix socket: the project's load generator, and its own ceiling against a trivial server.
@@ -453,9 +452,11 @@ def main() -> int:
             "cache": {"ttl": 3600},
             "backends": [vault.broker_backend()],
         }
-        broker = Daemon(work / "broker", json.loads(json.dumps(config)), tcp=True).start()
+        aiohttp_only = json.loads(json.dumps(config))
+        aiohttp_only["listen"]["fast_path"] = False
+        broker = Daemon(work / "broker", aiohttp_only, tcp=True).start()
         daemons.append(broker)
-        fast = Daemon(work / "fast", json.loads(json.dumps(config)), tcp=True, launcher=FAST).start()
+        fast = Daemon(work / "fast", json.loads(json.dumps(config)), tcp=True).start()
         daemons.append(fast)
         for d in (broker, fast):
             for path in (

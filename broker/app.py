@@ -27,7 +27,7 @@ from broker.logging import SECRETS
 from broker.metrics import Metrics
 from broker.resolver import Resolved, Resolver
 from broker.server import bind_unix_socket, build_api_app, build_metrics_app
-from broker.server.listener import Listener, tcp_socket
+from broker.server.listener import SEEN, Listener, tcp_socket
 
 log = logging.getLogger("broker")
 
@@ -121,9 +121,14 @@ class Broker:
         if cfg.listen.socket is not None:
             sock = bind_unix_socket(cfg.listen.socket, cfg.listen.socket_mode)
             self._socket_path = cfg.listen.socket
-            await self._serve(build_api_app(self.state), sock)
+            await self._serve(build_api_app(self.state), sock, api=True)
         if cfg.listen.tcp_address is not None:
-            await self._serve(build_api_app(self.state, tcp_token=token), tcp_socket(*cfg.listen.tcp_address))
+            await self._serve(
+                build_api_app(self.state, tcp_token=token),
+                tcp_socket(*cfg.listen.tcp_address),
+                api=True,
+                tcp_token=token,
+            )
         if cfg.metrics.address is not None:
             await self._serve(build_metrics_app(self.state), tcp_socket(*cfg.metrics.address))
         self._spawn(self.state.cache.maintain(), "cache-maintenance")
@@ -138,7 +143,9 @@ class Broker:
             },
         )
 
-    async def _serve(self, app: web.Application, sock: socket.socket) -> None:
+    async def _serve(
+        self, app: web.Application, sock: socket.socket, *, api: bool = False, tcp_token: bytes | None = None
+    ) -> None:
         listen = self.state.config.listen
         runner = web.AppRunner(
             app,
@@ -148,12 +155,19 @@ class Broker:
             keepalive_timeout=30.0,
         )
         await runner.setup()
+        front = None
+        if api and listen.fast_path:
+            # Fresh cache hits answered straight from the protocol; everything else goes to aiohttp.
+            from broker.server.fast import FastFront
+
+            front = FastFront(self.state, tcp_token=tcp_token, seen=app[SEEN])
         listener = Listener(
             runner,
             sock,
             max_connections=listen.max_connections,
             header_timeout=listen.header_timeout,
             metrics=self.state.metrics,
+            front=front,
         )
         await listener.start()
         self._runners.append(runner)
@@ -237,6 +251,9 @@ class Broker:
             await asyncio.sleep(self.state.config.shutdown.drain_delay)
         for listener in self._listeners:
             listener.close()
+        for listener in self._listeners:
+            if listener.front is not None:
+                await listener.front.drain(self.state.config.shutdown.grace)
         self._listeners.clear()
         for runner in self._runners:
             await runner.cleanup()

@@ -37,6 +37,7 @@ class ListenConfig(StrictModel):
     max_connections: int = Field(default=1024, ge=1, le=100_000)
     header_timeout: Duration = Field(default=10.0, gt=0, le=300)
     max_body_bytes: int = Field(default=16_384, ge=256, le=1_048_576)
+    fast_path: bool = True
 
     @field_validator("socket_mode", mode="before")
     @classmethod

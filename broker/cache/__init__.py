@@ -138,6 +138,21 @@ class SecretCache:
     def peek(self, kind: Kind, name: str) -> Entry | None:
         return self._entries.peek((kind, name))
 
+    def hit(self, kind: Kind, name: str) -> Entry | None:
+        """The entry when it is a plain fresh hit needing nothing else (no refresh due), else None.
+
+        Synchronous, for the server's fast path; touches the LRU order and counts the hit like ``get``.
+        """
+        entry = self._entries.get((kind, name))
+        if entry is None or entry.resolved is None:
+            return None
+        now = self._clock.now()
+        if now >= entry.fresh_until or (now >= entry.refresh_at and entry.lease is None):
+            return None
+        entry.last_access = now
+        self._metrics.cache_events.labels("hit").inc()
+        return entry
+
     async def get(self, kind: Kind, name: str) -> tuple[Entry, Status]:
         """The entry to serve and how it was obtained.
 

@@ -86,7 +86,6 @@ class FastFront:
         metrics = state.metrics
         self.hit_counters = {k: metrics.requests.labels(k.value, "hit") for k in Kind}
         self.latency = {k: metrics.request_latency.labels(k.value) for k in Kind}
-        self.cache_hit = metrics.cache_events.labels("hit")
 
     def protocol(self, handler_factory: Callable[[], asyncio.Protocol]) -> FastProtocol:
         return FastProtocol(self, handler_factory)
@@ -107,6 +106,13 @@ class FastFront:
         for proto in list(self.connections):
             proto.close_if_idle()
 
+    async def drain(self, timeout: float) -> None:  # noqa: ASYNC109 - a bound, not a cancel scope
+        """Wait for lookups in flight on fast connections (aiohttp's runner does not see them), then close."""
+        pending = [p.pending for p in self.connections if p.pending is not None]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
+        self.close_idle()
+
 
 class FastProtocol(asyncio.Protocol):
     """One connection: fast answers while requests qualify, then aiohttp's handler for the rest."""
@@ -126,6 +132,7 @@ class FastProtocol(asyncio.Protocol):
         self.forwarded = False
         self.request_id: bytes | None = None
         self.complete = False
+        self.keep_alive = False
 
     # ---- httptools callbacks
 
@@ -141,6 +148,11 @@ class FastProtocol(asyncio.Protocol):
             self.forwarded = True
         elif lowered == b"x-request-id":
             self.request_id = value
+
+    def on_headers_complete(self) -> None:
+        # Only meaningful inside the parser's callbacks: read after feed_data() it can describe the
+        # previous message on a pipelined connection.
+        self.keep_alive = self.parser.should_keep_alive()
 
     def on_message_complete(self) -> None:
         self.complete = True
@@ -220,14 +232,14 @@ class FastProtocol(asyncio.Protocol):
     def _parse(self, head: bytes) -> tuple[Kind, str] | None:
         """(kind, name) when ``head`` is a complete, qualifying GET; None to hand it to aiohttp."""
         self.url, self.token, self.tokens, self.forwarded, self.request_id = b"", None, 0, False, None
-        self.complete = False
+        self.complete = self.keep_alive = False
         try:
             self.parser.feed_data(head)
         except httptools.HttpParserError:
             return None
         if not self.complete or self.parser.get_method() != b"GET" or self.parser.get_http_version() != "1.1":
             return None
-        if not self.parser.should_keep_alive():
+        if not self.keep_alive:
             return None
         token = self.front.tcp_token
         if token is not None and (
@@ -252,13 +264,10 @@ class FastProtocol(asyncio.Protocol):
         """The prepared answer for a fresh hit, or None when the cache has to do more than look."""
         started = time.perf_counter()
         state = self.front.state
-        entry = state.cache.peek(kind, name)
-        if entry is None or entry.resolved is None:
-            return None
+        entry = state.cache.hit(kind, name)
+        if entry is None:
+            return None  # a miss, stale, or due for refresh-ahead: the cache's get() decides
         now = state.clock.now()
-        if now >= entry.fresh_until or (now >= entry.refresh_at and entry.lease is None):
-            return None  # stale, or due for refresh-ahead: the cache's get() decides
-        entry.last_access = now
         body = _body_head(entry) + b',"cache":"hit","age":%d}' % max(0, int(now - entry.fetched_at))
         answer = b"%sContent-Length: %d\r\nX-Request-Id: %s\r\n\r\n%s" % (
             _HIT_PREFIX,
@@ -266,7 +275,6 @@ class FastProtocol(asyncio.Protocol):
             self._rid(),
             body,
         )
-        self.front.cache_hit.inc()
         self.front.hit_counters[kind].inc()
         self.front.latency[kind].observe(time.perf_counter() - started)
         return answer

@@ -87,12 +87,14 @@ class Listener:
         max_connections: int,
         header_timeout: float,
         metrics: Metrics,
+        front: Any = None,
     ) -> None:
         self.runner = runner
         self.sock = sock
         self.max_connections = max_connections
         self.header_timeout = header_timeout
         self.metrics = metrics
+        self.front = front  # broker.server.fast.FastFront for API listeners, when enabled
         self.connections = 0
         # ids of handlers that have received a complete request (aiohttp's handler has __slots__)
         self.seen: set[int] = runner.app[SEEN]
@@ -103,6 +105,8 @@ class Listener:
             return _Refuse(self.metrics)
         server = self.runner.server
         assert server is not None
+        if self.front is not None:
+            return _Guarded(self.front.protocol(server), self)
         return _Guarded(server(), self)
 
     async def start(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -412,3 +413,68 @@ def test_backend_error_path_leaks_nothing(broker_factory: Any, tmp_path: Path) -
     everything = json.dumps(answers[:3]) + broker.logs() + broker.metrics()
     for value in (secret, PASSWORD, VARIABLE):
         assert value not in everything
+
+
+EQUIVALENCE_REQUESTS = [
+    b"GET /v1/variables/plain HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /v1/variables/plain HTTP/1.1\r\nHost: x\r\nX-Request-Id: fixed-id\r\n\r\n",
+    b"GET /v1/connections/pg HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /v1/variables/absent HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /v1/variables/a%2F..%2Fb HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /v1/variables/%ff HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"HEAD /v1/variables/plain HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"POST /v1/variables/plain HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+    b"GET /v1/variables/plain HTTP/1.0\r\n\r\n",
+    b"GET /v1/variables/plain HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    b"GARBAGE\r\n\r\n",
+]
+
+
+def _raw_exchange(path: str, request: bytes) -> bytes:
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(10)
+    s.connect(path)
+    s.sendall(request + b"GET /v1/variables/plain HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    chunks = []
+    while chunk := s.recv(65536):
+        chunks.append(chunk)
+    s.close()
+    return b"".join(chunks)
+
+
+def _normalised(raw: bytes) -> list[tuple[str, dict[str, str], str]]:
+    out = []
+    rest = raw
+    while rest:
+        head, _, rest = rest.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+        length = int(headers.get("Content-Length", "0"))
+        body, rest = rest[:length], rest[length:]
+        for volatile in ("Date", "X-Request-Id", "Server", "Connection", "Keep-Alive"):
+            if volatile in headers and not (volatile == "X-Request-Id" and headers[volatile] == "fixed-id"):
+                headers.pop(volatile)
+        text = re.sub(rb'"age":\d+', b'"age":0', body).decode(errors="replace")
+        text = text.replace('"cache":"miss"', '"cache":"hit"')
+        headers["X-Broker-Cache"] = headers.get("X-Broker-Cache", "").replace("miss", "hit")
+        out.append((lines[0], {k: v for k, v in headers.items() if k != "Content-Type" or "json" in v}, text))
+    return out
+
+
+def test_fast_path_answers_exactly_like_the_application(broker_factory: Any, files_backend: dict[str, Any]) -> None:
+    fast = broker_factory({"listen": {"fast_path": True}, "backends": [files_backend]})
+    plain = broker_factory({"listen": {"fast_path": False}, "backends": [files_backend]})
+    for broker in (fast, plain):  # warm both caches so the fast path has hits to serve
+        broker.get("variable", "plain")
+        broker.get("connection", "pg")
+    for request in EQUIVALENCE_REQUESTS:
+        try:
+            got_plain = _normalised(_raw_exchange(plain.socket_path, request))
+        except TimeoutError:
+            raise AssertionError(f"plain timed out on {request!r}") from None
+        try:
+            got_fast = _normalised(_raw_exchange(fast.socket_path, request))
+        except TimeoutError:
+            raise AssertionError(f"fast timed out on {request!r}") from None
+        assert got_fast == got_plain, request
+    assert fast.metric("broker_requests_total", kind="variable", outcome="hit") >= 5
