@@ -109,3 +109,21 @@ async def test_metrics_app_serves_no_secret(state: Any, monkeypatch: pytest.Monk
     finally:
         await api.close()
         await metrics.close()
+
+
+async def test_openapi_document_is_served_and_describes_the_api(state: Any) -> None:
+    client = await client_for(build_api_app(state))
+    try:
+        resp = await client.get("/openapi.json")
+        doc = await resp.json()
+        assert resp.status == 200 and doc["openapi"].startswith("3.")
+        assert {
+            "/v1/connections/{conn_id}",
+            "/v1/variables/{key}",
+            "/v1/config/{key}",
+            "/v1/cache/invalidate",
+            "/healthz",
+            "/readyz",
+        } <= set(doc["paths"])
+    finally:
+        await client.close()
