@@ -42,6 +42,17 @@ STATE: web.AppKey[BrokerState] = web.AppKey("state")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+async def expect_handler(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue`` is honoured; anything else is refused with JSON (aiohttp's own handler
+    echoes the header into its answer and fails on bytes that are not UTF-8)."""
+    expect = request.headers.get("Expect", "")
+    if expect.lower() == "100-continue":
+        if request.version == (1, 1):
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return None
+    return error_response(417, "bad_request", "unsupported Expect header")
+
+
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
     body = json.dumps({"error": code, "message": message})
     return web.Response(
@@ -152,11 +163,17 @@ def build_api_app(state: BrokerState, *, tcp_token: bytes | None = None) -> web.
     async def secret(request: web.Request) -> web.Response:
         return await serve_secret(state, request)
 
-    app.router.add_route("*", "/v1/{tail:.*}", secret)
-    app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/readyz", _readyz)
-    app.router.add_get("/openapi.json", _openapi)
+    app.router.add_route("*", "/v1/{tail:.*}", secret, expect_handler=expect_handler)
+    app.router.add_get("/healthz", _healthz, expect_handler=expect_handler)
+    app.router.add_get("/readyz", _readyz, expect_handler=expect_handler)
+    app.router.add_get("/openapi.json", _openapi, expect_handler=expect_handler)
+    app.router.add_route("*", "/{tail:.*}", _no_route, expect_handler=expect_handler)
     return with_header_timeout(app)
+
+
+async def _no_route(_request: web.Request) -> web.Response:
+    # Our own catch-all, so that aiohttp's built-in 404 route (and its Expect handling) is never used.
+    return error_response(404, "not_found", "no such endpoint")
 
 
 async def _healthz(_request: web.Request) -> web.Response:
@@ -308,9 +325,10 @@ def build_metrics_app(state: BrokerState) -> web.Application:
         body = generate_latest(state.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", metrics, expect_handler=expect_handler)
+    app.router.add_get("/healthz", _healthz, expect_handler=expect_handler)
+    app.router.add_get("/readyz", _readyz, expect_handler=expect_handler)
+    app.router.add_route("*", "/{tail:.*}", _no_route, expect_handler=expect_handler)
     return with_header_timeout(app)
 
 
