@@ -2,11 +2,13 @@
 
 Used by ``broker get`` and by the Airflow backend, which runs in processes that fork: a kept-alive
 connection belongs to the process (and thread) that opened it and is never reused across ``fork()``.
+
+It speaks the small subset of HTTP/1.1 the broker answers with (``Content-Length`` bodies, keep-alive)
+over a plain socket: ``http.client`` costs more per lookup than the broker takes to answer a cached one.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import socket
@@ -16,6 +18,8 @@ from urllib.parse import quote, urlsplit
 
 DEFAULT_SOCKET = "/run/broker/broker.sock"
 KINDS = {"connection": "connections", "variable": "variables", "config": "config"}
+MAX_HEAD = 65_536
+MAX_BODY = 16 * 1024 * 1024
 
 
 class BrokerClientError(Exception):
@@ -35,32 +39,100 @@ class BrokerAccessDeniedError(BrokerClientError):
     """The broker's backend refused access (403)."""
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
+class _ProtocolError(Exception):
+    """The answer was not the HTTP/1.1 the broker speaks."""
 
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout)
-            sock.connect(self._path)
-        except BaseException:
-            sock.close()
-            raise
+
+class _Connection:
+    """One kept-alive socket and its read buffer."""
+
+    __slots__ = ("buf", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self.buf = b""
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(65_536)
+        if not chunk:
+            raise ConnectionResetError("connection closed by the broker")
+        self.buf += chunk
+
+    def exchange(self, request: bytes) -> tuple[int, bytes, bool]:
+        """Send one request; (status, body, server keeps the connection)."""
+        self.sock.sendall(request)
+        while (end := self.buf.find(b"\r\n\r\n")) < 0:
+            if len(self.buf) > MAX_HEAD:
+                raise _ProtocolError("response head too large")
+            self._fill()
+        head, self.buf = self.buf[:end], self.buf[end + 4 :]
+        lines = head.split(b"\r\n")
+        parts = lines[0].split(b" ", 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+            raise _ProtocolError("not an HTTP/1.x status line")
+        status = int(parts[1])
+        length = None
+        keep = parts[0] == b"HTTP/1.1"
+        chunked = False
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            value = value.strip().lower()
+            if name == b"content-length" and value.isdigit():
+                length = int(value)
+            elif name == b"connection":
+                keep = value != b"close" and (keep or value == b"keep-alive")
+            elif name == b"transfer-encoding":
+                chunked = b"chunked" in value
+        if status in (204, 304) or 100 <= status < 200:
+            return status, b"", keep
+        if chunked:
+            return status, self._read_chunked(), keep
+        if length is None:
+            while True:  # no length: the body runs to the end of the connection
+                try:
+                    self._fill()
+                except ConnectionResetError:
+                    break
+            body, self.buf = self.buf, b""
+            return status, body, False
+        if length > MAX_BODY:
+            raise _ProtocolError("response body too large")
+        while len(self.buf) < length:
+            self._fill()
+        body, self.buf = self.buf[:length], self.buf[length:]
+        return status, body, keep
+
+    def _read_chunked(self) -> bytes:
+        body = b""
+        while True:
+            while (end := self.buf.find(b"\r\n")) < 0:
+                self._fill()
+            size = int(self.buf[:end].split(b";")[0], 16)
+            self.buf = self.buf[end + 2 :]
+            while len(self.buf) < size + 2:
+                self._fill()
+            body += self.buf[:size]
+            self.buf = self.buf[size + 2 :]
+            if size == 0:
+                return body
+            if len(body) > MAX_BODY:
+                raise _ProtocolError("response body too large")
 
 
 _local = threading.local()
 
 
-def _pool() -> dict[tuple[Any, ...], http.client.HTTPConnection]:
+def _pool() -> dict[tuple[Any, ...], _Connection]:
     # Connections are kept per thread and per process: after fork() the child starts with none.
     pid = os.getpid()
     if getattr(_local, "pid", None) != pid:
         _local.pid = pid
         _local.conns = {}
-    conns: dict[tuple[Any, ...], http.client.HTTPConnection] = _local.conns
+    conns: dict[tuple[Any, ...], _Connection] = _local.conns
     return conns
 
 
@@ -84,23 +156,32 @@ class BrokerClient:
                 raise ValueError("url must look like http://127.0.0.1:PORT")
             self._tcp: tuple[str, int] | None = (parts.hostname, parts.port or 80)
             self.target = url
+            host = parts.netloc
         else:
             self._tcp = None
             self.target = socket_path or DEFAULT_SOCKET
-        self._token = token
+            host = "localhost"
+        self._head = f"Host: {host}\r\nAccept: application/json\r\n"
+        if token:
+            if "\r" in token or "\n" in token:
+                raise ValueError("token must be a single line")
+            self._head += f"X-Broker-Token: {token}\r\n"
         self.timeout = float(timeout)
         self._key = (self.target, self.timeout)
 
-    def _connection(self) -> http.client.HTTPConnection:
-        pool = _pool()
-        conn = pool.get(self._key)
-        if conn is None:
-            if self._tcp is not None:
-                conn = http.client.HTTPConnection(self._tcp[0], self._tcp[1], timeout=self.timeout)
-            else:
-                conn = _UnixConnection(self.target, self.timeout)
-            pool[self._key] = conn
-        return conn
+    def _connect(self) -> _Connection:
+        if self._tcp is not None:
+            sock = socket.create_connection(self._tcp, timeout=self.timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        else:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(self.timeout)
+                sock.connect(self.target)
+            except BaseException:
+                sock.close()
+                raise
+        return _Connection(sock)
 
     def _drop(self) -> None:
         conn = _pool().pop(self._key, None)
@@ -112,25 +193,23 @@ class BrokerClient:
 
         Raises BrokerUnavailableError when the broker cannot be reached or does not answer in time.
         """
-        headers = {"Accept": "application/json"}
-        if self._token:
-            headers["X-Broker-Token"] = self._token
+        raw = f"{method} {path} HTTP/1.1\r\n{self._head}".encode()
         if body is not None:
-            headers["Content-Type"] = "application/json"
+            raw += b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        else:
+            raw += b"\r\n"
+        pool = _pool()
         for attempt in (1, 2):
-            conn = self._connection()
-            reused = conn.sock is not None
+            conn = pool.get(self._key)
+            reused = conn is not None
             try:
-                conn.request(method, path, body=body, headers=headers)
-                response = conn.getresponse()
-                raw = response.read()
-                status = response.status
-                if response.will_close:
-                    self._drop()
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
+                if conn is None:
+                    conn = pool[self._key] = self._connect()
+                status, payload, keep = conn.exchange(raw)
+            except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError) as exc:
                 self._drop()
                 if reused and attempt == 1:
-                    continue
+                    continue  # the broker closed an idle kept-alive connection: one fresh try
                 raise BrokerUnavailableError(
                     f"broker at {self.target} closed the connection: {exc}", "unreachable"
                 ) from None
@@ -145,13 +224,13 @@ class BrokerClient:
                 raise BrokerUnavailableError(
                     f"broker at {self.target} is unreachable: {reason}", "unreachable"
                 ) from None
-            except http.client.HTTPException as exc:
+            except (_ProtocolError, ValueError) as exc:
                 self._drop()
-                raise BrokerUnavailableError(
-                    f"broker at {self.target} answered garbage: {type(exc).__name__}", "protocol"
-                ) from None
+                raise BrokerUnavailableError(f"broker at {self.target} answered garbage: {exc}", "protocol") from None
+            if not keep:
+                self._drop()
             try:
-                data = json.loads(raw) if raw else {}
+                data = json.loads(payload) if payload else {}
             except ValueError:
                 data = {}
             return status, data if isinstance(data, dict) else {}
