@@ -23,6 +23,7 @@ from broker.backends.base import (
     Kind,
     RateLimited,
     SecretNotFound,
+    layout_key,
 )
 
 THROTTLED = {
@@ -122,16 +123,9 @@ class AwsBackend(Backend):
         self._session: Any = None
         self._client: Any = None
 
-    def _prefix(self, kind: Kind) -> tuple[str | None, str | None]:
-        raise NotImplementedError
-
     def allowed(self, kind: Kind, name: str) -> bool:
         """Airflow's lookup patterns: ids that do not match are never looked up (no AWS call)."""
-        pattern = {
-            Kind.CONNECTION: self.config.connections_lookup_pattern,
-            Kind.VARIABLE: self.config.variables_lookup_pattern,
-            Kind.CONFIG: self.config.config_lookup_pattern,
-        }[kind]
+        pattern = layout_key(self.config, kind, "lookup_pattern")
         return pattern is None or re.match(pattern, name, re.IGNORECASE) is not None
 
     def _build_session(self) -> Any:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from broker.backends.aws_common import AwsBackend, AwsConfig
-from broker.backends.base import BackendError, Kind, SecretValue
+from broker.backends.base import BackendError, Kind, SecretValue, layout_key
 
 CONN_WORDS: dict[str, list[str]] = {
     "conn_type": ["conn_type", "conn_id", "connection_type", "engine"],
@@ -65,11 +65,7 @@ class Backend(AwsBackend):
     service = "secretsmanager"
 
     def locate(self, kind: Kind, name: str) -> str | None:
-        prefix = {
-            Kind.CONNECTION: self.config.connections_prefix,
-            Kind.VARIABLE: self.config.variables_prefix,
-            Kind.CONFIG: self.config.config_prefix,
-        }[kind]
+        prefix = layout_key(self.config, kind, "prefix")
         if prefix is None or not self.allowed(kind, name):
             return None
         sep = self.config.sep

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Literal
 
 from broker.backends.aws_common import AwsBackend, AwsConfig
-from broker.backends.base import BackendError, Kind, SecretValue
+from broker.backends.base import BackendError, Kind, SecretValue, layout_key
 
 
 class SsmConfig(AwsConfig):
@@ -25,11 +25,7 @@ class Backend(AwsBackend):
     service = "ssm"
 
     def locate(self, kind: Kind, name: str) -> str | None:
-        prefix = {
-            Kind.CONNECTION: self.config.connections_prefix,
-            Kind.VARIABLE: self.config.variables_prefix,
-            Kind.CONFIG: self.config.config_prefix,
-        }[kind]
+        prefix = layout_key(self.config, kind, "prefix")
         if prefix is None or not self.allowed(kind, name):
             return None
         prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""

@@ -40,6 +40,14 @@ class Kind(enum.StrEnum):
     CONFIG = "config"
 
 
+_LAYOUT_PREFIX = {Kind.CONNECTION: "connections", Kind.VARIABLE: "variables", Kind.CONFIG: "config"}
+
+
+def layout_key(config: object, kind: Kind, suffix: str) -> Any:
+    """A per-kind layout setting by Airflow's naming, e.g. ``connections_prefix`` for (CONNECTION, "prefix")."""
+    return getattr(config, f"{_LAYOUT_PREFIX[kind]}_{suffix}")
+
+
 # ---------------------------------------------------------------------------------------------- errors
 
 

@@ -9,7 +9,7 @@ import os
 from typing import Literal
 
 from broker.backends.base import Backend as BaseBackend
-from broker.backends.base import BackendConfig, Kind, SecretNotFound, SecretValue
+from broker.backends.base import BackendConfig, Kind, SecretNotFound, SecretValue, layout_key
 
 
 class EnvConfig(BackendConfig):
@@ -24,11 +24,7 @@ class Backend(BaseBackend):
     config: EnvConfig
 
     def locate(self, kind: Kind, name: str) -> str | None:
-        prefix = {
-            Kind.CONNECTION: self.config.connections_prefix,
-            Kind.VARIABLE: self.config.variables_prefix,
-            Kind.CONFIG: self.config.config_prefix,
-        }[kind]
+        prefix = layout_key(self.config, kind, "prefix")
         return None if prefix is None else prefix + name.upper()
 
     async def fetch(self, kind: Kind, path: str) -> SecretValue:

@@ -15,7 +15,15 @@ from typing import Any, Literal
 import yaml
 
 from broker.backends.base import Backend as BaseBackend
-from broker.backends.base import BackendConfig, BackendContext, BackendError, Kind, SecretNotFound, SecretValue
+from broker.backends.base import (
+    BackendConfig,
+    BackendContext,
+    BackendError,
+    Kind,
+    SecretNotFound,
+    SecretValue,
+    layout_key,
+)
 
 SUFFIXES = (".json", ".yaml", ".yml", ".env")
 
@@ -74,11 +82,8 @@ class Backend(BaseBackend):
         self._parsed: dict[Path, tuple[tuple[int, int], dict[str, Any]]] = {}
 
     def _configured(self, kind: Kind) -> Path | None:
-        return {
-            Kind.CONNECTION: self.config.connections_file_path,
-            Kind.VARIABLE: self.config.variables_file_path,
-            Kind.CONFIG: self.config.config_file_path,
-        }[kind]
+        path: Path | None = layout_key(self.config, kind, "file_path")
+        return path
 
     def locate(self, kind: Kind, name: str) -> str | None:
         return name if self._configured(kind) is not None else None

@@ -37,6 +37,7 @@ from broker.backends.base import (
     SecretNotFound,
     SecretValue,
     is_transient,
+    layout_key,
     ssl_context,
 )
 from broker.backends.base import Backend as BaseBackend
@@ -171,11 +172,7 @@ class Backend(BaseBackend):
     def locate(self, kind: Kind, name: str) -> str | None:
         if kind is Kind.CONNECTION and name in self.config.dynamic_connections:
             return DYNAMIC_PREFIX + name
-        base = {
-            Kind.CONNECTION: self.config.connections_path,
-            Kind.VARIABLE: self.config.variables_path,
-            Kind.CONFIG: self.config.config_path,
-        }[kind]
+        base: str | None = layout_key(self.config, kind, "path")
         if base is None:
             return None
         return f"{base.rstrip('/')}/{name}" if base.rstrip("/") else name

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import json
 import os
 import socket
@@ -85,7 +86,36 @@ class FastFront:
         self.gids = set(listen.allowed_gids) if listen.allowed_gids is not None else None
         metrics = state.metrics
         self.hit_counters = {k: metrics.requests.labels(k.value, "hit") for k in Kind}
+        # Request targets already checked (raw URL -> kind, name): repeated lookups skip decoding and checks.
+        self.targets: dict[bytes, tuple[Kind, str]] = {}
+        self._rid_prefix = os.urandom(4).hex()
+        self._rid_seq = itertools.count(1)
         self.latency = {k: metrics.request_latency.labels(k.value) for k in Kind}
+
+    def target(self, url: bytes) -> tuple[Kind, str] | None:
+        """(kind, name) for ``GET /v1/{collection}/{name}`` with an acceptable name, else None."""
+        known = self.targets.get(url)
+        if known is not None:
+            return known
+        parts = url.split(b"/")
+        if len(parts) != 4 or parts[0] or parts[1] != b"v1":
+            return None
+        kind = KINDS.get(parts[2])
+        if kind is None:
+            return None
+        try:
+            name = unquote(parts[3].decode("ascii"), errors="strict")
+        except UnicodeDecodeError:
+            return None
+        if name_problem(name) is not None:  # also refuses '?', '#', '/', '%' left after decoding
+            return None
+        if len(self.targets) >= 4096:
+            self.targets.clear()
+        self.targets[url] = (kind, name)
+        return kind, name
+
+    def request_id(self) -> bytes:
+        return f"{self._rid_prefix}{next(self._rid_seq):x}".encode()
 
     def protocol(self, handler_factory: Callable[[], asyncio.Protocol]) -> FastProtocol:
         return FastProtocol(self, handler_factory)
@@ -246,19 +276,7 @@ class FastProtocol(asyncio.Protocol):
             self.forwarded or self.tokens != 1 or self.token is None or not hmac.compare_digest(self.token, token)
         ):
             return None
-        parts = self.url.split(b"/")
-        if len(parts) != 4 or parts[0] or parts[1] != b"v1":
-            return None
-        kind = KINDS.get(parts[2])
-        if kind is None:
-            return None
-        try:
-            name = unquote(parts[3].decode("ascii"), errors="strict")
-        except UnicodeDecodeError:
-            return None
-        if name_problem(name) is not None:  # also refuses '?', '#', '/', '%' left after decoding
-            return None
-        return kind, name
+        return self.front.target(self.url)
 
     def _hit(self, kind: Kind, name: str) -> bytes | None:
         """The prepared answer for a fresh hit, or None when the cache has to do more than look."""
@@ -283,7 +301,7 @@ class FastProtocol(asyncio.Protocol):
         given = self.request_id
         if given is not None and 0 < len(given) <= 64 and all(c in _RID_OK for c in given):
             return given
-        return os.urandom(8).hex().encode()
+        return self.front.request_id()
 
     async def _slow(self, kind: Kind, name: str, request_id: bytes) -> None:
         transport = self.transport
