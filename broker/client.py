@@ -9,10 +9,12 @@ over a plain socket: ``http.client`` costs more per lookup than the broker takes
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import socket
 import threading
+import weakref
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -46,11 +48,12 @@ class _ProtocolError(Exception):
 class _Connection:
     """One kept-alive socket and its read buffer."""
 
-    __slots__ = ("buf", "sock")
+    __slots__ = ("__weakref__", "buf", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.buf = b""
+        _OPEN.add(self)
 
     def close(self) -> None:
         self.sock.close()
@@ -124,6 +127,14 @@ class _Connection:
 
 
 _local = threading.local()
+_OPEN: weakref.WeakSet[_Connection] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    """Close kept-alive sockets at exit (pools are per thread, so no single owner would)."""
+    for conn in list(_OPEN):
+        conn.close()
 
 
 def _pool() -> dict[tuple[Any, ...], _Connection]:
