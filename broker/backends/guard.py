@@ -143,10 +143,10 @@ class Guard:
         return await self._call("check", self.backend.check, "check", retries=0, use_breaker=False)
 
     def not_ready_reason(self) -> str | None:
+        # An open circuit does not make the pod unready: cached values are still served, and failing
+        # readiness would take Airflow's own containers out of service during a store outage.
         if not self.started:
             return "not started"
-        if self.breaker.is_open:
-            return "circuit open after repeated failures"
         return self.backend.not_ready_reason()
 
     async def _call(
