@@ -1,6 +1,6 @@
 """Send the same raw requests to ``broker serve`` and to the fast-front variant; compare the answers.
 
-A check of the prototype in ``broker/server/fast.py`` (status, error code, value, cache header, and that
+A check of the fast path in ``broker/server/fast.py`` (status, error code, value, cache header, and that
 the connection stays usable), including hostile and unusual requests. Prints a table; exits 1 on a
 difference. Usage: python benchmarks/fast_equivalence.py
 """

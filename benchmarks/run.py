@@ -80,7 +80,7 @@ def machine() -> dict[str, Any]:
 
 
 def throughput(vault: Vault, broker: Daemon, fast: Daemon, args: argparse.Namespace) -> dict[str, Any]:
-    """wrk at 8 and 64 connections: proxy, broker and the fast-front prototype, interleaved."""
+    """wrk at 8 and 64 connections: proxy, broker with the fast path off and on, interleaved."""
     results: dict[str, Any] = {}
     targets: list[tuple[str, str, dict[str, str]]] = []
     if vault.pg is not None:

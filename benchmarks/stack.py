@@ -94,7 +94,7 @@ def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = 15.0) ->
 
 
 class Daemon:
-    """``broker serve`` (or the prototype launcher) as a subprocess; ready when /readyz answers 200."""
+    """``broker serve`` (or another launcher) as a subprocess; ready when /readyz answers 200."""
 
     def __init__(self, work: Path, config: dict[str, Any], *, launcher: list[str] | None = None, tcp: bool = False):
         self.work = work
