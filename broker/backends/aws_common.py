@@ -1,13 +1,22 @@
-"""What the AWS backends share: identity (boto3's default chain, optional assume-role), clients with
-retries left to the core, the one error map, and prefix layouts with lookup patterns.
+"""What the AWS backends share: identity, clients, the one error map, and lookup patterns.
 
-boto3 calls run in the bounded thread pool. Credentials refresh through botocore's refreshable
-credentials, which hold a lock so concurrent calls share one refresh.
+Identity is boto3's default credential chain, so IRSA (``AWS_ROLE_ARN`` + ``AWS_WEB_IDENTITY_TOKEN_FILE``)
+and EKS Pod Identity (``AWS_CONTAINER_CREDENTIALS_FULL_URI``) work with no settings; ``role_arn`` assumes
+a further role on top of whatever the chain found. Credentials are botocore refreshable credentials,
+whose lock makes every concurrent call share one refresh; the session and clients are built once and
+shared by the worker threads (botocore clients are thread-safe, sessions are not, so only one thread
+ever builds).
+
+Every boto3 call runs in the core's bounded thread pool and makes exactly one attempt: botocore's own
+retries are off because the core's guard owns retries, backoff and the time budget.
 """
 
 from __future__ import annotations
 
 import re
+import threading
+from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from pydantic import Field, field_validator
@@ -16,6 +25,7 @@ from broker.backends.base import (
     AccessDenied,
     Backend,
     BackendConfig,
+    BackendContext,
     BackendError,
     BackendTimeout,
     BackendUnavailable,
@@ -26,39 +36,58 @@ from broker.backends.base import (
     layout_key,
 )
 
-THROTTLED = {
-    "ThrottlingException",
-    "Throttling",
-    "TooManyRequestsException",
-    "RequestLimitExceeded",
-    "ThrottledException",
-    "SlowDown",
-}
-DENIED = {
-    "AccessDeniedException",
-    "AccessDenied",
-    "UnrecognizedClientException",
-    "InvalidClientTokenId",
-    "ExpiredTokenException",
-    "SignatureDoesNotMatch",
-    "NotAuthorized",
-}
-NOT_FOUND = {"ResourceNotFoundException", "ParameterNotFound", "ParameterVersionNotFound"}
-UNAVAILABLE = {
-    "InternalServiceError",
-    "InternalServerError",
-    "InternalFailure",
-    "ServiceUnavailable",
-    "ServiceUnavailableException",
-}
+# Error codes as AWS services spell them (JSON protocols add "Exception"; the STS query protocol does not).
+THROTTLED = frozenset(
+    {
+        "ThrottlingException",
+        "Throttling",
+        "TooManyRequestsException",
+        "RequestLimitExceeded",
+        "RequestThrottled",
+        "RequestThrottledException",
+        "ThrottledException",
+        "SlowDown",
+    }
+)
+DENIED = frozenset(
+    {
+        "AccessDeniedException",
+        "AccessDenied",
+        "UnrecognizedClientException",
+        "InvalidClientTokenId",
+        "InvalidSignatureException",
+        "SignatureDoesNotMatch",
+        "IncompleteSignature",
+        "MissingAuthenticationToken",
+        "NotAuthorized",
+        "InvalidIdentityToken",
+        "IDPRejectedClaim",
+    }
+)
+EXPIRED = frozenset({"ExpiredToken", "ExpiredTokenException"})
+NOT_FOUND = frozenset({"ResourceNotFoundException", "ParameterNotFound", "ParameterVersionNotFound"})
+UNAVAILABLE = frozenset(
+    {
+        "InternalServiceError",
+        "InternalServiceErrorException",
+        "InternalServerError",
+        "InternalFailure",
+        "InternalError",
+        "ServiceUnavailable",
+        "ServiceUnavailableException",
+        "IDPCommunicationError",
+    }
+)
 
 
 class AwsConfig(BackendConfig):
-    region_name: str | None = None
+    """Identity keys shared by both AWS backends, and Airflow's lookup patterns."""
+
+    region_name: str | None = Field(default=None, pattern=r"^[a-z]{2}(-[a-z]+)+-\d+$")
     endpoint_url: str | None = Field(default=None, pattern=r"^https?://")
     role_arn: str | None = Field(default=None, pattern=r"^arn:aws[a-z-]*:iam::\d{12}:role/.+")
     role_session_name: str = Field(default="airflow-broker", pattern=r"^[\w+=,.@-]{2,64}$")
-    external_id: str | None = None
+    external_id: str | None = Field(default=None, min_length=2, max_length=1224, pattern=r"^[\w+=,.@:/-]+$")
     connections_lookup_pattern: str | None = None
     variables_lookup_pattern: str | None = None
     config_lookup_pattern: str | None = None
@@ -74,71 +103,147 @@ class AwsConfig(BackendConfig):
         return value
 
 
+def error_code(exc: BaseException) -> str:
+    """The AWS error code of a botocore ClientError, or ""."""
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return ""
+    return str(response.get("Error", {}).get("Code") or "")
+
+
 def map_client_error(exc: BaseException, backend: str, what: str) -> BrokerError:
-    """The one place AWS failures become broker errors. Matches error codes, not HTTP status."""
+    """The one place AWS failures become broker errors.
+
+    Matches on error codes, not HTTP status (moto answers 404 where AWS documents 400); the status is a
+    fallback only for answers without a known code. Messages name the backend, the call and the code.
+    """
     from botocore.exceptions import (
         ClientError,
         ConnectTimeoutError,
+        CredentialRetrievalError,
         EndpointConnectionError,
+        HTTPClientError,
         NoCredentialsError,
+        NoRegionError,
+        PartialCredentialsError,
         ReadTimeoutError,
     )
 
+    prefix = f"aws {backend}: {what}"
     if isinstance(exc, ClientError):
-        error = exc.response.get("Error", {})
-        code = str(error.get("Code", ""))
+        code = error_code(exc)
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-        message = f"aws {backend}: {what}: {code or status}"
+        message = f"{prefix}: {code or f'HTTP {status}'}"
         if code in NOT_FOUND:
             return SecretNotFound(message)
-        if code in DENIED:
+        if code in DENIED or code in EXPIRED:  # an expired token reaches here only after a fresh login
             return AccessDenied(message)
-        if code in THROTTLED or status == 429:
+        if code in THROTTLED or (not code and status == 429):
             return RateLimited(message)
         if code in UNAVAILABLE or status >= 500:
             return BackendUnavailable(message)
         return BackendError(message)  # DecryptionFailure, InvalidRequestException, ...: never "not found"
-    if isinstance(exc, ReadTimeoutError | ConnectTimeoutError):
-        return BackendTimeout(f"aws {backend}: {what}: timed out")
-    if isinstance(exc, EndpointConnectionError):
-        return BackendUnavailable(f"aws {backend}: {what}: endpoint unreachable")
-    if isinstance(exc, NoCredentialsError):
-        return AccessDenied(f"aws {backend}: {what}: no credentials in the default chain")
-    name = type(exc).__name__
-    if "Credential" in name or "Token" in name:
-        return AccessDenied(f"aws {backend}: {what}: {name}")
-    if isinstance(exc, ConnectionError | OSError):
-        return BackendUnavailable(f"aws {backend}: {what}: {name}")
-    return BackendError(f"aws {backend}: {what}: {name}")
+    # botocore's timeout classes also inherit the generic connection/OS errors: test them first.
+    if isinstance(exc, ReadTimeoutError):
+        return BackendTimeout(f"{prefix}: no answer within the read timeout")
+    if isinstance(exc, ConnectTimeoutError | EndpointConnectionError):
+        return BackendUnavailable(f"{prefix}: endpoint unreachable")
+    if isinstance(exc, HTTPClientError):
+        return BackendUnavailable(f"{prefix}: connection failed ({type(exc).__name__})")
+    if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+        return AccessDenied(f"{prefix}: no usable credentials in the default chain")
+    if isinstance(exc, CredentialRetrievalError):
+        # The credentials endpoint (Pod Identity agent, IMDS) failed to answer: worth retrying.
+        return BackendUnavailable(f"{prefix}: credential provider failed")
+    if isinstance(exc, NoRegionError):
+        return BackendError(f"{prefix}: no region: set region_name or AWS_DEFAULT_REGION")
+    if isinstance(exc, OSError):
+        return BackendUnavailable(f"{prefix}: {type(exc).__name__}")
+    return BackendError(f"{prefix}: {type(exc).__name__}")
 
 
 class AwsBackend(Backend):
-    """Session and client management for one AWS service."""
+    """Session, credentials and client management for one AWS service."""
 
     service: str = ""
     config: AwsConfig
 
-    def __init__(self, config: BackendConfig, ctx: Any) -> None:
+    def __init__(self, config: BackendConfig, ctx: BackendContext) -> None:
         super().__init__(config, ctx)
-        self._session: Any = None
+        self._lock = threading.Lock()
+        self._generation = 0
+        self._credentials: Any = None
         self._client: Any = None
+        self._sts: Any = None
+        self._seen_expiry: datetime | None = None
+
+    # ------------------------------------------------------------------------------------ layout
 
     def allowed(self, kind: Kind, name: str) -> bool:
-        """Airflow's lookup patterns: ids that do not match are never looked up (no AWS call)."""
+        """Airflow's ``*_lookup_pattern``: ids that do not match are never looked up (no AWS call)."""
         pattern = layout_key(self.config, kind, "lookup_pattern")
-        return pattern is None or re.match(pattern, name, re.IGNORECASE) is not None
+        return not pattern or re.match(pattern, name, re.IGNORECASE) is not None
 
-    def _build_session(self) -> Any:
+    # ------------------------------------------------------------------------------------ identity
+
+    def _client_config(self) -> Any:
+        from botocore.config import Config
+
+        return Config(
+            retries={"total_max_attempts": 1, "mode": "standard"},  # the core retries, within its own budget
+            connect_timeout=self.config.timeout,
+            read_timeout=self.config.timeout,
+            max_pool_connections=32,
+            user_agent_extra="airflow-credential-broker",
+        )
+
+    def _build(self) -> None:
+        """Build the session, credentials and clients. No I/O: credentials resolve on first use."""
         import boto3
         import botocore.session
-        from botocore.credentials import RefreshableCredentials
+        from botocore.credentials import CredentialProvider, CredentialResolver, DeferredRefreshableCredentials
 
-        base = boto3.session.Session(region_name=self.config.region_name)
-        if not self.config.role_arn:
-            return base
-        sts = base.client("sts", endpoint_url=self.config.endpoint_url, config=self._client_config())
-        role_arn, session_name = self.config.role_arn, self.config.role_session_name
-        external_id = self.config.external_id
+        def core_session() -> Any:
+            core = botocore.session.Session()
+            if self.config.region_name:
+                core.set_config_variable("region", self.config.region_name)
+            # Also applies to the STS clients botocore makes inside the chain (web identity, assume role).
+            core.set_default_client_config(self._client_config())
+            return core
+
+        core = core_session()
+        if self.config.role_arn:
+            # Like Airflow's session factory, the assume-role STS client never uses the service's
+            # endpoint_url: AWS_ENDPOINT_URL_STS / AWS_ENDPOINT_URL apply as botocore reads them.
+            base_sts = core.create_client("sts")
+            credentials = DeferredRefreshableCredentials(
+                refresh_using=self._assume_role_refresher(base_sts), method="assume-role"
+            )
+
+            class Fixed(CredentialProvider):
+                METHOD = "broker-assume-role"
+                CANONICAL_NAME = "custom-broker-assume-role"
+
+                def load(self) -> Any:
+                    return credentials
+
+            core = core_session()
+            core.register_component("credential_provider", CredentialResolver([Fixed()]))
+        session: Any = boto3.session.Session(botocore_session=core)
+        verify = str(self.config.ca_cert) if self.config.ca_cert else None
+        client = session.client(
+            self.service, endpoint_url=self.config.endpoint_url, verify=verify, config=self._client_config()
+        )
+        self._sts = session.client("sts", config=self._client_config())
+        self._credentials = core.get_credentials()
+        self._client = client
+
+    def _assume_role_refresher(self, sts: Any) -> Callable[[], dict[str, str]]:
+        role_arn, session_name, external_id = (
+            self.config.role_arn,
+            self.config.role_session_name,
+            self.config.external_id,
+        )
 
         def refresh() -> dict[str, str]:
             kwargs: dict[str, Any] = {"RoleArn": role_arn, "RoleSessionName": session_name}
@@ -152,73 +257,91 @@ class AwsBackend(Backend):
                 "expiry_time": creds["Expiration"].isoformat(),
             }
 
-        credentials = RefreshableCredentials.create_from_metadata(
-            metadata=refresh(), refresh_using=refresh, method="sts-assume-role"
-        )
-        core = botocore.session.get_session()
-        core._credentials = credentials  # type: ignore[attr-defined]  # botocore has no public setter for these
-        if self.config.region_name:
-            core.set_config_variable("region", self.config.region_name)
-        return boto3.session.Session(botocore_session=core)
+        return refresh
 
-    def _client_config(self) -> Any:
-        from botocore.config import Config
+    def _ensure(self, stale_generation: int | None = None) -> None:
+        """Build once; with ``stale_generation``, rebuild unless another thread already did."""
+        if self._client is not None and stale_generation is None:
+            return
+        with self._lock:
+            if self._client is None or stale_generation == self._generation:
+                self._build()
+                self._generation += 1
 
-        return Config(
-            retries={"total_max_attempts": 1, "mode": "standard"},  # the core retries, with its own budget
-            connect_timeout=self.config.timeout,
-            read_timeout=self.config.timeout,
-            max_pool_connections=32,
-            user_agent_extra="credential-broker",
-        )
+    def _resolve_credentials(self) -> None:
+        """Resolve or refresh the credentials (shared: botocore's lock lets one thread refresh).
 
-    def _make_client(self) -> Any:
-        if self._client is None:
-            self._session = self._build_session()
-            self._client = self._session.client(
-                self.service, endpoint_url=self.config.endpoint_url, config=self._client_config()
-            )
-        return self._client
+        Raises the SDK's error; the caller maps it.
+        """
+        if self._credentials is None:
+            from botocore.exceptions import NoCredentialsError
 
-    async def _call(self, what: str, method: str, **kwargs: Any) -> Any:
-        """One boto3 call in the thread pool. Raises the mapped broker error."""
+            raise NoCredentialsError()
+        self._credentials.get_frozen_credentials()
 
-        def run() -> Any:
-            client = self._make_client()
-            return getattr(client, method)(**kwargs)
-
+    def _invoke(self, method: str, kwargs: dict[str, Any], sts: bool) -> Any:
+        """One call in a worker thread. An expired token gets one fresh login, then counts as denied."""
+        self._ensure()
+        generation = self._generation
         try:
-            result = await self.ctx.run_blocking(run)
-        except BrokerError:
-            raise
+            self._resolve_credentials()
+            return getattr(self._sts if sts else self._client, method)(**kwargs)
+        except Exception as exc:
+            if error_code(exc) not in EXPIRED:
+                raise
+        self._ensure(stale_generation=generation)
+        self._resolve_credentials()
+        return getattr(self._sts if sts else self._client, method)(**kwargs)
+
+    async def _call(self, what: str, method: str, *, sts: bool = False, **kwargs: Any) -> Any:
+        """One AWS call in the thread pool. Raises the mapped broker error."""
+        try:
+            result = await self.ctx.run_blocking(self._invoke, method, kwargs, sts)
         except Exception as exc:  # noqa: BLE001 - every SDK failure is mapped in one place
             raise map_client_error(exc, self.name, what) from None
-        self._credential_gauge()
+        self._observe_credentials()
         return result
 
-    def _credential_gauge(self) -> None:
-        credentials = self._session.get_credentials() if self._session is not None else None
-        expiry = getattr(credentials, "_expiry_time", None)
+    def _observe_credentials(self) -> None:
+        """Export the credentials' expiry and count each new set as a login (botocore refreshes them)."""
+        # botocore exposes no public accessor for the expiry of refreshable credentials.
+        expiry: datetime | None = getattr(self._credentials, "_expiry_time", None)
+        gauge = self.ctx.metrics.identity_expiry.labels(backend=self.name)
         if expiry is None:
-            self.ctx.metrics.identity_expiry.labels(self.name).set(-1)
+            gauge.set(-1)
             return
-        self.ctx.metrics.identity_expiry.labels(self.name).set(expiry.timestamp() - self.ctx.clock.wall())
+        gauge.set(expiry.timestamp() - self.ctx.clock.wall())
+        if expiry != self._seen_expiry:
+            self._seen_expiry = expiry
+            self.ctx.metrics.logins.labels(backend=self.name, outcome="ok").inc()
+
+    # ------------------------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        await self.ctx.run_blocking(self._make_client)
+        """Build the client and resolve credentials once (IRSA: AssumeRoleWithWebIdentity).
 
-    async def check(self) -> str:
-        def identity() -> dict[str, Any]:
-            self._make_client()
-            sts = self._session.client("sts", endpoint_url=self.config.endpoint_url, config=self._client_config())
-            result: dict[str, Any] = sts.get_caller_identity()
-            return result
+        Raises AccessDenied, BackendUnavailable, BackendTimeout or BackendError.
+        """
+
+        def warm() -> None:
+            self._ensure()
+            self._resolve_credentials()
 
         try:
-            me = await self.ctx.run_blocking(identity)
-        except BrokerError:
-            raise
+            await self.ctx.run_blocking(warm)
         except Exception as exc:  # noqa: BLE001
-            raise map_client_error(exc, self.name, "GetCallerIdentity") from None
-        self.ctx.metrics.logins.labels(self.name, "ok").inc()
-        return f"aws arn={me.get('Arn')} account={me.get('Account')} region={self._session.region_name}"
+            self.ctx.metrics.logins.labels(backend=self.name, outcome="failed").inc()
+            raise map_client_error(exc, self.name, "credentials") from None
+        self._observe_credentials()
+
+    async def check(self) -> str:
+        """STS GetCallerIdentity with the backend's credentials: the ARN in use (the assumed role's).
+
+        Raises like ``start``.
+        """
+        await self.start()
+        me = await self._call("GetCallerIdentity", "get_caller_identity", sts=True)
+        return f"aws arn={me.get('Arn')} account={me.get('Account')}"
+
+    def not_ready_reason(self) -> str | None:
+        return None if self._client is not None else "AWS client not built"

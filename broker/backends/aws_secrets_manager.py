@@ -1,8 +1,11 @@
 """``type: aws_secrets_manager``: AWS Secrets Manager in the layout of Airflow's ``SecretsManagerBackend``.
 
-``{prefix}{sep}{id}`` with prefixes ``airflow/connections|variables|config`` and ``sep="/"`` (a trailing
-``sep`` on a prefix is dropped, as Airflow does); ``*_lookup_pattern`` limit which ids are looked up at all.
-Connection secrets may be a URI or JSON; JSON keys are standardised like Airflow's (``user`` to ``login``...).
+``{prefix}{sep}{id}`` with prefixes ``airflow/connections|variables|config`` and ``sep="/"``: trailing
+``sep`` characters are stripped from a prefix, an empty prefix means the bare id, a null prefix turns the
+kind off, and ``*_lookup_pattern`` (``re.match``, case-insensitive) limits which ids are looked up at all.
+Connection secrets may be a URI or JSON; JSON keys are standardised as Airflow does (``user`` to
+``login``, ``database`` to ``schema``, ...). ``version_stage`` / ``version_id`` pick a version other than
+``AWSCURRENT``; binary secrets are served as UTF-8 text.
 """
 
 from __future__ import annotations
@@ -10,20 +13,22 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from broker.backends.aws_common import AwsBackend, AwsConfig
 from broker.backends.base import BackendError, Kind, SecretValue, layout_key
 
-CONN_WORDS: dict[str, list[str]] = {
-    "conn_type": ["conn_type", "conn_id", "connection_type", "engine"],
-    "host": ["host", "remote_host", "server"],
-    "login": ["login", "user", "username", "user_name"],
-    "password": ["password", "pass", "key"],
-    "schema": ["schema", "database", "db"],
-    "port": ["port"],
-    "extra": ["extra"],
+# Airflow's SecretsManagerBackend accepts these key names for each connection field.
+CONN_WORDS: dict[str, tuple[str, ...]] = {
+    "login": ("login", "user", "username", "user_name"),
+    "password": ("password", "pass", "key"),
+    "host": ("host", "remote_host", "server"),
+    "port": ("port",),
+    "schema": ("database", "schema"),
+    "conn_type": ("conn_type", "conn_id", "connection_type", "engine"),
+    "extra": ("extra",),
 }
+EXTRA_WORD_FIELDS = frozenset({*CONN_WORDS, "user"})  # "user" means "login", as Airflow keeps it
 
 
 class SecretsManagerConfig(AwsConfig):
@@ -31,10 +36,18 @@ class SecretsManagerConfig(AwsConfig):
     connections_prefix: str | None = "airflow/connections"
     variables_prefix: str | None = "airflow/variables"
     config_prefix: str | None = "airflow/config"
-    sep: str = Field(default="/", min_length=0, max_length=8)
+    sep: str = Field(default="/", max_length=8)
     extra_conn_words: dict[str, list[str]] | None = None
-    version_stage: str | None = None
-    version_id: str | None = None
+    version_stage: str | None = Field(default=None, min_length=1, max_length=256)
+    version_id: str | None = Field(default=None, min_length=32, max_length=64)
+
+    @field_validator("extra_conn_words")
+    @classmethod
+    def _fields(cls, value: dict[str, list[str]] | None) -> dict[str, list[str]] | None:
+        unknown = sorted(set(value or {}) - EXTRA_WORD_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown connection field(s) {', '.join(unknown)}; use {', '.join(sorted(CONN_WORDS))}")
+        return value
 
     @model_validator(mode="after")
     def _one_version(self) -> SecretsManagerConfig:
@@ -44,19 +57,15 @@ class SecretsManagerConfig(AwsConfig):
 
 
 def standardise(secret: dict[str, Any], extra_words: dict[str, list[str]] | None) -> dict[str, Any]:
-    """Map the alternative key names Airflow's Secrets Manager backend accepts onto connection fields."""
-    words = {k: list(v) for k, v in CONN_WORDS.items()}
+    """Airflow's key standardisation for JSON connection secrets.
+
+    Each field takes the value of the first key of the secret (in the secret's own order) that is one of
+    the field's words; other keys (``description`` included) are dropped, as Airflow drops them.
+    """
+    words = {field: list(candidates) for field, candidates in CONN_WORDS.items()}
     for field, more in (extra_words or {}).items():
-        words.setdefault(field, []).extend(more)
-    out: dict[str, Any] = {}
-    for field, candidates in words.items():
-        for candidate in candidates:
-            if candidate in secret and secret[candidate] is not None:
-                out[field] = secret[candidate]
-                break
-    if "description" in secret:
-        out["description"] = secret["description"]
-    return out
+        words["login" if field == "user" else field].extend(more)
+    return {field: next((v for k, v in secret.items() if k in candidates), None) for field, candidates in words.items()}
 
 
 class Backend(AwsBackend):
@@ -69,9 +78,16 @@ class Backend(AwsBackend):
         if prefix is None or not self.allowed(kind, name):
             return None
         sep = self.config.sep
-        return f"{prefix.rstrip(sep) if sep else prefix}{sep}{name}"
+        # Airflow strips trailing separators from a non-empty prefix, and an empty prefix means the id alone.
+        prefix = prefix.rstrip(sep) if prefix else prefix
+        return f"{prefix}{sep}{name}" if prefix else name
 
     async def fetch(self, kind: Kind, path: str) -> SecretValue:
+        """GetSecretValue, one attempt; ``version`` is the VersionId.
+
+        Raises SecretNotFound, AccessDenied, RateLimited, BackendUnavailable, BackendTimeout, BackendError
+        (a binary secret that is not UTF-8, invalid connection JSON, KMS DecryptionFailure).
+        """
         kwargs: dict[str, Any] = {"SecretId": path}
         if self.config.version_stage:
             kwargs["VersionStage"] = self.config.version_stage

@@ -1,7 +1,10 @@
 """``type: aws_ssm``: SSM Parameter Store in the layout of Airflow's ``SystemsManagerParameterStoreBackend``.
 
-``/airflow/connections/{id}`` etc.: prefixes get a leading slash and lose a trailing one, the full name a
-leading slash; ``GetParameter(WithDecryption=True)`` so SecureString values arrive decrypted.
+``/airflow/connections/{id}`` etc.: trailing slashes are stripped from a prefix, the name is
+``{prefix}/{id}`` and gets a leading slash when it lacks one; a null prefix turns the kind off and
+``*_lookup_pattern`` (``re.match``, case-insensitive) limits which ids are looked up at all.
+``GetParameter(WithDecryption=True)`` so SecureString values arrive decrypted; values are served as stored
+(a connection as a URI or JSON).
 """
 
 from __future__ import annotations
@@ -28,10 +31,14 @@ class Backend(AwsBackend):
         prefix = layout_key(self.config, kind, "prefix")
         if prefix is None or not self.allowed(kind, name):
             return None
-        prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
-        return f"{prefix}/{name}"
+        path = f"{prefix.rstrip('/')}/{name}"
+        return path if path.startswith("/") else f"/{path}"
 
     async def fetch(self, kind: Kind, path: str) -> SecretValue:
+        """GetParameter with decryption, one attempt; ``version`` is the parameter's version number.
+
+        Raises SecretNotFound, AccessDenied, RateLimited, BackendUnavailable, BackendTimeout, BackendError.
+        """
         response = await self._call(f"GetParameter {path}", "get_parameter", Name=path, WithDecryption=True)
         parameter = response.get("Parameter") or {}
         value = parameter.get("Value")
