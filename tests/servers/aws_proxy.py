@@ -1,7 +1,9 @@
 """A loopback reverse proxy in front of moto that counts AWS actions and injects faults.
 
 Faults are set per action (``secretsmanager.GetSecretValue``, ``AmazonSSM.GetParameter``, ``sts.AssumeRole``):
-throttle the next N calls, answer a chosen error code, or delay the answer.
+throttle the next N calls, answer the next calls with queued error codes, answer a chosen error code for
+every call (or for one secret id), or delay the answer. Every request is counted by action, with the
+``Authorization`` header it carried (so tests can see which access key signed it).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from urllib.parse import parse_qs, urlsplit
 
 
 class AwsProxy:
+    """Forward to ``upstream`` unless a fault is set for the request's action."""
+
     def __init__(self, upstream: str) -> None:
         parts = urlsplit(upstream)
         self.upstream = (parts.hostname or "127.0.0.1", parts.port or 80)
@@ -25,6 +29,7 @@ class AwsProxy:
         self.throttle: dict[str, int] = {}
         self.errors: dict[str, tuple[int, str]] = {}  # action -> (status, error code), persistent
         self.error_for_id: dict[str, tuple[int, str]] = {}  # SecretId/Name -> (status, code)
+        self.queued: dict[str, list[tuple[int, str]]] = {}  # action -> one-shot faults, in order
         self.delay: dict[str, float] = {}
         self.lock = threading.Lock()
         outer = self
@@ -75,9 +80,11 @@ class AwsProxy:
                     if throttled:
                         outer.throttle[action] -= 1
                     fault = outer.error_for_id.get(secret_id or "") or outer.errors.get(action)
+                    if not throttled and not fault and outer.queued.get(action):
+                        fault = outer.queued[action].pop(0)
                     delay = outer.delay.get(action, 0.0)
                 if delay:
-                    time.sleep(delay)
+                    time.sleep(delay)  # simulates a slow store: holds this request's thread only
                 if throttled:
                     self._fault(400, "ThrottlingException")
                     return
@@ -113,6 +120,7 @@ class AwsProxy:
             self.throttle.clear()
             self.errors.clear()
             self.error_for_id.clear()
+            self.queued.clear()
             self.delay.clear()
 
     def stop(self) -> None:

@@ -1,4 +1,8 @@
-"""moto behind a counting proxy, secrets planted in Airflow's default layouts, and identity helpers."""
+"""moto behind a counting proxy, secrets planted in Airflow's default layouts, and identity helpers.
+
+Daemon tests pass the AWS environment to the broker process; backend tests build Backend objects in
+this process and set the same environment with ``aws_env`` (monkeypatch: undone after each test).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import json
 import os
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -13,9 +18,13 @@ from typing import Any
 
 import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
+from broker.backends import load_type
+from broker.backends.base import Backend, BackendContext
+from broker.clock import SystemClock
+from broker.metrics import Metrics
 from tests.servers.aws_proxy import AwsProxy
+from tests.servers.moto import MotoServer
 
 REGION = "eu-west-1"
 PASSWORD = "p@ss/w:rd#-aws-3b7f"
@@ -26,10 +35,8 @@ SSM_SECRET = "ssm-secure-value-44f1"
 
 @pytest.fixture(scope="session")
 def moto_proxy() -> Iterator[AwsProxy]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    proxy = AwsProxy(f"http://{host}:{port}").start()
+    server = MotoServer().start()
+    proxy = AwsProxy(server.url).start()
     sm = boto3.client(
         "secretsmanager",
         region_name=REGION,
@@ -62,9 +69,17 @@ def moto_proxy() -> Iterator[AwsProxy]:
     sm.create_secret(Name="airflow/variables/rotating", SecretString="version-one")
     sm.create_secret(Name="airflow/config/sql_alchemy_conn", SecretString=CONFIG_VALUE)
     sm.create_secret(Name="outside/variables/plain", SecretString="outside-prefix-value")
+    sm.create_secret(Name="airflow/variables/not_utf8", SecretBinary=b"\xff\xfe\x00binary")
+    sm.create_secret(Name="bare_id", SecretString="empty-prefix-value")
     ssm.put_parameter(Name="/airflow/connections/ssm_conn", Value="mysql://a:b@h:3306/s", Type="SecureString")
     ssm.put_parameter(Name="/airflow/variables/ssm_var", Value=SSM_SECRET, Type="SecureString")
-    ssm.put_parameter(Name="/airflow/config/ssm_cfg", Value="ssm-config", Type="String")
+    ssm.put_parameter(Name="/airflow/config/ssm_cfg", Value="ssm-config", Type="SecureString")
+    ssm.put_parameter(
+        Name="/airflow/connections/ssm_json",
+        Value=json.dumps({"conn_type": "http", "host": "api.aws", "password": PASSWORD, "extra": {"timeout": 5}}),
+        Type="SecureString",
+    )
+    ssm.put_parameter(Name="/bare_param", Value="bare-param-value", Type="String")
     proxy.sm = sm  # type: ignore[attr-defined]
     try:
         yield proxy
@@ -111,8 +126,9 @@ def ssm_backend(**overrides: Any) -> dict[str, Any]:
 class PodIdentityAgent:
     """The EKS Pod Identity agent's credentials endpoint, on loopback: checks the Authorization header."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, lifetimes: list[float] | None = None) -> None:
         self.token = token
+        self.lifetimes = list(lifetimes or [])  # seconds each answer's credentials last; then one hour
         self.requests = 0
         self.refused = 0
         outer = self
@@ -125,13 +141,14 @@ class PodIdentityAgent:
                     self.send_response(401)
                     self.end_headers()
                     return
+                lifetime = outer.lifetimes.pop(0) if outer.lifetimes else 3600.0
                 body = json.dumps(
                     {
                         "AccessKeyId": "ASIAPODIDENTITYKEY01",
                         "SecretAccessKey": "pod-identity-secret",
                         "Token": "pod-identity-session-token",
                         "AccountId": "123456789012",
-                        "Expiration": (datetime.now(UTC) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                        "Expiration": (datetime.now(UTC) + timedelta(seconds=lifetime)).strftime("%Y-%m-%dT%H:%M:%SZ"),
                     }
                 ).encode()
                 self.send_response(200)
@@ -159,3 +176,34 @@ def pod_identity(tmp_path: Path) -> Iterator[tuple[PodIdentityAgent, Path]]:
     agent = PodIdentityAgent("pod-identity-projected-token")
     yield agent, token_file
     agent.stop()
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Give this process the daemon's AWS environment (see ``base_env``) plus ``extra``."""
+
+    def apply(extra: dict[str, str]) -> None:
+        for key in [k for k in os.environ if k.startswith("AWS_")]:
+            monkeypatch.delenv(key)
+        for key, value in base_env(extra).items():
+            if key.startswith("AWS_"):
+                monkeypatch.setenv(key, value)
+
+    return apply
+
+
+@pytest.fixture
+def make_backend() -> Iterator[Any]:
+    """Build Backend objects straight from a config mapping, with their own pool, clock and metrics."""
+    pools: list[ThreadPoolExecutor] = []
+
+    def make(config: dict[str, Any]) -> Backend:
+        cls = load_type(config["type"])
+        pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="aws-test")
+        pools.append(pool)
+        ctx = BackendContext(executor=pool, clock=SystemClock(), metrics=Metrics())
+        return cls(cls.config_model.model_validate(config), ctx)
+
+    yield make
+    for pool in pools:
+        pool.shutdown(wait=True, cancel_futures=True)

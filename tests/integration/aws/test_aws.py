@@ -54,10 +54,16 @@ def test_ssm_layout_with_secure_strings(broker_factory: Any, proxy: AwsProxy) ->
         {"backends": [ssm_backend(connections_prefix="airflow/connections/")]}, env=static_env(proxy)
     )
     assert json.loads(broker.get("connection", "ssm_conn")[1]["value"])["conn_type"] == "mysql"
+    assert json.loads(broker.get("connection", "ssm_json")[1]["value"]) == {
+        "conn_type": "http",
+        "host": "api.aws",
+        "password": PASSWORD,
+        "extra": {"timeout": 5},
+    }
     assert broker.get("variable", "ssm_var")[1]["value"] == SSM_SECRET
     assert broker.get("config", "ssm_cfg")[1]["value"] == "ssm-config"
     assert broker.get("variable", "nope")[0] == 404
-    assert proxy.calls["AmazonSSM.GetParameter"] == 4
+    assert proxy.calls["AmazonSSM.GetParameter"] == 5
 
 
 def test_lookup_patterns_and_null_prefixes_make_no_call(broker_factory: Any, proxy: AwsProxy) -> None:
