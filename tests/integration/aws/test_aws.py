@@ -193,6 +193,8 @@ def test_eks_pod_identity_through_local_agent(broker_factory: Any, proxy: AwsPro
     assert broker.get("variable", "plain")[1]["value"] == VARIABLE
     assert agent.requests >= 1 and agent.refused == 0
     assert all("Credential=ASIAPODIDENTITYKEY01" in h for a, h in proxy.auth_headers if a == GET)
+    for secret in ("pod-identity-secret", "pod-identity-session-token", "pod-identity-projected-token", VARIABLE):
+        assert secret not in broker.logs() and secret not in broker.metrics()
 
 
 def test_assume_role_chaining_and_check(broker_factory: Any, proxy: AwsProxy, tmp_path: Path) -> None:
