@@ -198,7 +198,11 @@ class AwsBackend(Backend):
         )
 
     def _build(self) -> None:
-        """Build the session, credentials and clients. No I/O: credentials resolve on first use."""
+        """Build the session, credentials and clients (in a worker thread, under ``self._lock``).
+
+        Most providers resolve on first use; the container provider (Pod Identity) fetches at once.
+        Raises the SDK's error (NoRegionError, CredentialRetrievalError, ...); the caller maps it.
+        """
         import boto3
         import botocore.session
         from botocore.credentials import CredentialProvider, CredentialResolver, DeferredRefreshableCredentials
