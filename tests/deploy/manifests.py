@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import kubernetes_validate.utils
+import kubernetes_validate.utils  # type: ignore[import-untyped]
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,9 +46,7 @@ def kubectl() -> str:
 
 @functools.cache
 def _render(variant: str) -> tuple[dict[str, Any], ...]:
-    out = subprocess.run(
-        [kubectl(), "kustomize", str(KUSTOMIZE / variant)], capture_output=True, text=True, timeout=60
-    )
+    out = subprocess.run([kubectl(), "kustomize", str(KUSTOMIZE / variant)], capture_output=True, text=True, timeout=60)
     if out.returncode != 0:
         raise AssertionError(f"kubectl kustomize {variant} failed:\n{out.stderr}")
     return tuple(d for d in yaml.safe_load_all(out.stdout) if d)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import kubernetes_validate
+import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 
 from tests.deploy.manifests import base_broker_config, helm_values, kubernetes_versions
@@ -17,6 +17,7 @@ SOCKET = "/run/broker/broker.sock"
 
 def sidecar(values: dict[str, Any], component: str) -> dict[str, Any]:
     (found,) = [c for c in values[component]["extraInitContainers"] if c["name"] == "broker"]
+    assert isinstance(found, dict)
     return found
 
 

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs what tests/deploy/test_image.py needs beyond Python: podman, runc and debootstrap (Debian
+# bookworm, as root), and kubectl for `kubectl kustomize` when an apt source offers it (Google's cloud-sdk
+# repository does). Idempotent: does nothing when the tools are already there. hadolint and
+# kubernetes-validate come from the project's test extras.
+set -euo pipefail
+
+export PATH="$PATH:/usr/sbin:/sbin"
+missing=()
+for tool in podman runc debootstrap kubectl; do
+  command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
+if [ "${#missing[@]}" -eq 0 ]; then
+  echo "deploy tools present: $(podman --version), $(runc --version | head -n1), debootstrap, kubectl"
+  exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+  echo "cannot install ${missing[*]}: not root (the image test will skip and say why)" >&2
+  exit 1
+fi
+if ! command -v apt-get >/dev/null 2>&1; then
+  echo "cannot install ${missing[*]}: no apt-get on this machine" >&2
+  exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq podman runc debootstrap >/dev/null
+echo "installed: $(podman --version), $(runc --version | head -n1), debootstrap"
+if ! command -v kubectl >/dev/null 2>&1; then
+  if apt-cache show kubectl >/dev/null 2>&1; then
+    apt-get install -y -qq kubectl >/dev/null
+    echo "installed: kubectl $(kubectl version --client 2>/dev/null | head -n1)"
+  else
+    echo "error: kubectl is not installed and no apt source offers it; the kustomize render tests need it" >&2
+    exit 1
+  fi
+fi
