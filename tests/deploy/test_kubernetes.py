@@ -252,3 +252,25 @@ def test_validate_only_rejects_a_broken_configmap(tmp_path: Path) -> None:
     )
     assert result.returncode != 0
     assert "backends[0].connections_file" in result.stderr and "listen.tcp" in result.stderr, result.stderr
+
+
+def test_the_command_line_validator_agrees(tmp_path: Path) -> None:
+    """`kubernetes-validate --strict`, as a user would run it, on every variant for the oldest and newest version;
+    and it does reject an unknown field (strict mode is really on)."""
+    files = []
+    for variant in VARIANTS:
+        path = tmp_path / f"{variant.replace('/', '_')}.yaml"
+        path.write_text(yaml.safe_dump_all(render(variant)))
+        files.append(str(path))
+    cli = str(Path(sys.executable).parent / "kubernetes-validate")
+    for version in (kubernetes_versions()[0], kubernetes_versions()[-1]):
+        result = subprocess.run(
+            [cli, "--strict", "--quiet", "-k", version, *files], capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+    docs = render("base")
+    pod_spec(docs)["initContainers"][0]["restartPolcy"] = "Always"
+    bad = tmp_path / "typo.yaml"
+    bad.write_text(yaml.safe_dump_all(docs))
+    result = subprocess.run([cli, "--strict", "--quiet", str(bad)], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "restartPolcy" in result.stdout + result.stderr
