@@ -1,0 +1,164 @@
+"""``type: gcp_secret_manager``: Google Secret Manager in the layout of Airflow's ``CloudSecretManagerBackend``.
+
+Secret ids are ``{prefix}{sep}{id}`` with prefixes ``airflow-connections``, ``airflow-variables``,
+``airflow-config`` and ``sep="-"``; a null prefix turns the kind off. Prefix plus separator must be made of
+``[A-Za-z0-9_-]`` (Airflow refuses others at start-up); an id that cannot form a valid secret id is not looked
+up here (Airflow's client gets INVALID_ARGUMENT and returns nothing: same outcome, no call).
+
+Each read is ``GET /v1/projects/{project}/secrets/{id}/versions/{version}:access`` with a bearer token from the
+pod's identity (``broker.identity.gcp``); the payload's CRC32C is verified, a mismatch is a backend error.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from pathlib import Path
+from typing import Literal
+
+import aiohttp
+from pydantic import Field, model_validator
+
+from broker import __version__
+from broker.backends import rest
+from broker.backends.base import (
+    Backend as BaseBackend,
+)
+from broker.backends.base import (
+    BackendConfig,
+    BackendContext,
+    BackendError,
+    Kind,
+    SecretValue,
+    layout_key,
+)
+from broker.identity.gcp import GoogleTokenSource
+
+SECRET_ID = re.compile(r"[A-Za-z0-9_-]{1,255}")
+PREFIX_CHARS = re.compile(r"[A-Za-z0-9_-]*")
+
+
+class GcpConfig(BackendConfig):
+    type: Literal["gcp_secret_manager"]
+    project_id: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$|^\d{1,20}$")
+    credentials_file: Path | None = None
+    endpoint_url: str = Field(default="https://secretmanager.googleapis.com", pattern=r"^https?://[^/\s?#]+/?$")
+    connections_prefix: str | None = "airflow-connections"
+    variables_prefix: str | None = "airflow-variables"
+    config_prefix: str | None = "airflow-config"
+    sep: str = Field(default="-", max_length=8)
+    version: str = Field(default="latest", pattern=r"^(latest|[1-9][0-9]{0,18})$")
+
+    @model_validator(mode="after")
+    def _secret_id_chars(self) -> GcpConfig:
+        for key in ("connections_prefix", "variables_prefix", "config_prefix"):
+            prefix = getattr(self, key)
+            if prefix is not None and not PREFIX_CHARS.fullmatch(prefix + self.sep):
+                raise ValueError(
+                    f"{key} and sep must use only letters, digits, '-' and '_' (Secret Manager secret ids)"
+                )
+        return self
+
+
+class Backend(BaseBackend):
+    config_model = GcpConfig
+    config: GcpConfig
+
+    def __init__(self, config: BackendConfig, ctx: BackendContext) -> None:
+        super().__init__(config, ctx)
+        self._base = self.config.endpoint_url.rstrip("/")
+        self.identity = GoogleTokenSource(
+            self.name,
+            ctx,
+            credentials_file=self.config.credentials_file,
+            project_id=self.config.project_id,
+            timeout=self.config.timeout,
+        )
+        self._session: aiohttp.ClientSession | None = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = rest.make_session(self._base, self.config.ca_cert, f"credential-broker/{__version__}")
+        return self._session
+
+    def locate(self, kind: Kind, name: str) -> str | None:
+        prefix = layout_key(self.config, kind, "prefix")
+        if prefix is None:
+            return None
+        secret_id = f"{prefix}{self.config.sep}{name}"
+        return secret_id if SECRET_ID.fullmatch(secret_id) else None
+
+    def _project(self) -> str:
+        project = self.config.project_id or self.identity.project_id
+        if not project:
+            raise BackendError(
+                f"gcp {self.name}: project_id is not set and the credentials name no project (metadata server)"
+            )
+        return project
+
+    async def fetch(self, kind: Kind, path: str) -> SecretValue:
+        """AccessSecretVersion, one attempt (a 401 gets one fresh token). ``version`` is the version number.
+
+        Raises SecretNotFound, AccessDenied, RateLimited, BackendUnavailable, BackendError (CRC32C mismatch,
+        malformed payload, version disabled or destroyed).
+        """
+        token = await self.identity.token()
+        project = self._project()
+        what = f"gcp {self.name}: {path}"
+        url = f"{self._base}/v1/projects/{project}/secrets/{path}/versions/{self.config.version}:access"
+        answer = await rest.get(self._http(), url, {"Authorization": f"Bearer {token}"}, what)
+        if answer.status == 401:  # revoked or expired early: one fresh token, then the answer stands
+            token = await self.identity.token(refused=token)
+            answer = await rest.get(self._http(), url, {"Authorization": f"Bearer {token}"}, what)
+        if answer.status >= 400:
+            error = answer.data.get("error")
+            status = error.get("status") if isinstance(error, dict) else None
+            code = status if isinstance(status, str) and status.isupper() and len(status) < 40 else None
+            if code == "FAILED_PRECONDITION":
+                raise BackendError(f"{what}: version {self.config.version} is disabled or destroyed")
+            rest.raise_for_status(answer, what, code)
+        return self._decode(answer.data, what)
+
+    @staticmethod
+    def _decode(data: dict[str, object], what: str) -> SecretValue:
+        import google_crc32c
+
+        payload = data.get("payload")
+        if not isinstance(payload, dict) or not isinstance(payload.get("data"), str):
+            raise BackendError(f"{what}: answer has no payload data")
+        try:
+            raw = base64.b64decode(payload["data"], validate=True)
+        except (binascii.Error, ValueError):
+            raise BackendError(f"{what}: payload is not valid base64") from None
+        expected = payload.get("dataCrc32c")
+        if expected is not None:
+            try:
+                expected_int = int(str(expected))
+            except ValueError:
+                raise BackendError(f"{what}: dataCrc32c is not an integer") from None
+            if google_crc32c.value(raw) != expected_int:
+                raise BackendError(f"{what}: payload CRC32C mismatch (corrupted in transit)")
+        try:
+            value = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BackendError(f"{what}: payload is not UTF-8 text") from None
+        name = data.get("name")
+        version = name.rsplit("/", 1)[-1] if isinstance(name, str) and "/versions/" in name else None
+        return SecretValue(value, version=version)
+
+    async def start(self) -> None:
+        await self.identity.start()
+        self._project()
+
+    async def check(self) -> str:
+        await self.identity.token()
+        return f"gcp project={self._project()} {self.identity.describe()}"
+
+    def not_ready_reason(self) -> str | None:
+        return self.identity.not_ready_reason()
+
+    async def aclose(self) -> None:
+        await self.identity.aclose()
+        if self._session is not None:
+            await self._session.close()
