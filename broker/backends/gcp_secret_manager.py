@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 import aiohttp
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from broker import __version__
 from broker.backends import rest
@@ -44,21 +44,19 @@ class GcpConfig(BackendConfig):
     project_id: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$|^\d{1,20}$")
     credentials_file: Path | None = None
     endpoint_url: str = Field(default="https://secretmanager.googleapis.com", pattern=r"^https?://[^/\s?#]+/?$")
+    sep: str = Field(default="-", max_length=8)  # before the prefixes: their validator reads it
     connections_prefix: str | None = "airflow-connections"
     variables_prefix: str | None = "airflow-variables"
     config_prefix: str | None = "airflow-config"
-    sep: str = Field(default="-", max_length=8)
     version: str = Field(default="latest", pattern=r"^(latest|[1-9][0-9]{0,18})$")
 
-    @model_validator(mode="after")
-    def _secret_id_chars(self) -> GcpConfig:
-        for key in ("connections_prefix", "variables_prefix", "config_prefix"):
-            prefix = getattr(self, key)
-            if prefix is not None and not PREFIX_CHARS.fullmatch(prefix + self.sep):
-                raise ValueError(
-                    f"{key} and sep must use only letters, digits, '-' and '_' (Secret Manager secret ids)"
-                )
-        return self
+    @field_validator("connections_prefix", "variables_prefix", "config_prefix")
+    @classmethod
+    def _secret_id_chars(cls, prefix: str | None, info: ValidationInfo) -> str | None:
+        sep = info.data.get("sep", "-")
+        if prefix is not None and not PREFIX_CHARS.fullmatch(prefix + sep):
+            raise ValueError("with sep, must use only letters, digits, '-' and '_' (Secret Manager secret ids)")
+        return prefix
 
 
 class Backend(BaseBackend):
