@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlsplit
@@ -42,6 +43,7 @@ class AzureCloud:
     client_id: str = "0f5c8a4e-1111-4222-8333-a1b2c3d4e5f6"
     federated_token: str = "projected-service-account-jwt-for-azure"
     challenge_tenant: str | None = None  # defaults to tenant_id
+    identity_header: str = "managed-identity-header-value"
     token_lifetime: float = 3599.0
     secrets: dict[str, Secret] = field(default_factory=dict)
     denied: set[str] = field(default_factory=set)
@@ -99,6 +101,25 @@ def entra_handler(cloud: AzureCloud) -> type[QuietHandler]:
             lifetime = int(cloud.token_lifetime)
             body = {"token_type": "Bearer", "expires_in": lifetime, "ext_expires_in": lifetime, "access_token": token}
             self.send_json(200, body)
+
+        def do_GET(self) -> None:
+            """The App Service / Container Apps managed-identity endpoint (``IDENTITY_ENDPOINT``)."""
+            parts = urlsplit(self.path)
+            query = {k: v[0] for k, v in parse_qs(parts.query).items()}
+            with cloud.lock:
+                cloud.calls["msi:token"] += 1
+            if parts.path != "/msi/token" or self.headers.get("X-IDENTITY-HEADER") != cloud.identity_header:
+                self._refuse(401, "invalid_request", 50000, "Missing or wrong X-IDENTITY-HEADER.")
+                return
+            resource = query.get("resource", "")
+            if not query.get("api-version") or resource != VAULT_RESOURCE:
+                self._refuse(400, "invalid_resource", 500011, "The resource principal was not found.")
+                return
+            token = cloud.tokens.issue(cloud.token_lifetime, aud=resource, tid=cloud.tenant_id, appid="msi")
+            expires_on = str(int(time.time() + cloud.token_lifetime))
+            self.send_json(
+                200, {"access_token": token, "expires_on": expires_on, "resource": resource, "token_type": "Bearer"}
+            )
 
     return Entra
 

@@ -171,3 +171,14 @@ def test_challenge_for_another_tenant_is_refused(
     status, body = broker.get("variable", "my_var")
     assert status == 403 and body["error"] == "forbidden"
     assert azure.cloud.calls["entra:token"] == 0
+
+
+def test_managed_identity_endpoint(broker_factory: Any, azure: AzureServers, azure_ca: TestCA, tmp_path: Path) -> None:
+    """``credential: managed_identity`` through the platform's identity endpoint (IDENTITY_ENDPOINT/HEADER)."""
+    env = {k: v for k, v in azure_env(azure, tmp_path).items() if not k.startswith("AZURE_")}
+    env["IDENTITY_ENDPOINT"] = f"{azure.entra.url}/msi/token"
+    env["IDENTITY_HEADER"] = azure.cloud.identity_header
+    broker = broker_factory({"backends": [azure_backend(azure, azure_ca, credential="managed_identity")]}, env=env)
+    assert broker.get("variable", "my_var")[1]["value"] == VARIABLE
+    assert azure.cloud.calls["msi:token"] == 1 and azure.cloud.calls["entra:token"] == 0
+    assert not any(k in azure.cloud.refused for k in ("invalid_request", "invalid_resource"))
