@@ -175,6 +175,15 @@ class SecretValue:
 # ---------------------------------------------------------------------------------------------- config
 
 
+class CircuitConfig(StrictModel):
+    """Open after ``threshold`` consecutive transient failures; probe after ``cooldown`` (doubling up to
+    ``max_cooldown`` while probes fail)."""
+
+    threshold: int = Field(default=5, ge=1, le=1000)
+    cooldown: Duration = Field(default=5.0, gt=0, le=3600)
+    max_cooldown: Duration = Field(default=60.0, gt=0, le=86_400)
+
+
 class BackendConfig(StrictModel):
     """Keys every backend accepts; plug-ins subclass this with their own (``extra="forbid"``)."""
 
@@ -186,6 +195,7 @@ class BackendConfig(StrictModel):
     ca_cert: Path | None = None
     timeout: Duration = Field(default=5.0, gt=0, le=120)
     retries: int = Field(default=3, ge=0, le=10)
+    circuit_breaker: CircuitConfig = CircuitConfig()
 
 
 # ---------------------------------------------------------------------------------------------- context

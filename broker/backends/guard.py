@@ -116,7 +116,12 @@ class Guard:
         self.backend = backend
         self.metrics = metrics
         self.name = backend.name
-        self.breaker = CircuitBreaker()
+        circuit = getattr(backend.config, "circuit_breaker", None)
+        self.breaker = (
+            CircuitBreaker(circuit.threshold, circuit.cooldown, max(circuit.cooldown, circuit.max_cooldown))
+            if circuit is not None
+            else CircuitBreaker()
+        )
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
         self.started = False
