@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from broker.backends.aws_common import AwsBackend, AwsConfig
-from broker.backends.base import BackendError, Kind, SecretValue, layout_key
+from broker.backends.base import BackendError, BackendUnavailable, Kind, SecretValue, layout_key
 
 # Airflow's SecretsManagerBackend accepts these key names for each connection field.
 CONN_WORDS: dict[str, tuple[str, ...]] = {
@@ -94,6 +94,9 @@ class Backend(AwsBackend):
         if self.config.version_id:
             kwargs["VersionId"] = self.config.version_id
         response = await self._call(f"GetSecretValue {path}", "get_secret_value", **kwargs)
+        if "ARN" not in response and "Name" not in response:
+            # botocore turns an unreadable body (cut in transit) into {"message": ...}: retry it
+            raise BackendUnavailable(f"aws {self.name}: {path}: answer unreadable (no ARN)")
         value = response.get("SecretString")
         if value is None and response.get("SecretBinary") is not None:
             try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Literal
 
 from broker.backends.aws_common import AwsBackend, AwsConfig
-from broker.backends.base import BackendError, Kind, SecretValue, layout_key
+from broker.backends.base import BackendError, BackendUnavailable, Kind, SecretValue, layout_key
 
 
 class SsmConfig(AwsConfig):
@@ -40,7 +40,10 @@ class Backend(AwsBackend):
         Raises SecretNotFound, AccessDenied, RateLimited, BackendUnavailable, BackendTimeout, BackendError.
         """
         response = await self._call(f"GetParameter {path}", "get_parameter", Name=path, WithDecryption=True)
-        parameter = response.get("Parameter") or {}
+        if not isinstance(response.get("Parameter"), dict):
+            # botocore turns an unreadable body (cut in transit) into {"message": ...}: retry it
+            raise BackendUnavailable(f"aws {self.name}: {path}: answer unreadable (no Parameter)")
+        parameter = response["Parameter"]
         value = parameter.get("Value")
         if not isinstance(value, str):
             raise BackendError(f"aws {self.name}: {path}: parameter has no value")

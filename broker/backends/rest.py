@@ -67,12 +67,18 @@ class Answer:
 
 
 async def get(session: aiohttp.ClientSession, url: str, headers: dict[str, str], what: str) -> Answer:
-    """One GET. Raises BackendUnavailable when the store cannot be reached or the answer is cut or oversized."""
+    """One GET. Raises BackendUnavailable when the store cannot be reached or a success answer is cut or
+    unreadable, BackendError when the answer is oversized."""
     try:
         async with session.get(url, headers=headers, allow_redirects=False) as resp:
-            raw = await resp.content.read(MAX_BODY + 1)
-            if len(raw) > MAX_BODY:
-                raise BackendError(f"{what}: answer larger than {MAX_BODY} bytes")
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in resp.content.iter_any():  # raises ClientPayloadError when cut short
+                size += len(chunk)
+                if size > MAX_BODY:
+                    raise BackendError(f"{what}: answer larger than {MAX_BODY} bytes")
+                chunks.append(chunk)
+            raw = b"".join(chunks)
             status = resp.status
             retry_after = resp.headers.get("Retry-After")
             challenge = resp.headers.get("WWW-Authenticate")
@@ -81,8 +87,12 @@ async def get(session: aiohttp.ClientSession, url: str, headers: dict[str, str],
     try:
         data = json.loads(raw) if raw else {}
     except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        if status < 400:  # a success we cannot read was damaged on the way: worth another attempt
+            raise BackendUnavailable(f"{what}: answer unreadable (HTTP {status}, not a JSON object)")
         data = {}
-    return Answer(status, data if isinstance(data, dict) else {}, retry_after, challenge)
+    return Answer(status, data, retry_after, challenge)
 
 
 def raise_for_status(answer: Answer, what: str, code: str | None = None) -> None:

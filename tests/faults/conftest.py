@@ -1,0 +1,175 @@
+"""Every networked backend type behind its own fault proxy: OpenBao (KV v2), moto (Secrets Manager and SSM),
+the local GCP Secret Manager and Azure Key Vault. A ``Harness`` says how to point a broker at its proxy,
+which keys are planted, and what the store's own throttling answer looks like."""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+
+from tests.servers.azure import AzureServers
+from tests.servers.cloud import TestCA
+from tests.servers.fault_proxy import FaultProxy
+from tests.servers.gcp import GcpServers
+from tests.servers.moto import MotoServer
+from tests.servers.openbao import ROOT_TOKEN, OpenBao
+
+KEYS = 12  # uncached keys planted per store
+REGION = "eu-west-1"
+AWS_THROTTLE = (
+    400,
+    {"Content-Type": "application/x-amz-json-1.1"},
+    b'{"__type": "ThrottlingException", "message": "Rate exceeded"}',
+)
+
+
+def value_of(store: str, key: str) -> str:
+    return f"fault-{store}-{key}-value-7e1d"
+
+
+@dataclass
+class Harness:
+    name: str
+    proxy: FaultProxy
+    backend: dict[str, Any]
+    env: dict[str, str] = field(default_factory=dict)
+    keys: list[str] = field(default_factory=list)  # variable names planted in the store
+
+    def config(self, **overrides: Any) -> dict[str, Any]:
+        return {**self.backend, **overrides}
+
+
+def _client_tls(ca: TestCA) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(ca.ca_path))
+
+
+def _keys() -> list[str]:
+    return ["cached", *(f"k{i}" for i in range(KEYS))]
+
+
+@pytest.fixture(scope="session")
+def fault_ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
+    return TestCA(tmp_path_factory.mktemp("fault-ca"))
+
+
+@pytest.fixture(scope="session")
+def harnesses(tmp_path_factory: pytest.TempPathFactory, fault_ca: TestCA) -> Iterator[dict[str, Harness]]:
+    work = tmp_path_factory.mktemp("faults")
+    stops: list[Any] = []
+    out: dict[str, Harness] = {}
+    try:
+        # Vault / OpenBao: KV v2, token auth (the token file holds the dev root token)
+        bao = OpenBao(work).start()
+        stops.append(bao.stop)
+        for key in _keys():
+            bao.kv2_put(f"variables/{key}", {"value": value_of("vault", key)})
+        token_file = work / "vault.token"
+        token_file.write_text(ROOT_TOKEN)
+        proxy = FaultProxy(bao.url, throttle=(429, {}, b'{"errors": ["rate limit quota exceeded"]}')).start()
+        stops.append(proxy.stop)
+        out["vault"] = Harness(
+            "vault",
+            proxy,
+            {
+                "name": "vault",
+                "type": "vault",
+                "url": proxy.url,
+                "auth": {"method": "token", "token_file": str(token_file)},
+            },
+            keys=_keys(),
+        )
+
+        # AWS: one moto server, a proxy per service so each backend has its own faults
+        moto = MotoServer().start()
+        stops.append(moto.stop)
+        creds = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": REGION}
+        sm = boto3.client("secretsmanager", endpoint_url=moto.url, **creds)
+        ssm = boto3.client("ssm", endpoint_url=moto.url, **creds)
+        for key in _keys():
+            sm.create_secret(Name=f"airflow/variables/{key}", SecretString=value_of("sm", key))
+            ssm.put_parameter(Name=f"/airflow/variables/{key}", Value=value_of("ssm", key), Type="SecureString")
+        aws_env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        aws_env |= {
+            "AWS_ACCESS_KEY_ID": "AKIAFAULTTESTKEY0000",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": REGION,
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "AWS_CONFIG_FILE": "/dev/null",
+            "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+        }
+        for store, type_ in (("sm", "aws_secrets_manager"), ("ssm", "aws_ssm")):
+            proxy = FaultProxy(moto.url, throttle=AWS_THROTTLE).start()
+            stops.append(proxy.stop)
+            backend = {"name": store, "type": type_, "region_name": REGION, "endpoint_url": proxy.url}
+            out[store] = Harness(store, proxy, backend, env=aws_env, keys=_keys())
+
+        # GCP: Secret Manager over TLS; the proxy terminates and re-opens TLS with the test CA
+        gcp = GcpServers(fault_ca)
+        stops.append(gcp.stop)
+        for key in _keys():
+            gcp.cloud.add(f"airflow-variables-{key}", value_of("gcp", key))
+        proxy = FaultProxy(
+            gcp.secret_manager.url,
+            listen_tls=fault_ca.server_context(),
+            upstream_tls=_client_tls(fault_ca),
+            throttle=(
+                429,
+                {"Retry-After": "1"},
+                b'{"error": {"code": 429, "message": "Quota exceeded", "status": "RESOURCE_EXHAUSTED"}}',
+            ),
+        ).start()
+        stops.append(proxy.stop)
+        gcp_env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "GCE_", "CLOUDSDK_"))}
+        gcp_env |= gcp.env() | {"CLOUDSDK_CONFIG": str(work / "gcloud")}
+        backend = {
+            "name": "gcp",
+            "type": "gcp_secret_manager",
+            "endpoint_url": proxy.url,
+            "ca_cert": str(fault_ca.ca_path),
+        }
+        out["gcp"] = Harness("gcp", proxy, backend, env=gcp_env, keys=_keys())
+
+        # Azure: Key Vault over TLS behind the proxy; Entra reached directly
+        azure = AzureServers(fault_ca)
+        stops.append(azure.stop)
+        for key in _keys():
+            azure.cloud.add(f"airflow-variables-{key}", value_of("azure", key))  # keys have no "_"
+        proxy = FaultProxy(
+            azure.key_vault.url,
+            listen_tls=fault_ca.server_context(),
+            upstream_tls=_client_tls(fault_ca),
+            throttle=(429, {"Retry-After": "1"}, b'{"error": {"code": "Throttled", "message": "Too many requests"}}'),
+        ).start()
+        stops.append(proxy.stop)
+        token_file = work / "azure-token"
+        token_file.write_text(azure.cloud.federated_token)
+        azure_env = {k: v for k, v in os.environ.items() if not k.startswith("AZURE_")}
+        azure_env |= azure.env(str(token_file))
+        backend = {
+            "name": "akv",
+            "type": "azure_key_vault",
+            "vault_url": proxy.url,
+            "ca_cert": str(fault_ca.ca_path),
+            "verify_challenge_resource": False,
+        }
+        out["azure"] = Harness("azure", proxy, backend, env=azure_env, keys=_keys())
+        yield out
+    finally:
+        for stop in reversed(stops):
+            stop()
+
+
+def planted_values() -> list[str]:
+    return [value_of(store, key) for store in ("vault", "sm", "ssm", "gcp", "azure") for key in _keys()]
+
+
+def dump(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2))
