@@ -34,3 +34,13 @@ def broker_factory(tmp_path: Path) -> Iterator[Any]:
     yield make
     for proc in started:
         proc.stop()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print what the load, fault and fuzz tests measured, so every run's output carries the figures."""
+    from tests.support.figures import FIGURES
+
+    if FIGURES:
+        terminalreporter.section("measured figures")
+        for section, text in FIGURES:
+            terminalreporter.write_line(f"{section}: {text}")

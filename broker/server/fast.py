@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from broker.app import BrokerState
 
 KINDS = {b"connections": Kind.CONNECTION, b"variables": Kind.VARIABLE, b"config": Kind.CONFIG}
+DRAIN_QUIET = 0.2  # seconds without a byte before an idle kept-alive connection is closed on shutdown
 _MAX_HEAD = 16_384  # a longer head goes to aiohttp, which answers it with its own limits
 _RID_OK = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 _HIT_PREFIX = (
@@ -81,6 +82,7 @@ class FastFront:
         self.tcp_token = tcp_token
         self.seen = seen  # the listener's header-timeout bookkeeping (ids of protocols that sent a request)
         self.connections: set[FastProtocol] = set()
+        self.draining = False
         listen = state.config.listen
         self.uids = set(listen.allowed_uids) if listen.allowed_uids is not None else None
         self.gids = set(listen.allowed_gids) if listen.allowed_gids is not None else None
@@ -131,17 +133,29 @@ class FastFront:
             return False
         return (self.uids is not None and uid in self.uids) or (self.gids is not None and gid in self.gids)
 
-    def close_idle(self) -> None:
-        """Close fast connections with no request in progress (called when the listener stops accepting)."""
+    def close_idle(self, quiet: float = 0.0) -> None:
+        """Close fast connections with no request in progress and nothing received for ``quiet`` seconds."""
+        now = asyncio.get_running_loop().time()
         for proto in list(self.connections):
-            proto.close_if_idle()
+            if now - proto.last_activity >= quiet:
+                proto.close_if_idle()
 
     async def drain(self, timeout: float) -> None:  # noqa: ASYNC109 - a bound, not a cancel scope
-        """Wait for lookups in flight on fast connections (aiohttp's runner does not see them), then close."""
-        pending = [p.pending for p in self.connections if p.pending is not None]
-        if pending:
-            await asyncio.wait(pending, timeout=timeout)
-        self.close_idle()
+        """Finish what kept-alive connections are doing, then close them (aiohttp's runner does not see them).
+
+        From now on every answer says ``Connection: close`` and its connection closes once it is written;
+        a connection with nothing in progress is closed once it has been quiet for a moment, so a request
+        a client sent just before the close is read and answered rather than reset.
+        """
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while any(p.inner is None for p in self.connections) and loop.time() < deadline:
+            self.close_idle(DRAIN_QUIET)
+            await asyncio.sleep(0.02)
+        for proto in list(self.connections):
+            if proto.transport is not None and proto.inner is None:
+                proto.transport.close()
 
 
 class FastProtocol(asyncio.Protocol):
@@ -163,6 +177,7 @@ class FastProtocol(asyncio.Protocol):
         self.request_id: bytes | None = None
         self.complete = False
         self.keep_alive = False
+        self.last_activity = asyncio.get_running_loop().time()
 
     # ---- httptools callbacks
 
@@ -196,6 +211,7 @@ class FastProtocol(asyncio.Protocol):
             self._hand_off(b"")  # aiohttp answers every request on it with 403 and counts it
 
     def data_received(self, data: bytes) -> None:
+        self.last_activity = asyncio.get_running_loop().time()
         if self.inner is not None:
             self.inner.data_received(data)
             return
@@ -253,6 +269,9 @@ class FastProtocol(asyncio.Protocol):
             answer = self._hit(kind, name)
             if answer is not None:
                 transport.write(answer)
+                if self.front.draining:
+                    transport.close()  # the answer said Connection: close; written before the close
+                    return
                 continue
             # A miss (or anything but a plain fresh hit): the application's own lookup, in order.
             transport.pause_reading()
@@ -287,8 +306,9 @@ class FastProtocol(asyncio.Protocol):
             return None  # a miss, stale, or due for refresh-ahead: the cache's get() decides
         now = state.clock.now()
         body = _body_head(entry) + b',"cache":"hit","age":%d}' % max(0, int(now - entry.fetched_at))
-        answer = b"%sContent-Length: %d\r\nX-Request-Id: %s\r\n\r\n%s" % (
+        answer = b"%s%sContent-Length: %d\r\nX-Request-Id: %s\r\n\r\n%s" % (
             _HIT_PREFIX,
+            b"Connection: close\r\n" if self.front.draining else b"",
             len(body),
             self._rid(),
             body,
@@ -316,6 +336,11 @@ class FastProtocol(asyncio.Protocol):
         finally:
             self.pending = None
         if transport.is_closing():
+            return
+        if self.front.draining:
+            response.headers["Connection"] = "close"
+            transport.write(_serialise(response, request_id))
+            transport.close()
             return
         transport.write(_serialise(response, request_id))
         transport.resume_reading()

@@ -16,6 +16,7 @@ import pytest
 
 from tests.faults.conftest import Harness, planted_values, value_of
 from tests.support.broker_process import wait_for
+from tests.support.figures import report
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -112,7 +113,14 @@ def test_every_backend_survives_every_fault(broker_factory: Any, harnesses: dict
     with ThreadPoolExecutor(len(brokers)) as pool:
         results = dict(zip(brokers, pool.map(run, brokers), strict=True))
     for name, result in results.items():
-        print(f"\n{name}: {result}")
+        faults = result["faults"]
+        served = sum(f["served"] for f in faults.values())
+        report(
+            f"faults {name}",
+            f"{len(faults)} faults survived, {served} cached requests served during them (0 failed), "
+            f"uncached answered {sorted({f['uncached_status'] for f in faults.values()})} in at most "
+            f"{max(f['uncached_s'] for f in faults.values())} s; circuit: {result['circuit']}",
+        )
         logs = brokers[name].logs()
         for value in planted_values():
             assert value not in logs, f"{name}: a planted secret value reached the log"
