@@ -36,6 +36,31 @@ def broker_factory(tmp_path: Path) -> Iterator[Any]:
         proc.stop()
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The session-wide leak check: every broker log and error body of the run against every planted value."""
+    from tests.support.figures import report
+    from tests.support.leakcheck import SESSION
+
+    if not SESSION.logs:
+        return  # no broker ran (e.g. only unit tests were selected)
+    if not SESSION.planted:
+        report("leak check", "FAILED: brokers ran but no secret value was planted, the check would prove nothing")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        return
+    found = SESSION.scan()
+    groups = len(set(SESSION.planted.values()))
+    scope = f"{len(SESSION.logs)} log files and {len(SESSION.error_bodies)} error bodies"
+    if found:
+        report("leak check", f"FAILED: planted secret values found in {scope}: " + "; ".join(found[:20]))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    else:
+        report(
+            "leak check",
+            f"{scope} scanned for {len(SESSION.originals)} planted values (and their URI-encoded forms) "
+            f"from {groups} fixture groups: none found",
+        )
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     """Print what the load, fault and fuzz tests measured, so every run's output carries the figures."""
     from tests.support.figures import FIGURES

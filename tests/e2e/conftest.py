@@ -19,6 +19,7 @@ from moto.server import ThreadedMotoServer
 from tests.e2e.venvs import AIRFLOW_VERSIONS, ensure_airflow
 from tests.servers.openbao import ROOT_TOKEN, OpenBao
 from tests.support.broker_process import BrokerProcess
+from tests.support.leakcheck import plant
 
 PASSWORD = "p@ss/w:rd#"
 EXTRA = {"sslmode": "require", "options": {"connect_timeout": 5, "keepalives": [1, 2]}}
@@ -174,3 +175,5 @@ def stack(
         yield major, python, Stack(broker, home, fernet_key)
     finally:
         broker.stop()
+
+plant("e2e", PASSWORD)

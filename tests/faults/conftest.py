@@ -21,6 +21,7 @@ from tests.servers.fault_proxy import FaultProxy
 from tests.servers.gcp import GcpServers
 from tests.servers.moto import MotoServer
 from tests.servers.openbao import ROOT_TOKEN, OpenBao
+from tests.support.leakcheck import plant
 
 KEYS = 12  # uncached keys planted per store
 REGION = "eu-west-1"
@@ -173,3 +174,5 @@ def planted_values() -> list[str]:
 
 def dump(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2))
+
+plant("faults", *planted_values())

@@ -21,12 +21,14 @@ import yaml
 
 from broker.client import BrokerClient, BrokerUnavailableError
 from tests.support.broker_process import UnixHTTPConnection, wait_for
+from tests.support.leakcheck import plant
 from tests.support.net import free_port
 
 PASSWORD = "p@ss/w:rd#-planted-9f3a"
 VARIABLE = "planted-variable-value-51c2"
 CONFIG_VALUE = "planted-config-value-77de"
 PLANTED = [PASSWORD, VARIABLE, CONFIG_VALUE]
+plant("daemon", *PLANTED)
 
 
 def write_secrets(root: Path, variable: str = VARIABLE) -> dict[str, Any]:

@@ -9,8 +9,11 @@ from pathlib import Path
 import pytest
 
 from tests.servers.openbao import ROOT_TOKEN, OpenBao
+from tests.support.leakcheck import plant
 
 HOT_KEYS = 50
+plant("load", *(f"load-vault-value-{i}-3f9a" for i in range(HOT_KEYS)))
+plant("load", *(f"load-file-value-{i}-b21c" for i in range(HOT_KEYS)))
 
 
 @pytest.fixture(scope="module")

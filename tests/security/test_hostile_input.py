@@ -14,9 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.support.broker_process import BrokerProcess
+from tests.support.leakcheck import plant
 
 INSIDE = "inside-value-6c1d"
 OUTSIDE = "outside-value-never-served-0b3e"
+plant("hostile", INSIDE, OUTSIDE)
 PLANTED_ENV = {"AIRFLOW_VAR_INSIDE": INSIDE, "OUTSIDE_SECRET": OUTSIDE, "AIRFLOW_CONN_OUTSIDE": "x://outside"}
 
 

@@ -16,6 +16,7 @@ from urllib.parse import quote
 
 import yaml
 
+from tests.support import leakcheck
 from tests.support.net import free_port
 
 KIND_PATH = {"connection": "connections", "variable": "variables", "config": "config"}
@@ -83,6 +84,7 @@ class BrokerProcess:
         env = dict(os.environ if self.env is None else self.env)
         env.setdefault("PYTHONUNBUFFERED", "1")
         self._log_fh = open(self.log_path, "ab")
+        leakcheck.SESSION.record_log(self.log_path)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "broker", "serve", "--config", str(self.config_path)],
             stdout=self._log_fh,
@@ -118,6 +120,8 @@ class BrokerProcess:
             conn.request(method, path, body=body, headers=headers or {})
             resp = conn.getresponse()
             raw = resp.read()
+            if resp.status >= 400:
+                leakcheck.SESSION.record_error(f"{method} {path[:80]}", raw)
             try:
                 data = json.loads(raw) if raw else {}
             except ValueError:

@@ -25,6 +25,7 @@ from broker.clock import SystemClock
 from broker.metrics import Metrics
 from tests.servers.aws_proxy import AwsProxy
 from tests.servers.moto import MotoServer
+from tests.support.leakcheck import plant
 
 REGION = "eu-west-1"
 PASSWORD = "p@ss/w:rd#-aws-3b7f"
@@ -207,3 +208,5 @@ def make_backend() -> Iterator[Any]:
     yield make
     for pool in pools:
         pool.shutdown(wait=True, cancel_futures=True)
+
+plant("aws", PASSWORD, VARIABLE, CONFIG_VALUE, SSM_SECRET)

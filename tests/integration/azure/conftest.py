@@ -13,6 +13,7 @@ import pytest
 
 from tests.servers.azure import AzureServers
 from tests.servers.cloud import TestCA
+from tests.support.leakcheck import plant
 
 PASSWORD = "p@ss/w:rd#-azure-9f3e"
 VARIABLE = "azure-variable-value-47d2"
@@ -77,3 +78,5 @@ def azure_backend(servers: AzureServers, ca: TestCA, **overrides: Any) -> dict[s
         "retries": 2,
         **overrides,
     }
+
+plant("azure", *PLANTED)

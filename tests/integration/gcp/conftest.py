@@ -16,6 +16,7 @@ import pytest
 
 from tests.servers.cloud import TestCA
 from tests.servers.gcp import GcpServers
+from tests.support.leakcheck import plant
 
 PASSWORD = "p@ss/w:rd#-gcp-5d21"
 VARIABLE = "gcp-variable-value-8e3a"
@@ -95,3 +96,5 @@ def gcp_backend(servers: GcpServers, ca: TestCA, **overrides: Any) -> dict[str, 
         "retries": 2,
         **overrides,
     }
+
+plant("gcp", *PLANTED)

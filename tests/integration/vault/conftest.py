@@ -20,6 +20,7 @@ from cryptography.x509.oid import NameOID
 
 from tests.servers.openbao import OpenBao
 from tests.servers.tokenreview import TokenReviewServer
+from tests.support.leakcheck import plant
 
 PASSWORD = "p@ss/w:rd#-vault-7c1e"
 VARIABLE = "vault-variable-value-5d2a"
@@ -198,3 +199,5 @@ def vault_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VaultEnv]:
     finally:
         reviews.stop()
         bao.stop()
+
+plant("vault", PASSWORD, VARIABLE, CONFIG_VALUE)
