@@ -167,13 +167,23 @@ def build_api_app(state: BrokerState, *, tcp_token: bytes | None = None) -> web.
     app.router.add_get("/healthz", _healthz, expect_handler=expect_handler)
     app.router.add_get("/readyz", _readyz, expect_handler=expect_handler)
     app.router.add_get("/openapi.json", _openapi, expect_handler=expect_handler)
-    app.router.add_route("*", "/{tail:.*}", _no_route, expect_handler=expect_handler)
+    app.router.add_route(
+        "*", "/{tail:.*}", _no_route(frozenset({"/healthz", "/readyz", "/openapi.json"})), expect_handler=expect_handler
+    )
     return with_header_timeout(app)
 
 
-async def _no_route(_request: web.Request) -> web.Response:
-    # Our own catch-all, so that aiohttp's built-in 404 route (and its Expect handling) is never used.
-    return error_response(404, "not_found", "no such endpoint")
+def _no_route(get_only: frozenset[str]) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """Our own catch-all, so that aiohttp's built-in 404 route (and its Expect handling) is never used:
+    405 with ``Allow`` for another method on one of the app's GET endpoints, else 404."""
+
+    async def handler(request: web.Request) -> web.Response:
+        if request.path in get_only and request.method not in ("GET", "HEAD"):
+            message = f"{request.path} answers GET and HEAD only"
+            return error_response(405, "method_not_allowed", message, {"Allow": "GET, HEAD"})
+        return error_response(404, "not_found", "no such endpoint")
+
+    return handler
 
 
 async def _healthz(_request: web.Request) -> web.Response:
@@ -292,6 +302,8 @@ async def _invalidate(state: BrokerState, request: web.Request) -> web.Response:
         return error_response(400, "bad_request", "body must be JSON")
     if not isinstance(body, dict) or set(body) - {"kind", "name"}:
         return error_response(400, "bad_request", 'body must be {"kind": ..., "name": ...} or {}')
+    if any(not isinstance(body[key], str) for key in body):
+        return error_response(400, "bad_request", "kind and name must be strings (leave a key out to mean all)")
     kind_raw, name = body.get("kind"), body.get("name")
     kind = None
     if kind_raw is not None:
@@ -328,7 +340,9 @@ def build_metrics_app(state: BrokerState) -> web.Application:
     app.router.add_get("/metrics", metrics, expect_handler=expect_handler)
     app.router.add_get("/healthz", _healthz, expect_handler=expect_handler)
     app.router.add_get("/readyz", _readyz, expect_handler=expect_handler)
-    app.router.add_route("*", "/{tail:.*}", _no_route, expect_handler=expect_handler)
+    app.router.add_route(
+        "*", "/{tail:.*}", _no_route(frozenset({"/metrics", "/healthz", "/readyz"})), expect_handler=expect_handler
+    )
     return with_header_timeout(app)
 
 
