@@ -23,6 +23,7 @@ from tests.servers.moto import MotoServer
 from tests.servers.openbao import ROOT_TOKEN, OpenBao
 from tests.support.leakcheck import plant
 
+OUTSIDE = "outside-every-prefix-value-9c2f"  # planted in each store outside the variables layout
 KEYS = 12  # uncached keys planted per store
 REGION = "eu-west-1"
 AWS_THROTTLE = (
@@ -72,6 +73,8 @@ def harnesses(tmp_path_factory: pytest.TempPathFactory, fault_ca: TestCA) -> Ite
         stops.append(bao.stop)
         for key in _keys():
             bao.kv2_put(f"variables/{key}", {"value": value_of("vault", key)})
+        for path in ("outside", "variables", "config/outside"):
+            bao.kv2_put(path, {"value": OUTSIDE})
         token_file = work / "vault.token"
         token_file.write_text(ROOT_TOKEN)
         proxy = FaultProxy(bao.url, throttle=(429, {}, b'{"errors": ["rate limit quota exceeded"]}')).start()
@@ -97,6 +100,9 @@ def harnesses(tmp_path_factory: pytest.TempPathFactory, fault_ca: TestCA) -> Ite
         for key in _keys():
             sm.create_secret(Name=f"airflow/variables/{key}", SecretString=value_of("sm", key))
             ssm.put_parameter(Name=f"/airflow/variables/{key}", Value=value_of("ssm", key), Type="SecureString")
+        for name in ("outside", "airflow/outside", "airflow/variables"):
+            sm.create_secret(Name=name, SecretString=OUTSIDE)
+            ssm.put_parameter(Name=f"/{name}", Value=OUTSIDE, Type="SecureString")
         aws_env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         aws_env |= {
             "AWS_ACCESS_KEY_ID": "AKIAFAULTTESTKEY0000",
@@ -117,6 +123,8 @@ def harnesses(tmp_path_factory: pytest.TempPathFactory, fault_ca: TestCA) -> Ite
         stops.append(gcp.stop)
         for key in _keys():
             gcp.cloud.add(f"airflow-variables-{key}", value_of("gcp", key))
+        for name in ("outside", "airflow-variables", "airflow-config-outside"):
+            gcp.cloud.add(name, OUTSIDE)
         proxy = FaultProxy(
             gcp.secret_manager.url,
             listen_tls=fault_ca.server_context(),
@@ -143,6 +151,8 @@ def harnesses(tmp_path_factory: pytest.TempPathFactory, fault_ca: TestCA) -> Ite
         stops.append(azure.stop)
         for key in _keys():
             azure.cloud.add(f"airflow-variables-{key}", value_of("azure", key))  # keys have no "_"
+        for name in ("outside", "airflow-variables", "airflow-config-outside"):
+            azure.cloud.add(name, OUTSIDE)
         proxy = FaultProxy(
             azure.key_vault.url,
             listen_tls=fault_ca.server_context(),
@@ -175,4 +185,6 @@ def planted_values() -> list[str]:
 def dump(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2))
 
+
 plant("faults", *planted_values())
+plant("traversal", OUTSIDE)
