@@ -21,10 +21,8 @@ import time
 from typing import Literal
 from urllib.parse import quote, urlsplit
 
-import aiohttp
 from pydantic import Field
 
-from broker import __version__
 from broker.backends import rest
 from broker.backends.base import (
     AccessDenied,
@@ -35,7 +33,6 @@ from broker.backends.base import (
     SecretValue,
     layout_key,
 )
-from broker.backends.base import Backend as BaseBackend
 from broker.identity.azure import AzureTokenSource, CredentialKind
 
 log = logging.getLogger("broker.backend.azure")
@@ -67,13 +64,14 @@ def parse_challenge(header: str) -> dict[str, str]:
     return {key.lower(): value for key, value in _PARAM.findall(rest_)}
 
 
-class Backend(BaseBackend):
+class Backend(rest.RestBackend):
     config_model = AzureConfig
     config: AzureConfig
+    identity: AzureTokenSource
 
     def __init__(self, config: BackendConfig, ctx: BackendContext) -> None:
-        super().__init__(config, ctx)
-        self._base = self.config.vault_url.rstrip("/")
+        assert isinstance(config, AzureConfig)
+        super().__init__(config, ctx, config.vault_url)
         self._host = (urlsplit(self._base).hostname or "").lower()
         self.identity = AzureTokenSource(
             self.name,
@@ -82,12 +80,6 @@ class Backend(BaseBackend):
             client_id=self.config.client_id,
             tenant_id=self.config.tenant_id,
         )
-        self._session: aiohttp.ClientSession | None = None
-
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = rest.make_session(self._base, self.config.ca_cert, f"credential-broker/{__version__}")
-        return self._session
 
     # ------------------------------------------------------------------------------------------ layout
 
@@ -130,6 +122,9 @@ class Backend(BaseBackend):
             raise BackendError(f"{what}: Key Vault answered an unauthenticated request with HTTP {answer.status}")
         self._accept_challenge(answer.www_authenticate, what)
 
+    async def _on_unauthorized(self, answer: rest.Answer, what: str) -> None:
+        self._accept_challenge(answer.www_authenticate, what)  # the vault may have moved tenant or resource
+
     # ------------------------------------------------------------------------------------------ reads
 
     async def fetch(self, kind: Kind, path: str) -> SecretValue:
@@ -141,12 +136,7 @@ class Backend(BaseBackend):
         url = f"{self._base}/secrets/{quote(path, safe='')}?api-version={self.config.api_version}"
         if self.identity.scope is None:
             await self._challenge(what)
-        token = await self.identity.token()
-        answer = await rest.get(self._http(), url, {"Authorization": f"Bearer {token}"}, what)
-        if answer.status == 401:
-            self._accept_challenge(answer.www_authenticate, what)
-            token = await self.identity.token(refused=token)
-            answer = await rest.get(self._http(), url, {"Authorization": f"Bearer {token}"}, what)
+        answer = await self.authorized_get(url, what)
         if answer.status >= 400:
             code = self._error_code(answer.data)
             if answer.status == 403 and code == "SecretDisabled":
@@ -194,11 +184,3 @@ class Backend(BaseBackend):
             await self._challenge(f"azure {self.name}: challenge")
         await self.identity.token()
         return f"azure vault={self._base} {self.identity.describe()}"
-
-    def not_ready_reason(self) -> str | None:
-        return self.identity.not_ready_reason()
-
-    async def aclose(self) -> None:
-        await self.identity.aclose()
-        if self._session is not None:
-            await self._session.close()

@@ -17,14 +17,9 @@ import re
 from pathlib import Path
 from typing import Literal
 
-import aiohttp
 from pydantic import Field, ValidationInfo, field_validator
 
-from broker import __version__
 from broker.backends import rest
-from broker.backends.base import (
-    Backend as BaseBackend,
-)
 from broker.backends.base import (
     BackendConfig,
     BackendContext,
@@ -59,13 +54,14 @@ class GcpConfig(BackendConfig):
         return prefix
 
 
-class Backend(BaseBackend):
+class Backend(rest.RestBackend):
     config_model = GcpConfig
     config: GcpConfig
+    identity: GoogleTokenSource
 
     def __init__(self, config: BackendConfig, ctx: BackendContext) -> None:
-        super().__init__(config, ctx)
-        self._base = self.config.endpoint_url.rstrip("/")
+        assert isinstance(config, GcpConfig)
+        super().__init__(config, ctx, config.endpoint_url)
         self.identity = GoogleTokenSource(
             self.name,
             ctx,
@@ -73,12 +69,6 @@ class Backend(BaseBackend):
             project_id=self.config.project_id,
             timeout=self.config.timeout,
         )
-        self._session: aiohttp.ClientSession | None = None
-
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = rest.make_session(self._base, self.config.ca_cert, f"credential-broker/{__version__}")
-        return self._session
 
     def locate(self, kind: Kind, name: str) -> str | None:
         prefix = layout_key(self.config, kind, "prefix")
@@ -101,14 +91,10 @@ class Backend(BaseBackend):
         Raises SecretNotFound, AccessDenied, RateLimited, BackendUnavailable, BackendError (CRC32C mismatch,
         malformed payload, version disabled or destroyed).
         """
-        token = await self.identity.token()
-        project = self._project()
+        await self.identity.token()  # the first token also names the project when the config does not
         what = f"gcp {self.name}: {path}"
-        url = f"{self._base}/v1/projects/{project}/secrets/{path}/versions/{self.config.version}:access"
-        answer = await rest.get(self._http(), url, {"Authorization": f"Bearer {token}"}, what)
-        if answer.status == 401:  # revoked or expired early: one fresh token, then the answer stands
-            token = await self.identity.token(refused=token)
-            answer = await rest.get(self._http(), url, {"Authorization": f"Bearer {token}"}, what)
+        url = f"{self._base}/v1/projects/{self._project()}/secrets/{path}/versions/{self.config.version}:access"
+        answer = await self.authorized_get(url, what)
         if answer.status >= 400:
             error = answer.data.get("error")
             status = error.get("status") if isinstance(error, dict) else None
@@ -152,11 +138,3 @@ class Backend(BaseBackend):
     async def check(self) -> str:
         await self.identity.token()
         return f"gcp project={self._project()} {self.identity.describe()}"
-
-    def not_ready_reason(self) -> str | None:
-        return self.identity.not_ready_reason()
-
-    async def aclose(self) -> None:
-        await self.identity.aclose()
-        if self._session is not None:
-            await self._session.close()

@@ -1,4 +1,5 @@
-"""What the REST stores (GCP Secret Manager, Azure Key Vault) share: one aiohttp session, bearer GETs, status map.
+"""What the HTTP stores share: one pooled aiohttp session per backend; for the REST stores (GCP Secret Manager,
+Azure Key Vault) also a base class, bearer GETs and the status map.
 
 Bodies of error answers are parsed for the store's error code only; they are never quoted in messages
 (a store may echo the request, and nothing a store says is trusted to be free of secrets).
@@ -14,8 +15,12 @@ from typing import Any
 
 import aiohttp
 
+from broker import __version__
 from broker.backends.base import (
     AccessDenied,
+    Backend,
+    BackendConfig,
+    BackendContext,
     BackendError,
     BackendUnavailable,
     BrokerError,
@@ -23,16 +28,19 @@ from broker.backends.base import (
     SecretNotFound,
     ssl_context,
 )
+from broker.identity import TokenSource
 
 MAX_BODY = 1 << 20  # a secret store answer larger than 1 MiB is refused (GCP and Azure cap secrets at 64 KiB / 25 KiB)
+POOL_LIMIT = 64  # connections one backend keeps to its store, kept alive between requests
+USER_AGENT = f"credential-broker/{__version__}"
 
 
-def make_session(base_url: str, ca_cert: Path | None, user_agent: str) -> aiohttp.ClientSession:
+def make_session(base_url: str, ca_cert: Path | None, headers: dict[str, str]) -> aiohttp.ClientSession:
     """One pooled session per backend; verifying TLS (``ca_cert`` replaces the system store when set)."""
     ssl: Any = ssl_context(ca_cert) if base_url.startswith("https") else False
     return aiohttp.ClientSession(
-        headers={"User-Agent": user_agent, "Accept": "application/json"},
-        connector=aiohttp.TCPConnector(ssl=ssl, limit=64),
+        headers=headers,
+        connector=aiohttp.TCPConnector(ssl=ssl, limit=POOL_LIMIT),
         trust_env=False,  # store traffic never goes through an environment proxy
     )
 
@@ -113,3 +121,48 @@ def raise_for_status(answer: Answer, what: str, code: str | None = None) -> None
     else:
         error = BackendError(message)
     raise error
+
+
+class RestBackend(Backend):
+    """A store read with bearer-token GETs: the session, the token source and their lifecycle.
+
+    A plug-in sets ``identity`` in its constructor and writes ``locate``, ``fetch`` (with ``authorized_get``)
+    and ``check``.
+    """
+
+    identity: TokenSource
+
+    def __init__(self, config: BackendConfig, ctx: BackendContext, base_url: str) -> None:
+        super().__init__(config, ctx)
+        self._base = base_url.rstrip("/")
+        self._session: aiohttp.ClientSession | None = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
+            self._session = make_session(self._base, self.config.ca_cert, headers)
+        return self._session
+
+    async def _on_unauthorized(self, answer: Answer, what: str) -> None:
+        """Called when the store refused a token with 401, before one retry with a fresh token."""
+
+    async def authorized_get(self, url: str, what: str) -> Answer:
+        """A GET with the current token; a 401 gets one fresh token and one more try, then the answer stands.
+
+        Raises what ``get`` and the token source raise.
+        """
+        token = await self.identity.token()
+        answer = await get(self._http(), url, {"Authorization": f"Bearer {token}"}, what)
+        if answer.status == 401:  # revoked or expired early, or (Azure) a new challenge
+            await self._on_unauthorized(answer, what)
+            token = await self.identity.token(refused=token)
+            answer = await get(self._http(), url, {"Authorization": f"Bearer {token}"}, what)
+        return answer
+
+    def not_ready_reason(self) -> str | None:
+        return self.identity.not_ready_reason()
+
+    async def aclose(self) -> None:
+        await self.identity.aclose()
+        if self._session is not None:
+            await self._session.close()

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import aiohttp
 from pydantic import Field, field_validator, model_validator
 
+from broker.backends import rest
 from broker.backends.base import (
     AccessDenied,
     BackendConfig,
@@ -38,7 +39,6 @@ from broker.backends.base import (
     SecretValue,
     is_transient,
     layout_key,
-    ssl_context,
 )
 from broker.backends.base import Backend as BaseBackend
 from broker.configtypes import Duration, StrictModel
@@ -190,15 +190,10 @@ class Backend(BaseBackend):
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            ssl: Any = ssl_context(self.config.ca_cert) if self._base.startswith("https") else False
-            headers = {"X-Vault-Request": "true"}
+            headers = {"X-Vault-Request": "true", "User-Agent": rest.USER_AGENT}
             if self.config.namespace:
                 headers["X-Vault-Namespace"] = self.config.namespace
-            self._session = aiohttp.ClientSession(
-                headers=headers,
-                connector=aiohttp.TCPConnector(ssl=ssl, limit=64),
-                trust_env=False,  # never route store traffic through an environment proxy
-            )
+            self._session = rest.make_session(self._base, self.config.ca_cert, headers)
         return self._session
 
     async def _request(
@@ -230,9 +225,7 @@ class Backend(BaseBackend):
         if status in (401, 403):
             raise AccessDenied(message)
         if status == 429:
-            raise RateLimited(
-                message, retry_after=float(retry_after) if retry_after and retry_after.isdigit() else None
-            )
+            raise RateLimited(message, retry_after=rest.parse_retry_after(retry_after))
         if status >= 500 or status == 412:  # 503 sealed/standby, 412 Enterprise consistency
             raise BackendUnavailable(message)
         raise BackendError(message)
