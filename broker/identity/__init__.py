@@ -82,7 +82,12 @@ class TokenSource(ABC):
             if self._usable(current) and (refused is None or current.value != refused):  # type: ignore[union-attr]
                 assert current is not None
                 return current.value
+            if refused is not None:
+                await self._discard()
             return (await self._refresh()).value
+
+    async def _discard(self) -> None:  # noqa: B027 - optional hook
+        """Forget any copy of a token the store refused that the plug-in's SDK keeps (called under the lock)."""
 
     async def _refresh(self) -> Token:
         """Acquire a new token (caller holds the lock), with metrics and one log line; never logs the value."""

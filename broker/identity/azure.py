@@ -100,12 +100,11 @@ class AzureTokenSource(TokenSource):
             kwargs["workload_identity_tenant_id"] = self.tenant_id
         return DefaultAzureCredential(**kwargs)
 
-    async def token(self, refused: str | None = None) -> str:
-        if refused is not None and self._credential is not None:
-            # azure-identity would hand back its cached copy of the refused token: start from a clean cache.
+    async def _discard(self) -> None:
+        # azure-identity would hand back its cached copy of the refused token: start from a clean cache.
+        if self._credential is not None:
             old, self._credential = self._credential, None
             await old.close()
-        return await super().token(refused)
 
     async def _acquire(self) -> tuple[str, float]:
         where = f"azure {self.backend_name}"
