@@ -1,6 +1,7 @@
 """Clients that disconnect mid-request leave nothing behind: with the store stalled, 30 clients send a lookup
-and hang up; once the store answers again, no request is still in flight, the connections are gone (file
-descriptors back to the idle count) and the broker serves normally."""
+and hang up; once the store answers again, no request is still in flight, the client connections are gone
+(unix-socket descriptors back to the idle count; connections to the store stay within the pool's bound) and
+the broker serves normally."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from typing import Any
 
 import pytest
 
+from broker.backends.rest import POOL_LIMIT
 from tests.faults.conftest import Harness, value_of
-from tests.load.conftest import fd_count
+from tests.load.conftest import fd_kinds
 from tests.support.broker_process import BrokerProcess, wait_for
 
 pytestmark = pytest.mark.integration
@@ -24,7 +26,7 @@ def test_abandoned_requests_leave_no_stuck_task(harnesses: dict[str, Harness], t
         assert broker.get("variable", "cached")[1]["value"] == value_of("vault", "cached")
         assert broker.proc is not None
         pid = broker.proc.pid
-        idle = fd_count(pid)
+        idle = fd_kinds(pid)
         harness.proxy.set("stall")
         for i in range(30):
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -34,7 +36,9 @@ def test_abandoned_requests_leave_no_stuck_task(harnesses: dict[str, Harness], t
         wait_for(lambda: broker.metric("broker_requests_in_flight") >= 1, 10, what="lookups in flight")
         harness.proxy.set("pass")
         wait_for(lambda: broker.metric("broker_requests_in_flight") == 0, 20, what="no request left in flight")
-        wait_for(lambda: fd_count(pid) <= idle + 3, 20, what="connections closed")
+        wait_for(lambda: fd_kinds(pid)["unix"] == idle["unix"], 20, what="client connections closed")
+        after = fd_kinds(pid)
+        assert after["tcp"] <= idle["tcp"] + POOL_LIMIT and after["file"] == idle["file"], (idle, after)
         assert broker.get("variable", "k11")[1]["value"] == value_of("vault", "k11")
     finally:
         harness.proxy.set("pass")

@@ -17,7 +17,7 @@ import pytest
 from tests.load.conftest import HOT_KEYS, files_backend, vault_backend
 from tests.load.loadgen import Tally, client, get
 from tests.servers.openbao import OpenBao
-from tests.servers.postgres import SUPERUSER_PASSWORD, Postgres, pg_bin
+from tests.servers.postgres import Postgres, dynamic_postgres
 from tests.support.broker_process import wait_for
 from tests.support.figures import report
 
@@ -27,30 +27,8 @@ CLIENTS = 50
 
 @pytest.fixture(scope="module")
 def postgres(bao: OpenBao) -> Iterator[Postgres]:
-    if pg_bin() is None:
-        pytest.fail("PostgreSQL server binaries are missing: the test extra's system packages are required")
-    pg = Postgres().start()
-    c = bao.client()
-    c.sys.enable_secrets_engine("database")
-    c.write(
-        "database/config/pg",
-        plugin_name="postgresql-database-plugin",
-        allowed_roles=["airflow"],
-        connection_url=f"postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{pg.port}/postgres?sslmode=disable",
-        username="postgres",
-        password=SUPERUSER_PASSWORD,
-    )
-    c.write(
-        "database/roles/airflow",
-        db_name="pg",
-        default_ttl="120s",
-        max_ttl="600s",
-        creation_statements=[
-            "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';"
-        ],
-    )
-    yield pg
-    pg.stop()
+    with dynamic_postgres(bao, default_ttl="120s", max_ttl="600s") as pg:
+        yield pg
 
 
 def dynamic_roles(pg: Postgres) -> list[str]:
