@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
 
 from tests.support.net import free_port
+
+if TYPE_CHECKING:
+    from tests.servers.openbao import OpenBao
 
 PG_BIN_CANDIDATES = [Path(f"/usr/lib/postgresql/{v}/bin") for v in (17, 16, 15, 14)]
 SUPERUSER_PASSWORD = "pg-superuser-test-password"
@@ -86,3 +94,35 @@ class Postgres:
             self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
             self.started = False
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def dynamic_postgres(bao: OpenBao, *, default_ttl: str, max_ttl: str) -> Iterator[Postgres]:
+    """A PostgreSQL cluster behind OpenBao's database engine: role ``airflow`` at ``database/creds/airflow``
+    issues a login role per lease (``VALID UNTIL`` the lease's end) and drops it on revocation."""
+    if pg_bin() is None:
+        pytest.fail("PostgreSQL server binaries are missing: the test extra's system packages are required")
+    pg = Postgres().start()
+    try:
+        c = bao.client()
+        c.sys.enable_secrets_engine("database")
+        c.write(
+            "database/config/pg",
+            plugin_name="postgresql-database-plugin",
+            allowed_roles=["airflow"],
+            connection_url=f"postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{pg.port}/postgres?sslmode=disable",
+            username="postgres",
+            password=SUPERUSER_PASSWORD,
+        )
+        c.write(
+            "database/roles/airflow",
+            db_name="pg",
+            default_ttl=default_ttl,
+            max_ttl=max_ttl,
+            creation_statements=[
+                "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';"
+            ],
+        )
+        yield pg
+    finally:
+        pg.stop()

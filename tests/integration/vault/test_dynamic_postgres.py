@@ -12,36 +12,16 @@ import psycopg
 import pytest
 
 from tests.integration.vault.conftest import VaultEnv
-from tests.servers.postgres import SUPERUSER_PASSWORD, Postgres, pg_bin
+from tests.servers.postgres import Postgres, dynamic_postgres
 from tests.support.broker_process import wait_for
 
-pytestmark = pytest.mark.skipif(pg_bin() is None, reason="PostgreSQL server binaries are not installed")
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def postgres(tmp_path_factory: pytest.TempPathFactory, vault_env: VaultEnv) -> Iterator[Postgres]:
-    pg = Postgres().start()
-    c = vault_env.bao.client()
-    c.sys.enable_secrets_engine("database")
-    c.write(
-        "database/config/pg",
-        plugin_name="postgresql-database-plugin",
-        allowed_roles=["airflow"],
-        connection_url=f"postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{pg.port}/postgres?sslmode=disable",
-        username="postgres",
-        password=SUPERUSER_PASSWORD,
-    )
-    c.write(
-        "database/roles/airflow",
-        db_name="pg",
-        default_ttl="9s",
-        max_ttl="24s",
-        creation_statements=[
-            "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';"
-        ],
-    )
-    yield pg
-    pg.stop()
+def postgres(vault_env: VaultEnv) -> Iterator[Postgres]:
+    with dynamic_postgres(vault_env.bao, default_ttl="9s", max_ttl="24s") as pg:
+        yield pg
 
 
 def role_valid_until(pg: Postgres, role: str) -> Any:
