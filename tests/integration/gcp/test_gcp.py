@@ -44,9 +44,9 @@ def test_workload_identity_reads_every_kind_with_one_token(
     assert (uri["conn_type"], uri["host"], uri["port"], uri["password"]) == ("postgres", "db.gcp", 5432, PASSWORD)
     js = conn(broker, "pg_json")
     assert js["password"] == PASSWORD and js["extra"] == {"sslmode": "require", "options": {"nested": [1, 2]}}
-    assert broker.get("variable", "plain") == (200, {"value": VARIABLE, "cache": "miss"}) or (
-        broker.get("variable", "plain")[1]["value"] == VARIABLE
-    )
+    status, body = broker.get("variable", "plain")
+    assert (status, body["value"], body["backend"], body["cache"]) == (200, VARIABLE, "gcp", "miss")
+    assert body["version"] == "1"
     assert broker.get("config", "sql_alchemy_conn")[1]["value"] == CONFIG_VALUE
     cloud = gcp.cloud
     assert cloud.calls[TOKEN] == 1
