@@ -200,4 +200,5 @@ def vault_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VaultEnv]:
         reviews.stop()
         bao.stop()
 
+
 plant("vault", PASSWORD, VARIABLE, CONFIG_VALUE)
