@@ -23,11 +23,10 @@ plant("load", *(f"load-cold-value-{i}-7d40" for i in range(COLD_KEYS)))
 @pytest.fixture(scope="module")
 def bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBao]:
     server = OpenBao(tmp_path_factory.mktemp("load-bao")).start()
-    kv = server.client().secrets.kv.v2
     for i in range(HOT_KEYS):
-        kv.create_or_update_secret(path=f"variables/kv{i}", secret={"value": f"load-vault-value-{i}-3f9a"})
+        server.kv2_put(f"variables/kv{i}", {"value": f"load-vault-value-{i}-3f9a"})
     for i in range(COLD_KEYS):
-        kv.create_or_update_secret(path=f"variables/cold{i}", secret={"value": f"load-cold-value-{i}-7d40"})
+        server.kv2_put(f"variables/cold{i}", {"value": f"load-cold-value-{i}-7d40"})
     try:
         yield server
     finally:
@@ -45,10 +44,6 @@ def files_backend(tmp_path: Path) -> dict[str, object]:
     path = tmp_path / "variables.json"
     path.write_text(json.dumps(variables))
     return {"name": "files", "type": "file", "variables_file_path": str(path)}
-
-
-def fd_count(pid: int) -> int:
-    return len(list(Path(f"/proc/{pid}/fd").iterdir()))
 
 
 def _socket_inodes(pid: int, table: str, column: int) -> set[str]:

@@ -17,6 +17,7 @@ from broker.backends.rest import POOL_LIMIT
 from tests.load.conftest import COLD_KEYS, HOT_KEYS, fd_kinds, files_backend, rss_mib, vault_backend
 from tests.load.loadgen import Tally, client, get
 from tests.servers.openbao import OpenBao
+from tests.support.broker_process import wait_for
 from tests.support.figures import report
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -58,15 +59,6 @@ async def run_clients(socket_path: str, seconds: float, on_warm: Any) -> Tally:
     return tally
 
 
-def settled(pid: int, idle: Counter[str], deadline: float) -> Counter[str]:
-    """The descriptors once the server has closed the clients' connections (polled until ``deadline``)."""
-    while True:
-        kinds = fd_kinds(pid)
-        if kinds["unix"] <= idle["unix"] or time.monotonic() > deadline:
-            return kinds
-        time.sleep(0.2)
-
-
 def test_sustained_mixed_load(broker_factory: Any, bao: OpenBao, tmp_path: Path) -> None:
     config = {
         "listen": {"max_connections": 1000, "max_concurrency": 1000},
@@ -84,7 +76,12 @@ def test_sustained_mixed_load(broker_factory: Any, bao: OpenBao, tmp_path: Path)
         warm["rss"], warm["fds"] = rss_mib(pid), fd_kinds(pid)
 
     tally = asyncio.run(run_clients(broker.socket_path, SECONDS, on_warm))
-    after = settled(pid, idle, time.monotonic() + 10)
+
+    def settled() -> Counter[str] | None:  # the descriptors once the clients' connections are closed
+        kinds = fd_kinds(pid)
+        return kinds if kinds["unix"] <= idle["unix"] else None
+
+    after = wait_for(settled, 10, what="client connections closed")
     rss_after = rss_mib(pid)
     store_reads = broker.metric("broker_backend_calls_total", backend="vault", outcome="ok") - reads_before
 

@@ -36,6 +36,7 @@ class OpenBao:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / "bao.log"
+        self._root: hvac.Client | None = None  # one kept-alive client for the helpers' writes
 
     def start(self) -> OpenBao:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -80,6 +81,11 @@ class OpenBao:
                 self.proc.wait(5)
         if getattr(self, "_log", None):
             self._log.close()
+        if self._root is not None:
+            self._root.adapter.close()
+            self._root = None
 
     def kv2_put(self, path: str, data: dict[str, Any], mount: str = "secret") -> None:
-        self.client().secrets.kv.v2.create_or_update_secret(path=path, secret=data, mount_point=mount)
+        if self._root is None:
+            self._root = self.client()
+        self._root.secrets.kv.v2.create_or_update_secret(path=path, secret=data, mount_point=mount)
