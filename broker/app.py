@@ -289,8 +289,9 @@ class Broker:
             for section in ("listen", "metrics", "threads"):
                 if getattr(new, section) != getattr(old, section):
                     log.warning("reload: this section needs a restart to change", extra={"section": section})
-            if new.cache.max_entries != old.cache.max_entries:
-                log.warning("reload: cache.max_entries needs a restart to change")
+            for bound in ("max_entries", "negative_max_entries"):
+                if getattr(new.cache, bound) != getattr(old.cache, bound):
+                    log.warning("reload: cache.%s needs a restart to change", bound)
             kept = {g.name: g for g in state.guards if g.backend.config in new.backends}
             guards = []
             for cfg in new.backends:

@@ -99,6 +99,7 @@ class CacheConfig(StrictModel):
     refresh_ahead: float = Field(default=0.75, ge=0.0, lt=1.0)
     max_stale: Duration = Field(default=3600.0, ge=0, le=86_400 * 7)
     negative_ttl: Duration = Field(default=30.0, ge=0, le=86_400)
+    negative_max_entries: int = Field(default=1000, ge=1, le=10_000_000)
     refresh_jitter: float = Field(default=0.1, ge=0.0, le=0.5)
 
 
