@@ -119,6 +119,23 @@ class LoggingConfig(StrictModel):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
+class AuditConfig(StrictModel):
+    """The audit trail of reads (``broker.audit``): one JSON line per secret lookup, never a value."""
+
+    enabled: bool = False
+    output: str = "stderr"  # "stderr", "stdout", or an absolute file path
+    name_hmac_key_file: Path | None = None  # log hmac-sha256(key, name) instead of the name
+    queue_size: int = Field(default=65_536, ge=100, le=10_000_000)
+    readiness: bool = False  # /readyz fails while the stream cannot be written
+
+    @field_validator("output")
+    @classmethod
+    def _output(cls, value: str) -> str:
+        if value not in ("stderr", "stdout") and not Path(value).is_absolute():
+            raise ValueError(f'output must be "stderr", "stdout" or an absolute file path, got {value!r}')
+        return value
+
+
 class ShutdownConfig(StrictModel):
     grace: Duration = Field(default=20.0, ge=0, le=600)
     drain_delay: Duration = Field(default=0.5, ge=0, le=30)
@@ -131,6 +148,7 @@ class BrokerConfig(StrictModel):
     prefetch: PrefetchConfig = PrefetchConfig()
     leases: LeasesConfig = LeasesConfig()
     logging: LoggingConfig = LoggingConfig()
+    audit: AuditConfig = AuditConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
     threads: int = Field(default=16, ge=1, le=256)
     backends: list[BackendConfig] = Field(min_length=1)

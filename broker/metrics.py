@@ -117,5 +117,13 @@ class Metrics:
             buckets=BACKEND_BUCKETS,
             registry=r,
         )
+        self.audit_lines = Counter("broker_audit_lines", "Audit lines written to the audit stream.", registry=r)
+        self.audit_dropped = Counter(
+            "broker_audit_dropped",
+            "Audit lines lost, by reason (queue_full, or the write error such as ENOSPC, EBADF, EPIPE).",
+            ["reason"],
+            registry=r,
+        )
+        self.audit_failing = Gauge("broker_audit_failing", "1 while the audit stream cannot be written.", registry=r)
         self.ready = Gauge("broker_ready", "1 when /readyz answers 200.", registry=r)
         self.reloads = Counter("broker_config_reloads_total", "Config reloads by outcome.", ["outcome"], registry=r)
