@@ -87,9 +87,7 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         endpoint_url=moto_url,
         aws_access_key_id="testing",
         aws_secret_access_key="testing",
-    ).create_secret(
-        Name="airflow/variables/e2e_aws", SecretString=AWS_VAR
-    )
+    ).create_secret(Name="airflow/variables/e2e_aws", SecretString=AWS_VAR)
     token = work / "bao.token"
     token.write_text(ROOT_TOKEN)
     try:
@@ -175,5 +173,6 @@ def stack(
         yield major, python, Stack(broker, home, fernet_key)
     finally:
         broker.stop()
+
 
 plant("e2e", PASSWORD)

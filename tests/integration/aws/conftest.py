@@ -209,4 +209,5 @@ def make_backend() -> Iterator[Any]:
     for pool in pools:
         pool.shutdown(wait=True, cancel_futures=True)
 
+
 plant("aws", PASSWORD, VARIABLE, CONFIG_VALUE, SSM_SECRET)
