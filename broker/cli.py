@@ -150,11 +150,11 @@ def _check(args: argparse.Namespace) -> int:
 
 
 async def _check_backends(config: object) -> int:
-    from broker.app import build_guards
     from broker.backends.base import BackendContext, BrokerError
     from broker.clock import SystemClock
     from broker.config import BrokerConfig
     from broker.metrics import Metrics
+    from broker.state import build_guards
 
     assert isinstance(config, BrokerConfig)
     executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="broker-check")

@@ -117,7 +117,6 @@ class LeasesConfig(StrictModel):
 
 class LoggingConfig(StrictModel):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    access_log: bool = False
 
 
 class ShutdownConfig(StrictModel):

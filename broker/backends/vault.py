@@ -200,22 +200,10 @@ class Backend(BaseBackend):
         self, method: str, url: str, *, token: str | None, body: Any = None, what: str
     ) -> tuple[int, dict[str, Any]]:
         headers = {"X-Vault-Token": token} if token else {}
-        try:
-            async with self._http().request(method, url, json=body, headers=headers) as resp:
-                raw = await resp.read()
-                status = resp.status
-                retry_after = resp.headers.get("Retry-After")
-        except aiohttp.ClientError as exc:
-            raise BackendUnavailable(f"vault {self.name}: {what}: {type(exc).__name__}") from None
-        try:
-            data = json.loads(raw) if raw else {}
-        except ValueError:
-            data = {}
-        if not isinstance(data, dict):
-            data = {}
-        if status >= 400:
-            self._raise_for(status, what, retry_after)
-        return status, data
+        answer = await rest.request(self._http(), method, url, headers, f"vault {self.name}: {what}", body=body)
+        if answer.status >= 400:
+            self._raise_for(answer.status, what, answer.retry_after)
+        return answer.status, answer.data
 
     def _raise_for(self, status: int, what: str, retry_after: str | None) -> None:
         """The one map from Vault's HTTP status to the error tree (bodies are never quoted: they may echo input)."""
@@ -432,8 +420,11 @@ class Backend(BaseBackend):
             meta = payload.get("metadata") or {}
             version = str(meta["version"]) if meta.get("version") is not None else None
             payload = payload.get("data")
+            if payload is None and isinstance(meta, dict) and (meta.get("deletion_time") or meta.get("destroyed")):
+                raise SecretNotFound(f"vault {self.name}: {path}: the current version is deleted")
         if not isinstance(payload, dict):
-            raise SecretNotFound(f"vault {self.name}: {path} has no data")  # a deleted KV v2 version
+            # Only Vault's own word (404, a deleted version) means "not found"; anything else is a failure.
+            raise BackendError(f"vault {self.name}: read {path}: answer has no data object")
         if kind is Kind.CONNECTION:
             if "conn_uri" in payload:
                 uri = payload["conn_uri"]

@@ -14,7 +14,6 @@ Rules, per entry (times on the monotonic clock):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import functools
 import heapq
@@ -28,10 +27,11 @@ from typing import Any
 import cachetools
 
 from broker.backends.base import AccessDenied, BrokerError, Kind, Lease, SecretNotFound, is_transient
+from broker.cache.leases import LeaseHolder, LeaseKeeper
 from broker.clock import Clock
 from broker.config import CacheConfig, LeasesConfig
 from broker.metrics import Metrics
-from broker.resolver import Resolved
+from broker.resolver import NotFoundAnywhere, Resolved
 
 log = logging.getLogger("broker.cache")
 
@@ -47,18 +47,6 @@ class Status(enum.StrEnum):
     MISS = "miss"
     STALE = "stale"
     REFRESHED = "refreshed"
-
-
-class LeaseOps:
-    """How the cache reaches a backend's lease calls (the resolver's guards, by backend name)."""
-
-    def __init__(
-        self,
-        renew: Callable[[str, Lease, float | None], Awaitable[Lease]],
-        revoke: Callable[[str, Lease], Awaitable[None]],
-    ) -> None:
-        self.renew = renew
-        self.revoke = revoke
 
 
 @dataclass(slots=True)
@@ -79,6 +67,10 @@ class Entry:
     @property
     def lease(self) -> Lease | None:
         return self.resolved.lease if self.resolved else None
+
+    @property
+    def lease_holder(self) -> LeaseHolder | None:
+        return self.resolved.source if self.resolved is not None and self.resolved.lease is not None else None
 
 
 class _LRU(cachetools.LRUCache[Key, Entry]):
@@ -110,7 +102,6 @@ class SecretCache:
         config: CacheConfig,
         leases: LeasesConfig,
         metrics: Metrics,
-        lease_ops: LeaseOps | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self._loader = loader
@@ -118,7 +109,7 @@ class SecretCache:
         self.config = config
         self.leases_config = leases
         self._metrics = metrics
-        self._lease_ops = lease_ops
+        self.leases = LeaseKeeper(clock, metrics)
         self._rng = rng or random.Random()  # noqa: S311 - jitter only
         self._entries = _LRU(config.max_entries, self._evicted)
         self._inflight: dict[Key, asyncio.Task[Entry]] = {}
@@ -127,7 +118,6 @@ class SecretCache:
         self._seq = itertools.count()
         self._gen = itertools.count(1)
         self._pinned: set[Key] = set()
-        self._live_leases: dict[str, tuple[str, Lease]] = {}
         self._closed = False
 
     # ------------------------------------------------------------------------------------------ reads
@@ -228,17 +218,18 @@ class SecretCache:
         kind, name = key
         try:
             resolved = await self._loader(kind, name)
-        except SecretNotFound:
+        except SecretNotFound as exc:
             self._drop(key)
-            if self.config.negative_ttl > 0:
+            negative_ttl = exc.negative_ttl if isinstance(exc, NotFoundAnywhere) else self.config.negative_ttl
+            if negative_ttl > 0:
                 now = self._clock.now()
                 self._put(
                     Entry(
                         key,
                         None,
                         now,
-                        now + self.config.negative_ttl,
-                        now + self.config.negative_ttl,
+                        now + negative_ttl,
+                        now + negative_ttl,
                         INF,
                         now,
                         next(self._gen),
@@ -287,7 +278,8 @@ class SecretCache:
             hard = self._lease_hard_expiry(lease)
             entry = Entry(key, resolved, now, hard, hard, self._renew_time(lease, now), now, next(self._gen))
             entry.lease_capped = not lease.renewable
-            self._track_lease(resolved.backend, lease)
+            if resolved.source is not None:
+                self.leases.track(resolved.source, lease)
             return entry
         fresh = now + resolved.ttl
         refresh_at = INF
@@ -348,10 +340,6 @@ class SecretCache:
             self._drop(key)
         return len(dropped)
 
-    def replace_loader(self, loader: Loader, lease_ops: LeaseOps | None) -> None:
-        self._loader = loader
-        self._lease_ops = lease_ops
-
     # ------------------------------------------------------------------------------------------ background
 
     async def run_due(self) -> None:
@@ -368,7 +356,7 @@ class SecretCache:
                 self._maintain_lease(entry, now)
             elif key in self._pinned or entry.last_access > entry.fetched_at or entry.failures:
                 self._spawn_load(key)
-        self._prune_leases(now)
+        self.leases.prune(now)
 
     async def maintain(self, interval: float = 0.25) -> None:
         """The background loop: runs ``run_due`` until cancelled."""
@@ -395,10 +383,11 @@ class SecretCache:
         self._track(task)
 
     async def _renew(self, entry: Entry) -> None:
-        assert entry.resolved is not None and entry.resolved.lease is not None and self._lease_ops is not None
-        backend, lease = entry.resolved.backend, entry.resolved.lease
+        holder = entry.lease_holder
+        assert entry.resolved is not None and entry.resolved.lease is not None and holder is not None
+        backend, lease = holder.name, entry.resolved.lease
         try:
-            renewed = await self._lease_ops.renew(backend, lease, lease.duration)
+            renewed = await self.leases.renew(holder, lease, lease.duration)
         except BrokerError as exc:
             now = self._clock.now()
             if is_transient(exc) and now < entry.usable_until:
@@ -417,7 +406,6 @@ class SecretCache:
         capped = (not renewed.renewable) or renewed.duration < lease.duration * 0.9
         self._metrics.lease_renewals.labels(backend, "capped" if capped else "ok").inc()
         entry.resolved.lease = renewed
-        self._live_leases[renewed.lease_id] = (backend, renewed)
         hard = self._lease_hard_expiry(renewed)
         entry.fresh_until = entry.usable_until = hard
         entry.lease_capped = capped
@@ -425,48 +413,15 @@ class SecretCache:
         entry.generation = next(self._gen)
         self._schedule(entry)
 
-    def _track_lease(self, backend: str, lease: Lease) -> None:
-        self._live_leases[lease.lease_id] = (backend, lease)
-        self._lease_gauges()
-
     def _retire_lease(self, entry: Entry, *, revoke: bool = False) -> None:
         """An entry no longer serves its lease. Revoke it now, or keep it until it expires (callers may
         still hold the credential) and revoke it at shutdown."""
-        lease = entry.lease
-        if lease is None or entry.resolved is None:
-            return
-        if revoke and self._lease_ops is not None:
-            self._live_leases.pop(lease.lease_id, None)
-            task = asyncio.get_running_loop().create_task(self._revoke(entry.resolved.backend, lease))
-            self._track(task)
-        self._lease_gauges()
-
-    async def _revoke(self, backend: str, lease: Lease) -> None:
-        assert self._lease_ops is not None
-        try:
-            await self._lease_ops.revoke(backend, lease)
-            self._metrics.lease_renewals.labels(backend, "revoked").inc()
-        except BrokerError as exc:
-            log.warning("lease revocation failed", extra={"backend": backend, "error": exc.code})
-
-    def _prune_leases(self, now: float) -> None:
-        expired = [lid for lid, (_, lease) in self._live_leases.items() if lease.expires_at <= now]
-        for lid in expired:
-            del self._live_leases[lid]
-        if expired:
-            self._lease_gauges()
-
-    def _lease_gauges(self) -> None:
-        now = self._clock.now()
-        per_backend: dict[str, list[float]] = {}
-        for backend, lease in self._live_leases.values():
-            per_backend.setdefault(backend, []).append(lease.expires_at - now)
-        for backend, remaining in per_backend.items():
-            self._metrics.leases_active.labels(backend).set(len(remaining))
-            self._metrics.lease_expiry.labels(backend).set(max(0.0, min(remaining)))
+        holder, lease = entry.lease_holder, entry.lease
+        if revoke and holder is not None and lease is not None:
+            self.leases.revoke_soon(holder, lease)
 
     def live_leases(self) -> list[tuple[str, Lease]]:
-        return list(self._live_leases.values())
+        return self.leases.live()
 
     async def aclose(self, *, revoke_leases: bool, timeout: float = 10.0) -> None:  # noqa: ASYNC109
         """Stop background work; revoke every held lease first when asked."""
@@ -475,11 +430,4 @@ class SecretCache:
             task.cancel()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout)
-        if revoke_leases and self._lease_ops is not None and self._live_leases:
-            leases = list(self._live_leases.values())
-            self._live_leases.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await asyncio.gather(*(self._revoke(b, lease) for b, lease in leases))
-            for backend in {b for b, _ in leases}:
-                self._metrics.leases_active.labels(backend).set(0)
+        await self.leases.aclose(revoke=revoke_leases, timeout=timeout)

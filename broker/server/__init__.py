@@ -31,7 +31,7 @@ from broker.resolver import name_problem
 from broker.server.listener import with_header_timeout
 
 if TYPE_CHECKING:
-    from broker.app import BrokerState
+    from broker.state import BrokerState
 
 log = logging.getLogger("broker.server")
 

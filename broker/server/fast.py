@@ -35,7 +35,7 @@ from broker.server import lookup, peer_credentials
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from broker.app import BrokerState
+    from broker.state import BrokerState
 
 KINDS = {b"connections": Kind.CONNECTION, b"variables": Kind.VARIABLE, b"config": Kind.CONFIG}
 DRAIN_QUIET = 0.2  # seconds without a byte before an idle kept-alive connection is closed on shutdown
