@@ -13,6 +13,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from broker.backends import EXTRAS, REGISTRY, load_type
 from broker.backends.base import BackendConfig, ConfigurationError
 from broker.configtypes import Duration, StrictModel
+from broker.node.config import NodeConfig, node_errors
 
 DEFAULT_SOCKET = Path("/run/broker/broker.sock")
 
@@ -151,6 +152,7 @@ class BrokerConfig(StrictModel):
     audit: AuditConfig = AuditConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
     threads: int = Field(default=16, ge=1, le=256)
+    node: NodeConfig | None = None
     backends: list[BackendConfig] = Field(min_length=1)
 
     def backend(self, name: str) -> BackendConfig:
@@ -237,7 +239,12 @@ def validate_config(data: Any) -> BrokerConfig:
         errors.extend(_prefetch_errors(top))
     if errors or top is None:
         raise ConfigurationError(errors)
-    return top.model_copy(update={"backends": backends})
+    config = top.model_copy(update={"backends": backends})
+    if config.node is not None:
+        errors.extend(node_errors(config))
+        if errors:
+            raise ConfigurationError(errors)
+    return config
 
 
 def _prefetch_errors(config: BrokerConfig) -> list[str]:

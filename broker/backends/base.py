@@ -81,6 +81,20 @@ class AccessDenied(BrokerError):
     code = "forbidden"
 
 
+class Unauthorized(BrokerError):
+    """The caller's own credential (node mode: its pod's token) was missing or refused. Never retried."""
+
+    status = 401
+    code = "unauthorized"
+
+
+class Overloaded(BrokerError):
+    """The broker refuses new work for now (node mode: every identity partition is busy)."""
+
+    status = 429
+    code = "overloaded"
+
+
 class BackendError(BrokerError):
     """The store answered something we cannot use (malformed payload, CRC mismatch, KMS failure)."""
 
