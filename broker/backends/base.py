@@ -88,13 +88,6 @@ class Unauthorized(BrokerError):
     code = "unauthorized"
 
 
-class Overloaded(BrokerError):
-    """The broker refuses new work for now (node mode: every identity partition is busy)."""
-
-    status = 429
-    code = "overloaded"
-
-
 class BackendError(BrokerError):
     """The store answered something we cannot use (malformed payload, CRC mismatch, KMS failure)."""
 
@@ -122,9 +115,11 @@ class BackendTimeout(BackendUnavailable):
 
 
 class Overloaded(BrokerError):
-    """The broker's own limit on calls to a store was reached and this call could not wait for it.
+    """The broker refuses new work for now: a store's rate limit was reached and this call could not wait
+    for its turn, or (node mode) every identity partition is busy.
 
     Answered as 429 ``overloaded``, never as "not found"; the cache serves a stale value when it has one.
+    Transient: a refused refresh or renewal is tried again later.
     """
 
     status = 429
