@@ -202,7 +202,7 @@ class Broker:
         self.state.executor.shutdown(wait=False, cancel_futures=True)
         if self.state.audit is not None:
             # Every lookup answered has been queued by now: write the rest before exiting.
-            await asyncio.get_running_loop().run_in_executor(None, self.state.audit.close)
+            await self.state.audit.aclose()
         if self._socket_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._socket_path)
