@@ -13,6 +13,7 @@ from typing import Any
 from airflow.secrets import BaseSecretsBackend
 
 from broker.client import (
+    DEFAULT_POD_TOKEN,
     DEFAULT_SOCKET,
     BrokerAccessDeniedError,
     BrokerClient,
@@ -37,6 +38,12 @@ def _as_float(value: Any, default: float) -> float:
     return number if number > 0 else default
 
 
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
 def _as_str(value: Any) -> str | None:
     if value is None:
         return None
@@ -57,9 +64,14 @@ class BrokerSecretsBackend(BaseSecretsBackend):  # type: ignore[misc,unused-igno
         url: str | None = None,
         token_file: str | None = None,
         timeout: float | str = DEFAULT_TIMEOUT,
+        *,
+        node_mode: bool | str = False,
+        pod_token_file: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
+        # Node mode (one broker per node): every request carries the pod's projected token.
+        self.pod_token_file = _as_str(pod_token_file) or (DEFAULT_POD_TOKEN if _as_bool(node_mode) else None)
         self.socket_path = _as_str(socket_path) or DEFAULT_SOCKET
         self.url = _as_str(url)
         self.token_file = _as_str(token_file)
@@ -78,7 +90,13 @@ class BrokerSecretsBackend(BaseSecretsBackend):  # type: ignore[misc,unused-igno
                     raise BrokerClientError(
                         f"cannot read broker token file {self.token_file}: {exc.strerror}"
                     ) from None
-            self._client = BrokerClient(socket_path=self.socket_path, url=self.url, token=token, timeout=self.timeout)
+            self._client = BrokerClient(
+                socket_path=self.socket_path,
+                url=self.url,
+                token=token,
+                timeout=self.timeout,
+                pod_token_file=self.pod_token_file,
+            )
         return self._client
 
     def _get(self, kind: str, name: str) -> str | None:

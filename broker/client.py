@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 DEFAULT_SOCKET = "/run/broker/broker.sock"
+DEFAULT_POD_TOKEN = "/var/run/secrets/broker/token"  # noqa: S105 - a path: node mode's projected token volume
 KINDS = {"connection": "connections", "variable": "variables", "config": "config"}
 MAX_HEAD = 65_536
 MAX_BODY = 16 * 1024 * 1024
@@ -151,7 +152,8 @@ class BrokerClient:
     """Reads connections, variables and config values from the broker.
 
     ``socket_path`` for the unix socket, or ``url`` (http://127.0.0.1:PORT) with ``token``. No I/O happens
-    until the first request.
+    until the first request. ``pod_token_file`` (node mode): the pod's projected service-account token,
+    re-read at every request (the kubelet rotates it) and sent as ``Authorization: Bearer``.
     """
 
     def __init__(
@@ -160,6 +162,7 @@ class BrokerClient:
         url: str | None = None,
         token: str | None = None,
         timeout: float = 5.0,
+        pod_token_file: str | None = None,
     ) -> None:
         if url:
             parts = urlsplit(url)
@@ -178,7 +181,21 @@ class BrokerClient:
                 raise ValueError("token must be a single line")
             self._head += f"X-Broker-Token: {token}\r\n"
         self.timeout = float(timeout)
+        self.pod_token_file = pod_token_file
         self._key = (self.target, self.timeout)
+
+    def _pod_token(self) -> bytes:
+        """The ``Authorization`` header line for node mode, or b"". Raises BrokerClientError when unreadable."""
+        if self.pod_token_file is None:
+            return b""
+        try:
+            with open(self.pod_token_file, "rb") as fh:
+                token = fh.read().strip()
+        except OSError as exc:
+            raise BrokerClientError(f"cannot read pod token file {self.pod_token_file}: {exc.strerror}") from None
+        if not token or b"\r" in token or b"\n" in token:
+            raise BrokerClientError(f"pod token file {self.pod_token_file} does not hold one token")
+        return b"Authorization: Bearer " + token + b"\r\n"
 
     def _connect(self) -> _Connection:
         if self._tcp is not None:
@@ -204,7 +221,7 @@ class BrokerClient:
 
         Raises BrokerUnavailableError when the broker cannot be reached or does not answer in time.
         """
-        raw = f"{method} {path} HTTP/1.1\r\n{self._head}".encode()
+        raw = f"{method} {path} HTTP/1.1\r\n{self._head}".encode() + self._pod_token()
         if body is not None:
             raw += b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
         else:

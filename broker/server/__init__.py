@@ -25,7 +25,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from broker.backends.base import BrokerError, Kind
-from broker.cache import Entry, Status
+from broker.cache import Entry, SecretCache, Status
 from broker.logging import request_id
 from broker.resolver import name_problem
 from broker.server.listener import with_header_timeout
@@ -161,7 +161,20 @@ def build_api_app(state: BrokerState, *, tcp_token: bytes | None = None) -> web.
     app[STATE] = state
 
     async def secret(request: web.Request) -> web.Response:
-        return await serve_secret(state, request)
+        if state.node is None:
+            return await serve_secret(state, request)
+        # Node mode: every request is the calling pod's, verified before anything else is looked at.
+        try:
+            _, partition = await state.node.caller(request.headers.get("Authorization"))
+        except BrokerError as exc:
+            headers = {"Retry-After": "1"} if exc.status == 429 else None
+            return error_response(exc.status, exc.code, exc.message, headers)
+        partition.active += 1
+        try:
+            return await serve_secret(state, request, partition.cache)
+        finally:
+            partition.active -= 1
+            partition.last_used = state.clock.now()
 
     app.router.add_route("*", "/v1/{tail:.*}", secret, expect_handler=expect_handler)
     app.router.add_get("/healthz", _healthz, expect_handler=expect_handler)
@@ -224,8 +237,9 @@ def _split(raw_path: str) -> tuple[str, str] | None:
     return parts[2], parts[3]
 
 
-async def serve_secret(state: BrokerState, request: web.Request) -> web.Response:
-    """GET /v1/{connections|variables|config}/{name} and POST /v1/cache/invalidate."""
+async def serve_secret(state: BrokerState, request: web.Request, cache: SecretCache | None = None) -> web.Response:
+    """GET /v1/{connections|variables|config}/{name} and POST /v1/cache/invalidate, on ``cache`` (node mode:
+    the caller's identity partition) or the broker's own."""
     split = _split(request.raw_path)
     if split is None:
         return error_response(404, "not_found", "no such endpoint")
@@ -233,7 +247,7 @@ async def serve_secret(state: BrokerState, request: web.Request) -> web.Response
     if collection == "cache" and raw_name == "invalidate":
         if request.method != "POST":
             return error_response(405, "method_not_allowed", "use POST", {"Allow": "POST"})
-        return await _invalidate(state, request)
+        return await _invalidate(state, request, state.cache if cache is None else cache)
     kind = KINDS.get(collection)
     if kind is None:
         return error_response(404, "not_found", "no such endpoint")
@@ -248,10 +262,10 @@ async def serve_secret(state: BrokerState, request: web.Request) -> web.Response
     if problem:
         state.metrics.requests.labels(kind.value, "bad_request").inc()
         return error_response(400, "bad_request", problem)
-    return await lookup(state, kind, name)
+    return await lookup(state, kind, name, cache)
 
 
-async def lookup(state: BrokerState, kind: Kind, name: str) -> web.Response:
+async def lookup(state: BrokerState, kind: Kind, name: str, cache: SecretCache | None = None) -> web.Response:
     metrics = state.metrics
     if state.inflight >= state.config.listen.max_concurrency:
         metrics.requests.labels(kind.value, "overloaded").inc()
@@ -261,7 +275,7 @@ async def lookup(state: BrokerState, kind: Kind, name: str) -> web.Response:
     started = time.perf_counter()
     try:
         try:
-            entry, status = await state.cache.get(kind, name)
+            entry, status = await (state.cache if cache is None else cache).get(kind, name)
         except BrokerError as exc:
             metrics.requests.labels(kind.value, exc.code).inc()
             if exc.status >= 500:
@@ -294,7 +308,7 @@ def _found(entry: Entry, status: Status, now: float) -> web.Response:
     )
 
 
-async def _invalidate(state: BrokerState, request: web.Request) -> web.Response:
+async def _invalidate(state: BrokerState, request: web.Request, cache: SecretCache) -> web.Response:
     try:
         raw = await request.read()
         body = json.loads(raw) if raw.strip() else {}
@@ -319,7 +333,7 @@ async def _invalidate(state: BrokerState, request: web.Request) -> web.Response:
         problem = name_problem(name)
         if problem:
             return error_response(400, "bad_request", problem)
-    dropped = state.cache.invalidate(kind, name)
+    dropped = cache.invalidate(kind, name)
     state.metrics.requests.labels("invalidate", "ok").inc()
     log.info("cache invalidated", extra={"kind": kind_raw or "all", "entries": dropped})
     return web.Response(status=204, headers=NO_STORE)
