@@ -18,6 +18,7 @@ from broker.client import (
     BrokerAccessDeniedError,
     BrokerClient,
     BrokerClientError,
+    airflow_context,
 )
 
 try:  # Airflow 3.x stops its search path on this; 2.x does not have it.
@@ -49,6 +50,29 @@ def _as_str(value: Any) -> str | None:
         return None
     text = str(value).strip()
     return text or None
+
+
+def _map_index() -> str | None:
+    """The running task's map index from Airflow's current task context, when there is one."""
+    try:
+        try:
+            from airflow.sdk import get_current_context
+        except ImportError:  # Airflow 2
+            from airflow.operators.python import get_current_context
+        index = getattr(get_current_context().get("ti"), "map_index", None)
+    except Exception:  # noqa: BLE001 - no task context here (parsing, scheduler, API server)
+        return None
+    return str(index) if isinstance(index, int) else None
+
+
+def task_context() -> dict[str, str]:
+    """What the audit trail is told about the calling task: Airflow's context variables and map index."""
+    context = airflow_context()
+    if "X-Airflow-Task-Id" in context:
+        index = _map_index()
+        if index is not None:
+            context["X-Airflow-Map-Index"] = index
+    return context
 
 
 class BrokerSecretsBackend(BaseSecretsBackend):  # type: ignore[misc,unused-ignore]
@@ -96,6 +120,7 @@ class BrokerSecretsBackend(BaseSecretsBackend):  # type: ignore[misc,unused-igno
                 token=token,
                 timeout=self.timeout,
                 pod_token_file=self.pod_token_file,
+                context=task_context,
             )
         return self._client
 

@@ -49,6 +49,8 @@ class Broker:
         if cfg.listen.tcp_address is not None:
             assert cfg.listen.token_file is not None
             token = read_token(cfg.listen.token_file)  # before binding anything: fail fast
+        if self.state.audit is not None:
+            self.state.audit.start()
         if cfg.listen.socket is not None:
             sock = bind_unix_socket(cfg.listen.socket, cfg.listen.socket_mode)
             self._socket_path = cfg.listen.socket
@@ -202,6 +204,9 @@ class Broker:
         await asyncio.gather(*(close_backend(g) for g in [*self.state.guards, *self.state.retired]))
         self.state.retired.clear()
         self.state.executor.shutdown(wait=False, cancel_futures=True)
+        if self.state.audit is not None:
+            # Every lookup answered has been queued by now: write the rest before exiting.
+            await asyncio.get_running_loop().run_in_executor(None, self.state.audit.close)
         if self._socket_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._socket_path)

@@ -15,6 +15,7 @@ import os
 import socket
 import threading
 import weakref
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -23,6 +24,34 @@ DEFAULT_POD_TOKEN = "/var/run/secrets/broker/token"  # noqa: S105 - a path: node
 KINDS = {"connection": "connections", "variable": "variables", "config": "config"}
 MAX_HEAD = 65_536
 MAX_BODY = 16 * 1024 * 1024
+# The Airflow task context the calling process asserts about itself, for the broker's audit trail:
+# header -> the environment variable Airflow's task runner sets before it runs a task.
+CONTEXT_HEADERS = {
+    "X-Airflow-Dag-Id": "AIRFLOW_CTX_DAG_ID",
+    "X-Airflow-Task-Id": "AIRFLOW_CTX_TASK_ID",
+    "X-Airflow-Run-Id": "AIRFLOW_CTX_DAG_RUN_ID",
+    "X-Airflow-Try-Number": "AIRFLOW_CTX_TRY_NUMBER",
+}
+MAX_CONTEXT_VALUE = 250
+
+
+def airflow_context() -> dict[str, str]:
+    """The task context Airflow put in this process's environment (empty outside a task)."""
+    out = {}
+    for header, var in CONTEXT_HEADERS.items():
+        value = os.environ.get(var)
+        if value:
+            out[header] = value
+    return out
+
+
+def context_head(context: Mapping[str, str]) -> str:
+    """Header lines for the asserted context; values that could not be a header line are left out."""
+    lines = ""
+    for header, value in context.items():
+        if value and len(value) <= MAX_CONTEXT_VALUE and value.isprintable():
+            lines += f"{header}: {value}\r\n"
+    return lines
 
 
 class BrokerClientError(Exception):
@@ -162,6 +191,8 @@ class BrokerClient:
         url: str | None = None,
         token: str | None = None,
         timeout: float = 5.0,
+        context: Callable[[], Mapping[str, str]] | None = airflow_context,
+        *,
         pod_token_file: str | None = None,
     ) -> None:
         if url:
@@ -183,6 +214,7 @@ class BrokerClient:
         self.timeout = float(timeout)
         self.pod_token_file = pod_token_file
         self._key = (self.target, self.timeout)
+        self._context = context  # read at every request: a forked task runner sets it before each task
 
     def _pod_token(self) -> bytes:
         """The ``Authorization`` header line for node mode, or b"". Raises BrokerClientError when unreadable."""
@@ -221,7 +253,8 @@ class BrokerClient:
 
         Raises BrokerUnavailableError when the broker cannot be reached or does not answer in time.
         """
-        raw = f"{method} {path} HTTP/1.1\r\n{self._head}".encode() + self._pod_token()
+        head = self._head if self._context is None else self._head + context_head(self._context())
+        raw = f"{method} {path} HTTP/1.1\r\n{head}".encode() + self._pod_token()
         if body is not None:
             raw += b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
         else:

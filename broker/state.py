@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from broker.audit import AuditLog
 from broker.backends import load_type
 from broker.backends.base import BackendConfig, BackendContext, Kind
 from broker.backends.guard import Guard
@@ -79,6 +80,7 @@ class BrokerState:
         )
         self.inflight = 0
         self.prefetched = not self.prefetch_keys()
+        self.audit = AuditLog(config.audit, self.metrics) if config.audit.enabled else None
         self.node: NodeService | None = None
         if config.node is not None:
             from broker.node.partitions import NodeService
@@ -110,15 +112,20 @@ class BrokerState:
                 reasons.append(f"backend {guard.name}: {reason}")
         if not self.prefetched:
             reasons.append("prefetch list not warm yet")
+        if self.audit is not None:
+            reason = self.audit.not_ready_reason()
+            if reason:
+                reasons.append(reason)
         return reasons
 
     def apply(self, new: BrokerConfig) -> Reload:
         """Switch to ``new``: keep the guards (and cached entries) of backends whose config and chain position
         did not change, build the others. Leases stay with the guard that granted them, wherever it went."""
         old = self.config
-        restart = [s for s in ("listen", "metrics", "threads") if getattr(new, s) != getattr(old, s)]
-        if new.cache.max_entries != old.cache.max_entries:
-            restart.append("cache.max_entries")
+        restart = [s for s in ("listen", "metrics", "threads", "audit") if getattr(new, s) != getattr(old, s)]
+        for bound in ("max_entries", "negative_max_entries"):
+            if getattr(new.cache, bound) != getattr(old.cache, bound):
+                restart.append(f"cache.{bound}")
         reusable = {g.name: g for g in self.guards if g.backend.config in new.backends}
         guards = []
         for cfg in new.backends:

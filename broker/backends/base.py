@@ -88,13 +88,6 @@ class Unauthorized(BrokerError):
     code = "unauthorized"
 
 
-class Overloaded(BrokerError):
-    """The broker refuses new work for now (node mode: every identity partition is busy)."""
-
-    status = 429
-    code = "overloaded"
-
-
 class BackendError(BrokerError):
     """The store answered something we cannot use (malformed payload, CRC mismatch, KMS failure)."""
 
@@ -119,6 +112,19 @@ class BackendTimeout(BackendUnavailable):
 
     status = 504
     code = "backend_timeout"
+
+
+class Overloaded(BrokerError):
+    """The broker refuses new work for now: a store's rate limit was reached and this call could not wait
+    for its turn, or (node mode) every identity partition is busy.
+
+    Answered as 429 ``overloaded``, never as "not found"; the cache serves a stale value when it has one.
+    Transient: a refused refresh or renewal is tried again later.
+    """
+
+    status = 429
+    code = "overloaded"
+    transient = True
 
 
 class ConfigurationError(Exception):
@@ -198,6 +204,18 @@ class CircuitConfig(StrictModel):
     max_cooldown: Duration = Field(default=60.0, gt=0, le=86_400)
 
 
+class RateLimitConfig(StrictModel):
+    """A token bucket over every call to one store: ``per_second`` on average, ``burst`` at once.
+
+    A cold miss waits at most ``max_wait`` for its turn (else 429 ``overloaded``); refreshes of entries
+    in use, lease renewals, revocations and logins go first and wait up to the backend's ``timeout``.
+    """
+
+    per_second: float = Field(gt=0, le=100_000)
+    burst: int = Field(default=1, ge=1, le=100_000)
+    max_wait: Duration = Field(default=1.0, ge=0, le=60)
+
+
 class BackendConfig(StrictModel):
     """Keys every backend accepts; plug-ins subclass this with their own (``extra="forbid"``)."""
 
@@ -210,6 +228,8 @@ class BackendConfig(StrictModel):
     timeout: Duration = Field(default=5.0, gt=0, le=120)
     retries: int = Field(default=3, ge=0, le=10)
     circuit_breaker: CircuitConfig = CircuitConfig()
+    # Off unless set; store types with a documented request quota set their own default (docs/rate-limits.md).
+    rate_limit: RateLimitConfig | None = None
 
 
 # ---------------------------------------------------------------------------------------------- context

@@ -7,7 +7,11 @@ Rules, per entry (times on the monotonic clock):
 - refreshed in the background at ``refresh_ahead`` of its TTL (with jitter) when it was read since its
   last fetch, or is pinned by the prefetch list;
 - served stale after a failed refresh until ``max_stale`` past its TTL, never past a lease's expiry;
-- "not found in any backend" is remembered for ``negative_ttl``; errors are never cached as "not found";
+- "not found in any backend" is remembered for ``negative_ttl``, in an LRU of its own bounded by
+  ``negative_max_entries``, so a flood of unknown names cannot push entries in use out; errors are never
+  cached as "not found";
+- loads of keys nobody is served from yet (cold misses) queue behind refreshes of entries in use at a
+  store's rate limit (``broker.ratelimit``);
 - concurrent misses for one key share one load; clients that go away do not cancel it.
 """
 
@@ -31,6 +35,7 @@ from broker.cache.leases import LeaseHolder, LeaseKeeper
 from broker.clock import Clock
 from broker.config import CacheConfig, LeasesConfig
 from broker.metrics import Metrics
+from broker.ratelimit import Priority, priority
 from broker.resolver import NotFoundAnywhere, Resolved
 
 log = logging.getLogger("broker.cache")
@@ -112,6 +117,7 @@ class SecretCache:
         self.leases = LeaseKeeper(clock, metrics)
         self._rng = rng or random.Random()  # noqa: S311 - jitter only
         self._entries = _LRU(config.max_entries, self._evicted)
+        self._negatives = _LRU(config.negative_max_entries, self._negative_evicted)
         self._inflight: dict[Key, asyncio.Task[Entry]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._heap: list[tuple[float, int, Key, int]] = []
@@ -123,10 +129,11 @@ class SecretCache:
     # ------------------------------------------------------------------------------------------ reads
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._entries) + len(self._negatives)
 
     def peek(self, kind: Kind, name: str) -> Entry | None:
-        return self._entries.peek((kind, name))
+        key = (kind, name)
+        return self._entries.peek(key) or self._negatives.peek(key)
 
     def hit(self, kind: Kind, name: str) -> Entry | None:
         """The entry when it is a plain fresh hit needing nothing else (no refresh due), else None.
@@ -151,7 +158,7 @@ class SecretCache:
         """
         key = (kind, name)
         now = self._clock.now()
-        entry = self._entries.get(key)
+        entry = self._entries.get(key) or self._negatives.get(key)
         if entry is not None:
             entry.last_access = now
             if now < entry.fresh_until:
@@ -167,8 +174,11 @@ class SecretCache:
                 # client wait out the same outage; the scheduler keeps retrying in the background.
                 return self._stale(entry)
         self._metrics.cache_events.labels("miss").inc()
+        in_use = entry is not None and entry.resolved is not None
         try:
-            fresh = await asyncio.shield(self._load(key))
+            with priority(Priority.REFRESH if in_use else Priority.MISS):
+                load = self._load(key)
+            fresh = await asyncio.shield(load)
         except SecretNotFound:
             raise
         except AccessDenied:
@@ -178,8 +188,7 @@ class SecretCache:
             if current is not None and current.resolved is not None and self._clock.now() < current.usable_until:
                 return self._stale(current)
             raise
-        had_value = entry is not None and entry.resolved is not None
-        return fresh, Status.REFRESHED if had_value else Status.MISS
+        return fresh, Status.REFRESHED if in_use else Status.MISS
 
     def _stale(self, entry: Entry) -> tuple[Entry, Status]:
         self._metrics.cache_events.labels("stale").inc()
@@ -202,7 +211,8 @@ class SecretCache:
     def _spawn_load(self, key: Key) -> None:
         """Start a background refresh (single-flight with client loads); failures are recorded, not raised."""
         self._metrics.cache_events.labels("refresh").inc()
-        self._load(key)
+        with priority(Priority.REFRESH):
+            self._load(key)
 
     def _track(self, task: asyncio.Task[Any]) -> None:
         self._tasks.add(task)
@@ -223,18 +233,9 @@ class SecretCache:
             negative_ttl = exc.negative_ttl if isinstance(exc, NotFoundAnywhere) else self.config.negative_ttl
             if negative_ttl > 0:
                 now = self._clock.now()
-                self._put(
-                    Entry(
-                        key,
-                        None,
-                        now,
-                        now + negative_ttl,
-                        now + negative_ttl,
-                        INF,
-                        now,
-                        next(self._gen),
-                    )
-                )
+                until = now + negative_ttl
+                self._negatives[key] = Entry(key, None, now, until, until, INF, now, next(self._gen))
+                self._count()
             raise
         except AccessDenied:
             # Authoritative: the identity lost access. Serving the old value would hide that.
@@ -304,18 +305,26 @@ class SecretCache:
         if old is not None and old.lease is not None and (entry.lease is None or entry.lease != old.lease):
             self._retire_lease(old)
         self._entries[entry.key] = entry
-        self._metrics.cache_entries.set(len(self._entries))
+        self._negatives.pop(entry.key, None)
+        self._count()
         if entry.refresh_at != INF:
             self._schedule(entry)
 
     def _drop(self, key: Key) -> Entry | None:
-        entry = self._entries.pop(key, None)
+        entry = self._entries.pop(key, None) or self._negatives.pop(key, None)
         if entry is not None:
-            self._metrics.cache_entries.set(len(self._entries))
+            self._count()
         return entry
+
+    def _count(self) -> None:
+        self._metrics.cache_entries.set(len(self._entries) + len(self._negatives))
+        self._metrics.cache_negative_entries.set(len(self._negatives))
 
     def _evicted(self, entry: Entry) -> None:
         self._metrics.cache_events.labels("eviction").inc()
+
+    def _negative_evicted(self, entry: Entry) -> None:
+        self._metrics.cache_events.labels("negative_eviction").inc()
 
     def _schedule(self, entry: Entry) -> None:
         heapq.heappush(self._heap, (entry.refresh_at, next(self._seq), entry.key, entry.generation))
@@ -327,7 +336,9 @@ class SecretCache:
     def invalidate(self, kind: Kind | None = None, name: str | None = None) -> int:
         """Forget one key, every key of a kind, or everything. Held leases stay valid until they expire."""
         keys = [
-            k for k in list(self._entries.keys()) if (kind is None or k[0] == kind) and (name is None or k[1] == name)
+            k
+            for k in [*self._entries.keys(), *self._negatives.keys()]
+            if (kind is None or k[0] == kind) and (name is None or k[1] == name)
         ]
         for key in keys:
             self._drop(key)
@@ -335,7 +346,7 @@ class SecretCache:
 
     def retain(self, keep: Callable[[Entry], bool]) -> int:
         """Drop every entry for which ``keep`` is false (used by a config reload); returns how many."""
-        dropped = [k for k, e in list(self._entries.items()) if not keep(e)]
+        dropped = [k for k, e in [*self._entries.items(), *self._negatives.items()] if not keep(e)]
         for key in dropped:
             self._drop(key)
         return len(dropped)

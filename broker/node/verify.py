@@ -47,6 +47,15 @@ class PodIdentity:
     def key(self) -> tuple[str, str]:
         return self.namespace, self.service_account
 
+    def as_audit(self) -> dict[str, str]:
+        """The verified caller as the audit trail records it."""
+        return {
+            "namespace": self.namespace,
+            "service_account": self.service_account,
+            "pod": self.pod_name,
+            "pod_uid": self.pod_uid,
+        }
+
 
 @dataclass(frozen=True, slots=True)
 class _Verdict:

@@ -476,6 +476,74 @@ async def test_repr_never_shows_values(loader: ScriptedLoader, clock: FakeClock)
     assert "super-secret-value" not in repr(entry.resolved)
 
 
+async def test_a_flood_of_unknown_names_does_not_evict_entries_in_use(loader: ScriptedLoader, clock: FakeClock) -> None:
+    loader.answers.update({"hot1": "a", "hot2": "b"})
+    cache = make_cache(loader, clock, max_entries=2, negative_max_entries=5)
+    await value(cache, "hot1")
+    await value(cache, "hot2")
+    for i in range(50):
+        with pytest.raises(SecretNotFound):
+            await cache.get(V, f"unknown{i}")
+    assert await value(cache, "hot1") == ("a", Status.HIT)
+    assert await value(cache, "hot2") == ("b", Status.HIT)
+    assert loader.calls["hot1"] == loader.calls["hot2"] == 1
+    assert len(cache) == 2 + 5
+    registry = cache._metrics.registry
+    assert registry.get_sample_value("broker_cache_negative_entries") == 5
+    assert registry.get_sample_value("broker_cache_events_total", {"event": "negative_eviction"}) == 45
+    assert registry.get_sample_value("broker_cache_events_total", {"event": "eviction"}) is None
+    # the newest negative entries are remembered, the oldest were let go
+    with pytest.raises(SecretNotFound):
+        await cache.get(V, "unknown49")
+    assert loader.calls["unknown49"] == 1
+    with pytest.raises(SecretNotFound):
+        await cache.get(V, "unknown0")
+    assert loader.calls["unknown0"] == 2
+
+
+async def test_a_name_that_appears_leaves_the_negative_entries(loader: ScriptedLoader, clock: FakeClock) -> None:
+    cache = make_cache(loader, clock)
+    with pytest.raises(SecretNotFound):
+        await cache.get(V, "late")
+    loader.answers["late"] = "now"
+    clock.advance(11)  # past negative_ttl
+    assert await value(cache, "late") == ("now", Status.MISS)
+    assert cache._metrics.registry.get_sample_value("broker_cache_negative_entries") == 0
+    assert cache.invalidate(V, "late") == 1 and len(cache) == 0
+
+
+async def test_cold_misses_load_at_miss_priority_and_refreshes_at_refresh(clock: FakeClock) -> None:
+    from broker.ratelimit import PRIORITY, Priority
+
+    seen: dict[str, list[Priority]] = {}
+
+    async def load(kind: Kind, name: str) -> Resolved:
+        seen.setdefault(name, []).append(PRIORITY.get())
+        if name == "absent":
+            raise SecretNotFound("no")
+        return Resolved(value="v", backend="b1", version=None, lease=None, ttl=100.0, max_stale=50.0)
+
+    cache = SecretCache(
+        load,
+        clock=clock,
+        config=CacheConfig(ttl=100, refresh_ahead=0.75, refresh_jitter=0.0, max_stale=50, negative_ttl=10),
+        leases=LeasesConfig(),
+        metrics=Metrics(),
+    )
+    await cache.get(V, "k")  # cold
+    clock.advance(80)  # past refresh-ahead: served, refreshed in the background
+    await cache.get(V, "k")
+    await settle()
+    clock.advance(200)  # past fresh and stale: a client waits for it, but the entry was in use
+    await cache.get(V, "k")
+    for _ in range(2):  # cold, then cold again after the negative entry expires
+        with pytest.raises(SecretNotFound):
+            await cache.get(V, "absent")
+        clock.advance(11)
+    assert seen["k"] == [Priority.MISS, Priority.REFRESH, Priority.REFRESH]
+    assert seen["absent"] == [Priority.MISS, Priority.MISS]
+
+
 def lease_gauges(cache: SecretCache, backend: str = "b1") -> tuple[float, float]:
     metrics = cache._metrics
     return (
