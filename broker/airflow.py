@@ -13,6 +13,7 @@ from typing import Any
 from airflow.secrets import BaseSecretsBackend
 
 from broker.client import (
+    DEFAULT_POD_TOKEN,
     DEFAULT_SOCKET,
     BrokerAccessDeniedError,
     BrokerClient,
@@ -36,6 +37,12 @@ def _as_float(value: Any, default: float) -> float:
         log.warning("broker backend: timeout %r is not a number; using %s", value, default)
         return default
     return number if number > 0 else default
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
 
 
 def _as_str(value: Any) -> str | None:
@@ -81,9 +88,14 @@ class BrokerSecretsBackend(BaseSecretsBackend):  # type: ignore[misc,unused-igno
         url: str | None = None,
         token_file: str | None = None,
         timeout: float | str = DEFAULT_TIMEOUT,
+        *,
+        node_mode: bool | str = False,
+        pod_token_file: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
+        # Node mode (one broker per node): every request carries the pod's projected token.
+        self.pod_token_file = _as_str(pod_token_file) or (DEFAULT_POD_TOKEN if _as_bool(node_mode) else None)
         self.socket_path = _as_str(socket_path) or DEFAULT_SOCKET
         self.url = _as_str(url)
         self.token_file = _as_str(token_file)
@@ -103,7 +115,12 @@ class BrokerSecretsBackend(BaseSecretsBackend):  # type: ignore[misc,unused-igno
                         f"cannot read broker token file {self.token_file}: {exc.strerror}"
                     ) from None
             self._client = BrokerClient(
-                socket_path=self.socket_path, url=self.url, token=token, timeout=self.timeout, context=task_context
+                socket_path=self.socket_path,
+                url=self.url,
+                token=token,
+                timeout=self.timeout,
+                pod_token_file=self.pod_token_file,
+                context=task_context,
             )
         return self._client
 

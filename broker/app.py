@@ -65,6 +65,8 @@ class Broker:
         if cfg.metrics.address is not None:
             await self._serve(build_metrics_app(self.state), tcp_socket(*cfg.metrics.address))
         self._spawn(self.state.cache.maintain(), "cache-maintenance")
+        if self.state.node is not None:
+            self._spawn(self.state.node.maintain(), "node-maintenance")
         self._spawn(self._start_backends(self.state.guards), "backend-start")
         log.info(
             "broker listening",
@@ -89,7 +91,7 @@ class Broker:
         )
         await runner.setup()
         front = None
-        if api and listen.fast_path:
+        if api and listen.fast_path and self.state.node is None:  # node mode verifies every request
             # Fresh cache hits answered straight from the protocol; everything else goes to aiohttp.
             from broker.server.fast import FastFront
 
@@ -196,6 +198,8 @@ class Broker:
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5)
         await self.state.cache.aclose(revoke_leases=self.state.config.leases.revoke_on_shutdown)
+        if self.state.node is not None:
+            await self.state.node.aclose(revoke_leases=self.state.config.leases.revoke_on_shutdown)
         # Every backend ever built that is still open: the chain, and retired ones that held leases.
         await asyncio.gather(*(close_backend(g) for g in [*self.state.guards, *self.state.retired]))
         self.state.retired.clear()
@@ -223,6 +227,15 @@ class Broker:
                     "reload refused: invalid configuration; keeping the running one", extra={"errors": exc.errors}
                 )
                 return False
+            if (new.node is None) != (state.node is None):
+                state.metrics.reloads.labels("invalid").inc()
+                log.error("reload refused: turning node mode on or off needs a restart; keeping the running config")
+                return False
+            if state.node is not None:
+                closed = state.node.reset(new)
+                state.metrics.reloads.labels("ok").inc()
+                log.info("configuration reloaded (node mode)", extra={"identities_closed": closed})
+                return True
             change = state.apply(new)
             for section in change.restart_needed:
                 log.warning("reload: this section needs a restart to change", extra={"section": section})

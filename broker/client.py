@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 DEFAULT_SOCKET = "/run/broker/broker.sock"
+DEFAULT_POD_TOKEN = "/var/run/secrets/broker/token"  # noqa: S105 - a path: node mode's projected token volume
 KINDS = {"connection": "connections", "variable": "variables", "config": "config"}
 MAX_HEAD = 65_536
 MAX_BODY = 16 * 1024 * 1024
@@ -180,7 +181,8 @@ class BrokerClient:
     """Reads connections, variables and config values from the broker.
 
     ``socket_path`` for the unix socket, or ``url`` (http://127.0.0.1:PORT) with ``token``. No I/O happens
-    until the first request.
+    until the first request. ``pod_token_file`` (node mode): the pod's projected service-account token,
+    re-read at every request (the kubelet rotates it) and sent as ``Authorization: Bearer``.
     """
 
     def __init__(
@@ -190,6 +192,8 @@ class BrokerClient:
         token: str | None = None,
         timeout: float = 5.0,
         context: Callable[[], Mapping[str, str]] | None = airflow_context,
+        *,
+        pod_token_file: str | None = None,
     ) -> None:
         if url:
             parts = urlsplit(url)
@@ -208,8 +212,22 @@ class BrokerClient:
                 raise ValueError("token must be a single line")
             self._head += f"X-Broker-Token: {token}\r\n"
         self.timeout = float(timeout)
+        self.pod_token_file = pod_token_file
         self._key = (self.target, self.timeout)
         self._context = context  # read at every request: a forked task runner sets it before each task
+
+    def _pod_token(self) -> bytes:
+        """The ``Authorization`` header line for node mode, or b"". Raises BrokerClientError when unreadable."""
+        if self.pod_token_file is None:
+            return b""
+        try:
+            with open(self.pod_token_file, "rb") as fh:
+                token = fh.read().strip()
+        except OSError as exc:
+            raise BrokerClientError(f"cannot read pod token file {self.pod_token_file}: {exc.strerror}") from None
+        if not token or b"\r" in token or b"\n" in token:
+            raise BrokerClientError(f"pod token file {self.pod_token_file} does not hold one token")
+        return b"Authorization: Bearer " + token + b"\r\n"
 
     def _connect(self) -> _Connection:
         if self._tcp is not None:
@@ -236,7 +254,7 @@ class BrokerClient:
         Raises BrokerUnavailableError when the broker cannot be reached or does not answer in time.
         """
         head = self._head if self._context is None else self._head + context_head(self._context())
-        raw = f"{method} {path} HTTP/1.1\r\n{head}".encode()
+        raw = f"{method} {path} HTTP/1.1\r\n{head}".encode() + self._pod_token()
         if body is not None:
             raw += b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
         else:

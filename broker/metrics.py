@@ -127,3 +127,15 @@ class Metrics:
         self.audit_failing = Gauge("broker_audit_failing", "1 while the audit stream cannot be written.", registry=r)
         self.ready = Gauge("broker_ready", "1 when /readyz answers 200.", registry=r)
         self.reloads = Counter("broker_config_reloads_total", "Config reloads by outcome.", ["outcome"], registry=r)
+        self.node_identities = Gauge(
+            "broker_node_identities", "Node mode: identity partitions alive (one per service account).", registry=r
+        )
+        self.node_auth = Counter(
+            "broker_node_auth_total",
+            "Node mode: pod token verifications by outcome (ok, unauthorized, forbidden, unavailable, overloaded).",
+            ["outcome"],
+            registry=r,
+        )
+        self.node_released = Counter(
+            "broker_node_identities_released_total", "Node mode: identity partitions closed for idleness.", registry=r
+        )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from broker.audit import AuditLog
 from broker.backends import load_type
@@ -17,6 +18,18 @@ from broker.config import BrokerConfig
 from broker.logging import SECRETS
 from broker.metrics import Metrics
 from broker.resolver import Resolved, Resolver
+
+if TYPE_CHECKING:
+    from broker.node.partitions import NodeService
+
+
+def remember_secret(kind: Kind, resolved: Resolved) -> None:
+    """Register a value just fetched (and a connection's password) with the log redaction filter."""
+    SECRETS.add(resolved.value)
+    if kind is Kind.CONNECTION:
+        password = json.loads(resolved.value).get("password")
+        if isinstance(password, str):
+            SECRETS.add(password)
 
 
 def build_guard(cfg: BackendConfig, ctx: BackendContext) -> Guard:
@@ -58,7 +71,8 @@ class BrokerState:
         self.clock = clock or SystemClock()
         self.executor = ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="broker-io")
         self.ctx = BackendContext(executor=self.executor, clock=self.clock, metrics=self.metrics)
-        self.guards = build_guards(config.backends, self.ctx)
+        # Node mode: the backends are templates for the identity partitions; none logs in as the node.
+        self.guards = build_guards(config.backends if config.node is None else [], self.ctx)
         self.retired: list[Guard] = []  # out of the chain but still holding leases
         self.resolver = self._resolver(config, self.guards)
         self.cache = SecretCache(
@@ -67,6 +81,11 @@ class BrokerState:
         self.inflight = 0
         self.prefetched = not self.prefetch_keys()
         self.audit = AuditLog(config.audit, self.metrics) if config.audit.enabled else None
+        self.node: NodeService | None = None
+        if config.node is not None:
+            from broker.node.partitions import NodeService
+
+            self.node = NodeService(self)
 
     @staticmethod
     def _resolver(config: BrokerConfig, guards: list[Guard]) -> Resolver:
@@ -74,11 +93,7 @@ class BrokerState:
 
     async def _load(self, kind: Kind, name: str) -> Resolved:
         resolved = await self.resolver.resolve(kind, name)
-        SECRETS.add(resolved.value)
-        if kind is Kind.CONNECTION:
-            password = json.loads(resolved.value).get("password")
-            if isinstance(password, str):
-                SECRETS.add(password)
+        remember_secret(kind, resolved)
         return resolved
 
     def prefetch_keys(self) -> list[tuple[Kind, str]]:

@@ -237,11 +237,25 @@ class BackendConfig(StrictModel):
 
 @dataclass
 class BackendContext:
-    """What the core hands every backend: the shared thread pool, clock and metrics."""
+    """What the core hands every backend: the shared thread pool, clock and metrics.
+
+    ``workload_token`` is set in node mode only: the latest verified projected token of a pod of the
+    identity this backend serves (None when none is valid). Backends that log in with the pod's token use
+    it instead of a token file; it may be called from worker threads.
+    """
 
     executor: ThreadPoolExecutor
     clock: Clock
     metrics: Metrics
+    workload_token: Callable[[], str | None] | None = None
+
+    def pod_token(self) -> str:
+        """The caller's token in node mode. Raises AccessDenied when no pod of the identity holds a valid one."""
+        assert self.workload_token is not None
+        token = self.workload_token()
+        if token is None:
+            raise AccessDenied("node: no valid token of this identity's pods to log in with")
+        return token
 
     async def run_blocking(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """Run a blocking SDK call in the bounded pool, never on the event loop."""

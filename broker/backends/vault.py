@@ -226,6 +226,8 @@ class Backend(BaseBackend):
         if auth.method == "token":
             return None
         if auth.method in ("kubernetes", "jwt"):
+            if self.ctx.workload_token is not None:  # node mode: the calling pod's own token
+                return f"auth/{auth.mount_path}/login", {"role": auth.role, "jwt": self.ctx.pod_token()}
             jwt = await self.ctx.run_blocking(_read_secret_file, auth.token_path, "auth.token_path")
             return f"auth/{auth.mount_path}/login", {"role": auth.role, "jwt": jwt}
         if auth.method == "approle":
@@ -403,6 +405,11 @@ class Backend(BaseBackend):
             self._renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewer
+        token, self._token = self._token, None
+        if self.ctx.workload_token is not None and token is not None:
+            # Node mode: an identity closed for idleness logs out, so its token outlives no pod.
+            with contextlib.suppress(BrokerError):
+                await self._request("POST", f"{self._base}/v1/auth/token/revoke-self", token=token.value, what="logout")
         if self._session is not None:
             await self._session.close()
 

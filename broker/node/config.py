@@ -130,6 +130,9 @@ def node_errors(config: BrokerConfig) -> list[str]:
         errors.append("listen.tcp: not allowed in node mode: node mode serves its unix socket only")
     if config.listen.socket is None:
         errors.append("listen.socket: required in node mode")
+    for kind in ("connections", "variables", "config"):
+        if getattr(config.prefetch, kind):
+            errors.append(f"prefetch.{kind}: not supported in node mode (each identity's cache fills on first use)")
     for i, backend in enumerate(config.backends):
         if backend.type in NODE_WIDE_TYPES:
             errors.append(f"backends[{i}].type: {backend.type} is not allowed in node mode: it has no per-pod identity")

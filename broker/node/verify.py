@@ -22,7 +22,7 @@ from typing import Any
 
 import aiohttp
 
-from broker.backends.base import BackendContext, BackendUnavailable, Unauthorized
+from broker.backends.base import BackendContext, BackendUnavailable, ConfigurationError, Unauthorized
 from broker.backends.rest import make_session
 from broker.node.config import NodeConfig
 
@@ -46,6 +46,15 @@ class PodIdentity:
     @property
     def key(self) -> tuple[str, str]:
         return self.namespace, self.service_account
+
+    def as_audit(self) -> dict[str, str]:
+        """The verified caller as the audit trail records it."""
+        return {
+            "namespace": self.namespace,
+            "service_account": self.service_account,
+            "pod": self.pod_name,
+            "pod_uid": self.pod_uid,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,9 +244,9 @@ class TokenVerifier:
 def node_name(config: NodeConfig) -> str | None:
     """This node's name from ``$NODE_NAME`` (the downward API's ``spec.nodeName``).
 
-    Raises ValueError when ``same_node`` is on and it is not set.
+    Raises ConfigurationError when ``same_node`` is on and it is not set.
     """
     name = os.environ.get("NODE_NAME") or None
     if config.same_node and name is None:
-        raise ValueError("node.same_node: set NODE_NAME (fieldRef spec.nodeName) or turn same_node off")
+        raise ConfigurationError(["node.same_node: set $NODE_NAME (fieldRef spec.nodeName) or turn same_node off"])
     return name

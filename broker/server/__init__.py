@@ -5,6 +5,7 @@ Every answer is JSON; every error carries ``{"error": code, "message": ...}`` an
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hmac
 import json
@@ -26,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from broker.audit import ASSERTED_HEADERS, Caller, outcome_of, token_caller, unix_caller
 from broker.backends.base import BrokerError, Kind
-from broker.cache import Entry, Status
+from broker.cache import Entry, SecretCache, Status
 from broker.logging import request_id
 from broker.resolver import name_problem
 from broker.server.listener import with_header_timeout
@@ -188,7 +189,25 @@ def build_api_app(state: BrokerState, *, tcp_token: bytes | None = None) -> web.
     app[STATE] = state
 
     async def secret(request: web.Request) -> web.Response:
-        return await serve_secret(state, request, caller_of(request))
+        caller = caller_of(request)
+        if state.node is None:
+            return await serve_secret(state, request, caller)
+        # Node mode: every request is the calling pod's, verified before anything else is looked at.
+        try:
+            pod, partition = await state.node.caller(request.headers.get("Authorization"))
+        except BrokerError as exc:
+            if caller is not None:
+                audit_refused(request, request_id.get() or "", caller)
+            headers = {"Retry-After": "1"} if exc.status == 429 else None
+            return error_response(exc.status, exc.code, exc.message, headers)
+        if caller is not None:
+            caller = dataclasses.replace(caller, verified=pod.as_audit())
+        partition.active += 1
+        try:
+            return await serve_secret(state, request, caller, partition.cache)
+        finally:
+            partition.active -= 1
+            partition.last_used = state.clock.now()
 
     app.router.add_route("*", "/v1/{tail:.*}", secret, expect_handler=expect_handler)
     app.router.add_get("/healthz", _healthz, expect_handler=expect_handler)
@@ -263,8 +282,11 @@ def _lookup_target(raw_path: str) -> tuple[Kind, str] | None:
     return (KINDS[split[0]], name) if name_problem(name) is None else None
 
 
-async def serve_secret(state: BrokerState, request: web.Request, caller: Caller | None = None) -> web.Response:
-    """GET /v1/{connections|variables|config}/{name} and POST /v1/cache/invalidate."""
+async def serve_secret(
+    state: BrokerState, request: web.Request, caller: Caller | None = None, cache: SecretCache | None = None
+) -> web.Response:
+    """GET /v1/{connections|variables|config}/{name} and POST /v1/cache/invalidate, on ``cache`` (node mode:
+    the caller's identity partition) or the broker's own."""
     split = _split(request.raw_path)
     if split is None:
         return error_response(404, "not_found", "no such endpoint")
@@ -272,7 +294,7 @@ async def serve_secret(state: BrokerState, request: web.Request, caller: Caller 
     if collection == "cache" and raw_name == "invalidate":
         if request.method != "POST":
             return error_response(405, "method_not_allowed", "use POST", {"Allow": "POST"})
-        return await _invalidate(state, request)
+        return await _invalidate(state, request, state.cache if cache is None else cache)
     kind = KINDS.get(collection)
     if kind is None:
         return error_response(404, "not_found", "no such endpoint")
@@ -291,7 +313,8 @@ async def serve_secret(state: BrokerState, request: web.Request, caller: Caller 
     if state.audit is not None:
         headers = request.headers
         asserted = [(field, headers[h]) for h, field in ASSERTED_HEADERS.items() if h in headers]
-    return await lookup(state, kind, name, rid=request_id.get() or "", caller=caller, asserted=asserted)
+    rid = request_id.get() or ""
+    return await lookup(state, kind, name, rid=rid, caller=caller, asserted=asserted, cache=cache)
 
 
 async def lookup(
@@ -302,6 +325,7 @@ async def lookup(
     rid: str | bytes = "",
     caller: Caller | None = None,
     asserted: Any = None,
+    cache: SecretCache | None = None,
 ) -> web.Response:
     """Answer one secret lookup; with the audit trail on, exactly one audit line records it."""
     metrics = state.metrics
@@ -316,7 +340,7 @@ async def lookup(
     started = time.perf_counter()
     try:
         try:
-            entry, status = await state.cache.get(kind, name)
+            entry, status = await (state.cache if cache is None else cache).get(kind, name)
         except BrokerError as exc:
             metrics.requests.labels(kind.value, exc.code).inc()
             if audit is not None:
@@ -363,7 +387,7 @@ def _found(entry: Entry, status: Status, now: float) -> web.Response:
     )
 
 
-async def _invalidate(state: BrokerState, request: web.Request) -> web.Response:
+async def _invalidate(state: BrokerState, request: web.Request, cache: SecretCache) -> web.Response:
     try:
         raw = await request.read()
         body = json.loads(raw) if raw.strip() else {}
@@ -388,7 +412,7 @@ async def _invalidate(state: BrokerState, request: web.Request) -> web.Response:
         problem = name_problem(name)
         if problem:
             return error_response(400, "bad_request", problem)
-    dropped = state.cache.invalidate(kind, name)
+    dropped = cache.invalidate(kind, name)
     state.metrics.requests.labels("invalidate", "ok").inc()
     log.info("cache invalidated", extra={"kind": kind_raw or "all", "entries": dropped})
     return web.Response(status=204, headers=NO_STORE)
