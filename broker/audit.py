@@ -63,7 +63,7 @@ class Caller:
     gid: int | None = None
     pid: int | None = None
     token: str | None = None
-    verified: tuple[tuple[str, str], ...] | None = None  # (("namespace", ...), ("service_account", ...), ...)
+    verified: Mapping[str, str] | tuple[tuple[str, str], ...] | None = None  # namespace, service account, pod
 
     def as_json(self) -> dict[str, Any]:
         if self.listener == "tcp":
