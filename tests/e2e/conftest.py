@@ -100,6 +100,7 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
 def broker_config(files: Path, stores: dict[str, Any]) -> dict[str, Any]:
     return {
         "cache": {"ttl": 300},
+        "audit": {"enabled": True, "output": str(files.parent / "audit.jsonl")},
         "backends": [
             {
                 "name": "vault",
