@@ -9,8 +9,10 @@ storm the values in use are still cached.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -20,7 +22,7 @@ import pytest
 
 from tests.integration.aws.conftest import REGION, ssm_backend, static_env
 from tests.servers.aws_proxy import AwsProxy
-from tests.support.broker_process import BrokerProcess
+from tests.support.broker_process import BrokerProcess, wait_for
 from tests.support.figures import report
 from tests.support.leakcheck import plant
 
@@ -80,14 +82,16 @@ def run_storm(broker: BrokerProcess, names: list[str]) -> list[tuple[str, int, s
 
 
 def test_storm_is_held_to_the_limit_and_values_in_use_stay_fresh(
-    broker_factory: Any, proxy: AwsProxy, storm_parameters: None
+    broker_factory: Any, proxy: AwsProxy, storm_parameters: None, tmp_path: Path
 ) -> None:
     backend = ssm_backend(
         ttl=1.5,
         rate_limit={"per_second": RATE, "burst": BURST, "max_wait": 1.0},
     )
+    audit = tmp_path / "audit.jsonl"
     broker = broker_factory(
         {
+            "audit": {"enabled": True, "output": str(audit)},
             "backends": [backend],
             "cache": {
                 "refresh_ahead": 0.4,
@@ -128,6 +132,18 @@ def test_storm_is_held_to_the_limit_and_values_in_use_stay_fresh(
         status, data = broker.get("variable", name)
         assert status == 200 and data["cache"] == "hit"
     assert broker.metric("broker_cache_negative_entries") <= 8
+    # the audit trail has exactly one line per lookup, and the refusals in it as overloaded, never not_found
+    total = len(HOT) * 2 + LOOKUPS
+
+    def audited() -> list[dict[str, Any]] | None:
+        found = [json.loads(x) for x in audit.read_text().splitlines()] if audit.exists() else []
+        return found if len(found) >= total else None
+
+    trail = wait_for(audited, what="one audit line per lookup")
+    assert len(trail) == total
+    storm = Counter((x["outcome"], x["name"] in EXISTING) for x in trail[len(HOT) : len(HOT) + LOOKUPS])
+    assert storm[("overloaded", True)] + storm[("overloaded", False)] == answered_429
+    assert storm[("not_found", True)] == 0
     report(
         "rate-limit storm",
         f"{LOOKUPS} lookups over {len(HOT) + len(EXISTING) + len(UNKNOWN)} names in {elapsed:.2f}s at "
