@@ -17,10 +17,9 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
-import boto3
 import pytest
 
-from tests.integration.aws.conftest import REGION, ssm_backend, static_env
+from tests.integration.aws.conftest import ssm_backend, static_env
 from tests.servers.aws_proxy import AwsProxy
 from tests.support.broker_process import BrokerProcess, wait_for
 from tests.support.figures import report
@@ -40,13 +39,7 @@ def hot_value(name: str) -> str:
 
 @pytest.fixture(scope="module")
 def storm_parameters(moto_proxy: AwsProxy) -> None:
-    ssm = boto3.client(
-        "ssm",
-        region_name=REGION,
-        endpoint_url=moto_proxy.url,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    ssm = moto_proxy.ssm  # type: ignore[attr-defined]
     for name in HOT:
         ssm.put_parameter(Name=f"/airflow/variables/{name}", Value=hot_value(name), Type="SecureString")
     for name in EXISTING:
