@@ -28,7 +28,7 @@ from broker.backends.base import (
     is_transient,
 )
 from broker.metrics import Metrics
-from broker.ratelimit import PRIORITY, TokenBucket
+from broker.ratelimit import PRIORITY, Priority, TokenBucket
 
 log = logging.getLogger("broker.backend")
 T = TypeVar("T")
@@ -212,7 +212,8 @@ class Guard:
         bucket = self.bucket
         if bucket is None:
             return
-        prio = PRIORITY.get()
+        # Only a read can be a cold miss; renewals, revocations, logins and checks keep what is in use going.
+        prio = PRIORITY.get() if operation == "fetch" else Priority.REFRESH
         label = prio.name.lower()
         try:
             waited = await bucket.acquire(prio)

@@ -140,10 +140,18 @@ async def test_every_kind_of_call_to_a_store_shares_one_bucket(ctx: BackendConte
     lease = Lease("database/creds/x/1", 60, True, 0.0)
     with priority(Priority.MISS):
         assert (await g.fetch(Kind.VARIABLE, "p")).value == "v"
-    await g.renew(lease)
+        await g.renew(lease)  # a renewal started from a miss's task still goes at refresh priority
     await g.revoke(lease)
     with priority(Priority.MISS), pytest.raises(Overloaded):
         await g.fetch(Kind.VARIABLE, "p")
+    with priority(Priority.MISS), pytest.raises(Overloaded):
+        await g.renew(lease)
+    assert (
+        ctx.metrics.registry.get_sample_value(
+            "broker_rate_limited_total", {"backend": "limited", "priority": "refresh", "outcome": "refused"}
+        )
+        == 1
+    )
     assert backend.calls == 3  # the refused call never reached the store
     metrics = ctx.metrics.registry
     assert (
