@@ -3,7 +3,8 @@
 Sections: (1) cached lookups over loopback TCP (wrk) and the unix socket (loadgen, with its ceiling);
 (2) OpenBao's caching proxy on the same wrk settings in the same run, cached dynamic secret and KV v2;
 (3) ``get_conn_value`` latency as an Airflow task feels it, broker vs Airflow's provider backends direct;
-(4) a thundering herd on one cold key; (5) memory and start-up. Every figure is the median of repeated
+(4) a thundering herd on one cold key; (5) the audit trail's cost on the hot path, on vs off; (6) memory
+and start-up. Every figure is the median of repeated
 runs, and every ratio compares runs interleaved in the same session (this machine is shared and noisy).
 
 Results: benchmarks/results/<UTC time>.json and results/latest.json; the tables also go to
@@ -36,7 +37,7 @@ AIRFLOW_PACKAGES = [
     "apache-airflow-providers-amazon",
 ]
 AUTH = {"X-Broker-Token": TOKEN}
-SECTIONS = ("throughput", "airflow", "herd", "memory")
+SECTIONS = ("throughput", "airflow", "herd", "audit", "memory")
 
 tables: list[str] = []
 
@@ -288,6 +289,72 @@ def herd(vault: Vault, broker: Daemon, args: argparse.Namespace) -> dict[str, An
 # ---------------------------------------------------------------------------------------------- 5
 
 
+def audit_cost(vault: Vault, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Cached lookups with the audit trail off and on (to a file), fast path on, runs interleaved."""
+    base = {
+        "listen": {"max_concurrency": 2000, "max_connections": 4096},
+        "cache": {"ttl": 3600},
+        "backends": [vault.broker_backend()],
+    }
+    audit_file = work / "audit-on" / "audit.jsonl"
+    variants = {
+        "audit off": json.loads(json.dumps(base)),
+        "audit on": {**json.loads(json.dumps(base)), "audit": {"enabled": True, "output": str(audit_file)}},
+    }
+    daemons = {name: Daemon(work / name.replace(" ", "-"), cfg, tcp=True).start() for name, cfg in variants.items()}
+    results: dict[str, Any] = {}
+    rows = []
+    try:
+        for d in daemons.values():
+            if d.get_tcp("/v1/connections/kv_conn")[0] != 200:
+                raise RuntimeError("warming kv_conn for the audit section")
+        for listener in ("unix", "tcp"):
+            runs: dict[str, list[dict[str, Any]]] = {name: [] for name in daemons}
+            for _ in range(args.repeats):
+                for name, d in daemons.items():
+                    if listener == "tcp":
+                        runs[name].append(stack.wrk(d.tcp_url("/v1/connections/kv_conn"), 8, args.duration, AUTH))
+                        continue
+                    r = stack.loadgen(
+                        "run", "--unix", d.socket, "--path", "/v1/connections/kv_conn", "-c", "8",
+                        "-d", str(args.duration),
+                    )  # fmt: skip
+                    if r["errors"] or set(r["statuses"]) != {"200"}:
+                        raise RuntimeError(f"loadgen against {name}: {r}")
+                    runs[name].append(r)
+            med = {name: stack.median_of(r) for name, r in runs.items()}
+            results[listener] = med
+            off, on = med["audit off"], med["audit on"]
+            for name in daemons:
+                m = med[name]
+                rows.append(
+                    [
+                        f"{name} ({listener}, -c8)",
+                        f"{m['rps']:,.0f}",
+                        us(m["p50_us"]),
+                        us(m["p99_us"]),
+                        "1.00x" if name == "audit off" else ratio(on["rps"], off["rps"]),
+                    ]
+                )
+        on_daemon = daemons["audit on"]
+        written = on_daemon.metric("broker_audit_lines_total")
+        dropped = on_daemon.metric("broker_audit_dropped_total")
+        served = on_daemon.metric("broker_requests_total")
+        results["audit_lines"] = {"written": written, "dropped": dropped, "requests": served}
+    finally:
+        for d in daemons.values():
+            d.stop()
+    emit(
+        "The audit trail's cost on the hot path (cached lookups, fast path on)",
+        ["broker", "req/s", "p50", "p99", "req/s vs audit off"],
+        rows,
+        f"Median of {args.repeats} interleaved runs of {args.duration:g} s; `audit on` writes one JSON line per "
+        f"lookup to a file. In that daemon's whole run {written:,.0f} lines were written and {dropped:,.0f} "
+        f"dropped for {served:,.0f} requests.",
+    )
+    return results
+
+
 def memory(vault: Vault, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import importlib.util
 
@@ -474,6 +541,8 @@ def main() -> int:
         for d in daemons:
             d.stop()
         daemons.clear()
+        if "audit" in only:
+            results["audit"] = audit_cost(vault, args, work)
         if "memory" in only:
             results["memory"] = memory(vault, args, work)
     finally:

@@ -13,10 +13,12 @@ from typing import Any
 from airflow.secrets import BaseSecretsBackend
 
 from broker.client import (
+    DEFAULT_POD_TOKEN,
     DEFAULT_SOCKET,
     BrokerAccessDeniedError,
     BrokerClient,
     BrokerClientError,
+    airflow_context,
 )
 
 try:  # Airflow 3.x stops its search path on this; 2.x does not have it.
@@ -37,11 +39,40 @@ def _as_float(value: Any, default: float) -> float:
     return number if number > 0 else default
 
 
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
 def _as_str(value: Any) -> str | None:
     if value is None:
         return None
     text = str(value).strip()
     return text or None
+
+
+def _map_index() -> str | None:
+    """The running task's map index from Airflow's current task context, when there is one."""
+    try:
+        try:
+            from airflow.sdk import get_current_context
+        except ImportError:  # Airflow 2
+            from airflow.operators.python import get_current_context
+        index = getattr(get_current_context().get("ti"), "map_index", None)
+    except Exception:  # noqa: BLE001 - no task context here (parsing, scheduler, API server)
+        return None
+    return str(index) if isinstance(index, int) else None
+
+
+def task_context() -> dict[str, str]:
+    """What the audit trail is told about the calling task: Airflow's context variables and map index."""
+    context = airflow_context()
+    if "X-Airflow-Task-Id" in context:
+        index = _map_index()
+        if index is not None:
+            context["X-Airflow-Map-Index"] = index
+    return context
 
 
 class BrokerSecretsBackend(BaseSecretsBackend):  # type: ignore[misc,unused-ignore]
@@ -57,9 +88,14 @@ class BrokerSecretsBackend(BaseSecretsBackend):  # type: ignore[misc,unused-igno
         url: str | None = None,
         token_file: str | None = None,
         timeout: float | str = DEFAULT_TIMEOUT,
+        *,
+        node_mode: bool | str = False,
+        pod_token_file: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
+        # Node mode (one broker per node): every request carries the pod's projected token.
+        self.pod_token_file = _as_str(pod_token_file) or (DEFAULT_POD_TOKEN if _as_bool(node_mode) else None)
         self.socket_path = _as_str(socket_path) or DEFAULT_SOCKET
         self.url = _as_str(url)
         self.token_file = _as_str(token_file)
@@ -78,7 +114,14 @@ class BrokerSecretsBackend(BaseSecretsBackend):  # type: ignore[misc,unused-igno
                     raise BrokerClientError(
                         f"cannot read broker token file {self.token_file}: {exc.strerror}"
                     ) from None
-            self._client = BrokerClient(socket_path=self.socket_path, url=self.url, token=token, timeout=self.timeout)
+            self._client = BrokerClient(
+                socket_path=self.socket_path,
+                url=self.url,
+                token=token,
+                timeout=self.timeout,
+                pod_token_file=self.pod_token_file,
+                context=task_context,
+            )
         return self._client
 
     def _get(self, kind: str, name: str) -> str | None:

@@ -4,96 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import random
 import resource
 import signal
 import socket
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from broker.backends import load_type
-from broker.backends.base import BackendConfig, BackendContext, BrokerError, ConfigurationError, Kind, Lease
+from broker.backends.base import BrokerError, ConfigurationError
 from broker.backends.guard import Guard
-from broker.cache import Entry, LeaseOps, SecretCache
-from broker.clock import Clock, SystemClock
 from broker.config import BrokerConfig, load_config
-from broker.logging import SECRETS
-from broker.metrics import Metrics
-from broker.resolver import Resolved, Resolver
 from broker.server import bind_unix_socket, build_api_app, build_metrics_app
 from broker.server.listener import SEEN, Listener, tcp_socket
+from broker.state import BrokerState
 
 log = logging.getLogger("broker")
 
 STARTUP_BACKOFF_CAP = 30.0
-
-
-def build_guards(configs: list[BackendConfig], ctx: BackendContext) -> list[Guard]:
-    """One guarded Backend per config entry, in chain order."""
-    return [Guard(load_type(cfg.type)(cfg, ctx), ctx.metrics) for cfg in configs]
-
-
-class BrokerState:
-    """Everything a request handler needs; replaced piecewise by a reload."""
-
-    def __init__(self, config: BrokerConfig, *, metrics: Metrics | None = None, clock: Clock | None = None) -> None:
-        self.config = config
-        self.metrics = metrics or Metrics()
-        self.clock = clock or SystemClock()
-        self.executor = ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="broker-io")
-        self.ctx = BackendContext(executor=self.executor, clock=self.clock, metrics=self.metrics)
-        self.guards = build_guards(config.backends, self.ctx)
-        self.resolver = Resolver(self.guards, config.cache.ttl, config.cache.max_stale)
-        self.cache = SecretCache(
-            self._load,
-            clock=self.clock,
-            config=config.cache,
-            leases=config.leases,
-            metrics=self.metrics,
-            lease_ops=LeaseOps(self._renew, self._revoke),
-        )
-        self.inflight = 0
-        self.prefetched = not self._prefetch_keys()
-        self.starting: set[str] = {g.name for g in self.guards}
-
-    async def _load(self, kind: Kind, name: str) -> Resolved:
-        resolved = await self.resolver.resolve(kind, name)
-        SECRETS.add(resolved.value)
-        if kind is Kind.CONNECTION:
-            password = json.loads(resolved.value).get("password")
-            if isinstance(password, str):
-                SECRETS.add(password)
-        return resolved
-
-    async def _renew(self, backend: str, lease: Lease, increment: float | None) -> Lease:
-        return await self.resolver.guard(backend).renew(lease, increment)
-
-    async def _revoke(self, backend: str, lease: Lease) -> None:
-        await self.resolver.guard(backend).revoke(lease)
-
-    def _prefetch_keys(self) -> list[tuple[Kind, str]]:
-        p = self.config.prefetch
-        return (
-            [(Kind.CONNECTION, n) for n in p.connections]
-            + [(Kind.VARIABLE, n) for n in p.variables]
-            + [(Kind.CONFIG, n) for n in p.config]
-        )
-
-    def not_ready_reasons(self) -> list[str]:
-        reasons = []
-        for guard in self.guards:
-            reason = guard.not_ready_reason()
-            if reason:
-                reasons.append(f"backend {guard.name}: {reason}")
-        if not self.prefetched:
-            reasons.append("prefetch list not warm yet")
-        return reasons
 
 
 class Broker:
@@ -119,6 +50,8 @@ class Broker:
         if cfg.listen.tcp_address is not None:
             assert cfg.listen.token_file is not None
             token = read_token(cfg.listen.token_file)  # before binding anything: fail fast
+        if self.state.audit is not None:
+            self.state.audit.start()
         if cfg.listen.socket is not None:
             sock = bind_unix_socket(cfg.listen.socket, cfg.listen.socket_mode)
             self._socket_path = cfg.listen.socket
@@ -135,6 +68,8 @@ class Broker:
                 build_metrics_app(self.state), tcp_socket(*cfg.metrics.address, "metrics listener (metrics.listen)")
             )
         self._spawn(self.state.cache.maintain(), "cache-maintenance")
+        if self.state.node is not None:
+            self._spawn(self.state.node.maintain(), "node-maintenance")
         self._spawn(self._start_backends(self.state.guards), "backend-start")
         log.info(
             "broker listening",
@@ -160,7 +95,7 @@ class Broker:
         )
         await runner.setup()
         front = None
-        if api and listen.fast_path:
+        if api and listen.fast_path and self.state.node is None:  # node mode verifies every request
             # Fresh cache hits answered straight from the protocol; everything else goes to aiohttp.
             from broker.server.fast import FastFront
 
@@ -204,7 +139,7 @@ class Broker:
             delay = min(delay * 2, STARTUP_BACKOFF_CAP)
 
     async def _prefetch(self) -> None:
-        keys = self.state._prefetch_keys()
+        keys = self.state.prefetch_keys()
         if not keys:
             self.state.prefetched = True
             return
@@ -267,8 +202,15 @@ class Broker:
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5)
         await self.state.cache.aclose(revoke_leases=self.state.config.leases.revoke_on_shutdown)
-        await asyncio.gather(*(g.backend.aclose() for g in self.state.guards), return_exceptions=True)
+        if self.state.node is not None:
+            await self.state.node.aclose(revoke_leases=self.state.config.leases.revoke_on_shutdown)
+        # Every backend ever built that is still open: the chain, and retired ones that held leases.
+        await asyncio.gather(*(close_backend(g) for g in [*self.state.guards, *self.state.retired]))
+        self.state.retired.clear()
         self.state.executor.shutdown(wait=False, cancel_futures=True)
+        if self.state.audit is not None:
+            # Every lookup answered has been queued by now: write the rest before exiting.
+            await self.state.audit.aclose()
         if self._socket_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._socket_path)
@@ -278,8 +220,8 @@ class Broker:
     # ------------------------------------------------------------------------------------------ reload
 
     async def reload(self) -> bool:
-        """Re-read the config; keep cached entries of backends whose config (and chain position) did not
-        change. A bad config keeps the old one. Returns whether the new config was applied."""
+        """Re-read the config and apply it (``BrokerState.apply``). A bad config keeps the old one.
+        Returns whether the new config was applied."""
         async with self._reload_lock:
             state = self.state
             try:
@@ -290,54 +232,45 @@ class Broker:
                     "reload refused: invalid configuration; keeping the running one", extra={"errors": exc.errors}
                 )
                 return False
-            old = state.config
-            for section in ("listen", "metrics", "threads"):
-                if getattr(new, section) != getattr(old, section):
-                    log.warning("reload: this section needs a restart to change", extra={"section": section})
-            if new.cache.max_entries != old.cache.max_entries:
-                log.warning("reload: cache.max_entries needs a restart to change")
-            kept = {g.name: g for g in state.guards if g.backend.config in new.backends}
-            guards = []
-            for cfg in new.backends:
-                guard = kept.get(cfg.name)
-                if guard is None or guard.backend.config != cfg:
-                    guard = Guard(load_type(cfg.type)(cfg, state.ctx), state.metrics)
-                guards.append(guard)
-            unchanged_prefix = 0
-            for old_cfg, new_cfg in zip(old.backends, new.backends, strict=False):
-                if old_cfg != new_cfg:
-                    break
-                unchanged_prefix += 1
-            valid_backends = {c.name for c in new.backends[:unchanged_prefix]}
-            whole_chain_same = unchanged_prefix == len(old.backends) == len(new.backends)
-
-            def keep(entry: Entry) -> bool:
-                if entry.resolved is None:
-                    return whole_chain_same
-                return entry.resolved.backend in valid_backends
-
-            retired = [g for g in state.guards if g not in guards]
-            state.config = new
-            state.guards = guards
-            state.resolver = Resolver(guards, new.cache.ttl, new.cache.max_stale)
-            state.cache.config = new.cache
-            state.cache.leases_config = new.leases
-            dropped = state.cache.retain(keep)
-            fresh = [g for g in guards if not g.started]
-            state.prefetched = False
-            self._spawn(self._start_backends(fresh), "backend-start")
-            for guard in retired:
-                self._spawn(guard.backend.aclose(), "backend-close")
+            if (new.node is None) != (state.node is None):
+                state.metrics.reloads.labels("invalid").inc()
+                log.error("reload refused: turning node mode on or off needs a restart; keeping the running config")
+                return False
+            if state.node is not None:
+                closed = state.node.reset(new)
+                state.metrics.reloads.labels("ok").inc()
+                log.info("configuration reloaded (node mode)", extra={"identities_closed": closed})
+                return True
+            change = state.apply(new)
+            for section in change.restart_needed:
+                log.warning("reload: this section needs a restart to change", extra={"section": section})
+            # A retired backend that granted a live lease stays open so the lease can still be revoked.
+            close_now, keep_open = state.closable([*state.retired, *change.retired])
+            state.retired = keep_open
+            self._spawn(self._start_backends(change.fresh), "backend-start")
+            for guard in close_now:
+                self._spawn(close_backend(guard), "backend-close")
             state.metrics.reloads.labels("ok").inc()
             log.info(
                 "configuration reloaded",
                 extra={
-                    "backends_kept": sorted(kept),
-                    "backends_new": [g.name for g in fresh],
-                    "entries_dropped": dropped,
+                    "backends_kept": change.kept,
+                    "backends_new": [g.name for g in change.fresh],
+                    "backends_retired": [g.name for g in change.retired],
+                    "entries_dropped": change.dropped,
                 },
             )
             return True
+
+
+async def close_backend(guard: Guard) -> None:
+    """Close one backend's sessions and tasks; a failure is logged, never raised (shutdown goes on)."""
+    try:
+        await guard.backend.aclose()
+    except Exception:
+        log.exception("backend close failed", extra={"backend": guard.name})
+        return
+    log.info("backend closed", extra={"backend": guard.name})
 
 
 def read_token(path: Path) -> bytes:

@@ -31,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     target.add_argument("--url", help="loopback TCP listener, e.g. http://127.0.0.1:8201")
     get.add_argument("--token-file", help="file holding the X-Broker-Token for --url")
     get.add_argument("--timeout", type=float, default=5.0)
+    get.add_argument("--pod-token-file", help="node mode: the pod's projected service-account token for the broker")
 
     check = sub.add_parser("check", help="validate the config and log in to every backend once")
     check.add_argument("--config", help="YAML config file (default: $BROKER_CONFIG, else the embedded default)")
@@ -123,6 +124,7 @@ def _get(args: argparse.Namespace) -> int:
             url=args.url,
             token=token,
             timeout=args.timeout,
+            pod_token_file=args.pod_token_file,
         )
         value = client.get(args.kind, args.name)
     except (BrokerClientError, ValueError) as exc:
@@ -153,11 +155,11 @@ def _check(args: argparse.Namespace) -> int:
 
 
 async def _check_backends(config: object, *, strict: bool) -> int:
-    from broker.app import build_guards
     from broker.backends.base import BackendContext, BrokerError
     from broker.clock import SystemClock
     from broker.config import BrokerConfig
     from broker.metrics import Metrics
+    from broker.state import build_guards
 
     assert isinstance(config, BrokerConfig)
     executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="broker-check")

@@ -15,13 +15,43 @@ import os
 import socket
 import threading
 import weakref
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import quote, urlsplit
 
 DEFAULT_SOCKET = "/run/broker/broker.sock"
+DEFAULT_POD_TOKEN = "/var/run/secrets/broker/token"  # noqa: S105 - a path: node mode's projected token volume
 KINDS = {"connection": "connections", "variable": "variables", "config": "config"}
 MAX_HEAD = 65_536
 MAX_BODY = 16 * 1024 * 1024
+# The Airflow task context the calling process asserts about itself, for the broker's audit trail:
+# header -> the environment variable Airflow's task runner sets before it runs a task.
+CONTEXT_HEADERS = {
+    "X-Airflow-Dag-Id": "AIRFLOW_CTX_DAG_ID",
+    "X-Airflow-Task-Id": "AIRFLOW_CTX_TASK_ID",
+    "X-Airflow-Run-Id": "AIRFLOW_CTX_DAG_RUN_ID",
+    "X-Airflow-Try-Number": "AIRFLOW_CTX_TRY_NUMBER",
+}
+MAX_CONTEXT_VALUE = 250
+
+
+def airflow_context() -> dict[str, str]:
+    """The task context Airflow put in this process's environment (empty outside a task)."""
+    out = {}
+    for header, var in CONTEXT_HEADERS.items():
+        value = os.environ.get(var)
+        if value:
+            out[header] = value
+    return out
+
+
+def context_head(context: Mapping[str, str]) -> str:
+    """Header lines for the asserted context; values that could not be a header line are left out."""
+    lines = ""
+    for header, value in context.items():
+        if value and len(value) <= MAX_CONTEXT_VALUE and value.isprintable():
+            lines += f"{header}: {value}\r\n"
+    return lines
 
 
 class BrokerClientError(Exception):
@@ -151,7 +181,8 @@ class BrokerClient:
     """Reads connections, variables and config values from the broker.
 
     ``socket_path`` for the unix socket, or ``url`` (http://127.0.0.1:PORT) with ``token``. No I/O happens
-    until the first request.
+    until the first request. ``pod_token_file`` (node mode): the pod's projected service-account token,
+    re-read at every request (the kubelet rotates it) and sent as ``Authorization: Bearer``.
     """
 
     def __init__(
@@ -160,6 +191,9 @@ class BrokerClient:
         url: str | None = None,
         token: str | None = None,
         timeout: float = 5.0,
+        context: Callable[[], Mapping[str, str]] | None = airflow_context,
+        *,
+        pod_token_file: str | None = None,
     ) -> None:
         if url:
             parts = urlsplit(url)
@@ -178,7 +212,22 @@ class BrokerClient:
                 raise ValueError("token must be a single line")
             self._head += f"X-Broker-Token: {token}\r\n"
         self.timeout = float(timeout)
+        self.pod_token_file = pod_token_file
         self._key = (self.target, self.timeout)
+        self._context = context  # read at every request: a forked task runner sets it before each task
+
+    def _pod_token(self) -> bytes:
+        """The ``Authorization`` header line for node mode, or b"". Raises BrokerClientError when unreadable."""
+        if self.pod_token_file is None:
+            return b""
+        try:
+            with open(self.pod_token_file, "rb") as fh:
+                token = fh.read().strip()
+        except OSError as exc:
+            raise BrokerClientError(f"cannot read pod token file {self.pod_token_file}: {exc.strerror}") from None
+        if not token or b"\r" in token or b"\n" in token:
+            raise BrokerClientError(f"pod token file {self.pod_token_file} does not hold one token")
+        return b"Authorization: Bearer " + token + b"\r\n"
 
     def _connect(self) -> _Connection:
         if self._tcp is not None:
@@ -204,7 +253,8 @@ class BrokerClient:
 
         Raises BrokerUnavailableError when the broker cannot be reached or does not answer in time.
         """
-        raw = f"{method} {path} HTTP/1.1\r\n{self._head}".encode()
+        head = self._head if self._context is None else self._head + context_head(self._context())
+        raw = f"{method} {path} HTTP/1.1\r\n{head}".encode() + self._pod_token()
         if body is not None:
             raw += b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
         else:

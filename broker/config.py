@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from broker.backends import EXTRAS, REGISTRY, load_type
 from broker.backends.base import BackendConfig, ConfigurationError
 from broker.configtypes import Duration, StrictModel
+from broker.node.config import NodeConfig, node_errors
 
 DEFAULT_SOCKET = Path("/run/broker/broker.sock")
 M = TypeVar("M", bound=BaseModel)
@@ -100,6 +101,7 @@ class CacheConfig(StrictModel):
     refresh_ahead: float = Field(default=0.75, ge=0.0, lt=1.0)
     max_stale: Duration = Field(default=3600.0, ge=0, le=86_400 * 7)
     negative_ttl: Duration = Field(default=30.0, ge=0, le=86_400)
+    negative_max_entries: int = Field(default=1000, ge=1, le=10_000_000)
     refresh_jitter: float = Field(default=0.1, ge=0.0, le=0.5)
 
 
@@ -117,7 +119,23 @@ class LeasesConfig(StrictModel):
 
 class LoggingConfig(StrictModel):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    access_log: bool = False
+
+
+class AuditConfig(StrictModel):
+    """The audit trail of reads (``broker.audit``): one JSON line per secret lookup, never a value."""
+
+    enabled: bool = False
+    output: str = "stderr"  # "stderr", "stdout", or an absolute file path
+    name_hmac_key_file: Path | None = None  # log hmac-sha256(key, name) instead of the name
+    queue_size: int = Field(default=65_536, ge=100, le=10_000_000)
+    readiness: bool = False  # /readyz fails while the stream cannot be written
+
+    @field_validator("output")
+    @classmethod
+    def _output(cls, value: str) -> str:
+        if value not in ("stderr", "stdout") and not Path(value).is_absolute():
+            raise ValueError(f'output must be "stderr", "stdout" or an absolute file path, got {value!r}')
+        return value
 
 
 class ShutdownConfig(StrictModel):
@@ -132,8 +150,10 @@ class BrokerConfig(StrictModel):
     prefetch: PrefetchConfig = PrefetchConfig()
     leases: LeasesConfig = LeasesConfig()
     logging: LoggingConfig = LoggingConfig()
+    audit: AuditConfig = AuditConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
     threads: int = Field(default=16, ge=1, le=256)
+    node: NodeConfig | None = None
     backends: list[BackendConfig] = Field(min_length=1)
 
     def backend(self, name: str) -> BackendConfig:
@@ -220,7 +240,12 @@ def validate_config(data: Any) -> BrokerConfig:
         errors.extend(_prefetch_errors(top))
     if errors or top is None:
         raise ConfigurationError(errors)
-    return top.model_copy(update={"backends": backends})
+    config = top.model_copy(update={"backends": backends})
+    if config.node is not None:
+        errors.extend(node_errors(config))
+        if errors:
+            raise ConfigurationError(errors)
+    return config
 
 
 def _prefetch_errors(config: BrokerConfig) -> list[str]:

@@ -42,12 +42,17 @@ class Metrics:
         )
         self.cache_events = Counter(
             "broker_cache_events_total",
-            "Cache events: hit, miss, stale, negative_hit, refresh, refresh_failed, eviction, expired.",
+            "Cache events: hit, miss, stale, negative_hit, refresh, refresh_failed, eviction, negative_eviction.",
             ["event"],
             registry=r,
         )
         self.cache_entries = Gauge(
             "broker_cache_entries", "Entries held in the cache (including negative).", registry=r
+        )
+        self.cache_negative_entries = Gauge(
+            "broker_cache_negative_entries",
+            "Names remembered as not found (bounded by cache.negative_max_entries, apart from max_entries).",
+            registry=r,
         )
         self.backend_calls = Counter(
             "broker_backend_calls_total",
@@ -99,5 +104,38 @@ class Metrics:
             ["backend", "outcome"],
             registry=r,
         )
+        self.rate_limited = Counter(
+            "broker_rate_limited_total",
+            "Calls to a store that met its rate_limit, by priority (refresh, miss) and outcome (waited, refused).",
+            ["backend", "priority", "outcome"],
+            registry=r,
+        )
+        self.rate_limit_wait = Histogram(
+            "broker_rate_limit_wait_seconds",
+            "Time a call to a store waited for its rate_limit.",
+            ["backend"],
+            buckets=BACKEND_BUCKETS,
+            registry=r,
+        )
+        self.audit_lines = Counter("broker_audit_lines", "Audit lines written to the audit stream.", registry=r)
+        self.audit_dropped = Counter(
+            "broker_audit_dropped",
+            "Audit lines lost, by reason (queue_full, or the write error such as ENOSPC, EBADF, EPIPE).",
+            ["reason"],
+            registry=r,
+        )
+        self.audit_failing = Gauge("broker_audit_failing", "1 while the audit stream cannot be written.", registry=r)
         self.ready = Gauge("broker_ready", "1 when /readyz answers 200.", registry=r)
         self.reloads = Counter("broker_config_reloads_total", "Config reloads by outcome.", ["outcome"], registry=r)
+        self.node_identities = Gauge(
+            "broker_node_identities", "Node mode: identity partitions alive (one per service account).", registry=r
+        )
+        self.node_auth = Counter(
+            "broker_node_auth_total",
+            "Node mode: pod token verifications by outcome (ok, unauthorized, forbidden, unavailable, overloaded).",
+            ["outcome"],
+            registry=r,
+        )
+        self.node_released = Counter(
+            "broker_node_identities_released_total", "Node mode: identity partitions closed for idleness.", registry=r
+        )

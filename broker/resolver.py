@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from broker.backends.base import Kind, Lease, SecretNotFound
 from broker.backends.guard import Guard
@@ -45,33 +45,50 @@ class Resolved:
     lease: Lease | None
     ttl: float
     max_stale: float
+    source: Guard | None = field(default=None, compare=False)  # the guarded backend that answered (for leases)
 
     def __repr__(self) -> str:
         return f"Resolved(<redacted>, backend={self.backend!r}, version={self.version!r}, lease={self.lease!r})"
 
 
+class NotFoundAnywhere(SecretNotFound):
+    """No backend in the chain has the key. ``negative_ttl``: how long to remember that (the shortest
+    ``negative_ttl`` of the backends that were asked, each defaulting to the cache's)."""
+
+    def __init__(self, message: str, negative_ttl: float) -> None:
+        super().__init__(message)
+        self.negative_ttl = negative_ttl
+
+
 class Resolver:
     """Walks the guarded backends in order for one key."""
 
-    def __init__(self, guards: Sequence[Guard], default_ttl: float, default_max_stale: float) -> None:
+    def __init__(
+        self,
+        guards: Sequence[Guard],
+        default_ttl: float,
+        default_max_stale: float,
+        default_negative_ttl: float = 0.0,
+    ) -> None:
         self.guards = list(guards)
         self.default_ttl = default_ttl
         self.default_max_stale = default_max_stale
-
-    def guard(self, name: str) -> Guard:
-        return next(g for g in self.guards if g.name == name)
+        self.default_negative_ttl = default_negative_ttl
 
     async def resolve(self, kind: Kind, name: str) -> Resolved:
-        """The first backend's value. Raises SecretNotFound when no backend has it, else the first error."""
+        """The first backend's value. Raises NotFoundAnywhere when no backend has it, else the first error."""
+        negative_ttl: float | None = None
         for guard in self.guards:
             path = guard.backend.locate(kind, name)
             if path is None:
                 continue
+            cfg = guard.backend.config
+            own = cfg.negative_ttl if cfg.negative_ttl is not None else self.default_negative_ttl
+            negative_ttl = own if negative_ttl is None else min(negative_ttl, own)
             try:
                 secret = await guard.fetch(kind, path)
             except SecretNotFound:
                 continue
-            cfg = guard.backend.config
             ttl = cfg.ttl if cfg.ttl is not None else self.default_ttl
             if secret.ttl_hint is not None:
                 ttl = max(0.0, min(ttl, secret.ttl_hint))
@@ -82,5 +99,9 @@ class Resolver:
                 lease=secret.lease,
                 ttl=ttl,
                 max_stale=cfg.max_stale if cfg.max_stale is not None else self.default_max_stale,
+                source=guard,
             )
-        raise SecretNotFound(f"{kind} not found in any backend")
+        raise NotFoundAnywhere(
+            f"{kind} not found in any backend",
+            self.default_negative_ttl if negative_ttl is None else negative_ttl,
+        )

@@ -49,7 +49,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     found = SESSION.scan()
     groups = len(set(SESSION.planted.values()))
-    scope = f"{len(SESSION.logs)} log files and {len(SESSION.error_bodies)} error bodies"
+    scope = (
+        f"{len(SESSION.logs)} log files, {len(SESSION.audits)} audit streams and "
+        f"{len(SESSION.error_bodies)} error bodies"
+    )
     if found:
         report("leak check", f"FAILED: planted secret values found in {scope}: " + "; ".join(found[:20]))
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

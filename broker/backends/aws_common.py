@@ -129,6 +129,8 @@ def map_client_error(exc: BaseException, backend: str, what: str) -> BrokerError
         ReadTimeoutError,
     )
 
+    if isinstance(exc, BrokerError):  # raised by our own code inside the SDK (node mode: no pod token)
+        return exc
     prefix = f"aws {backend}: {what}"
     if isinstance(exc, ClientError):
         code = error_code(exc)
@@ -160,6 +162,16 @@ def map_client_error(exc: BaseException, backend: str, what: str) -> BrokerError
     if isinstance(exc, OSError):
         return BackendUnavailable(f"{prefix}: {type(exc).__name__}")
     return BackendError(f"{prefix}: {type(exc).__name__}")
+
+
+def _as_refreshed(creds: dict[str, Any]) -> dict[str, str]:
+    """STS ``Credentials`` as botocore's refreshable credentials take them."""
+    return {
+        "access_key": creds["AccessKeyId"],
+        "secret_key": creds["SecretAccessKey"],
+        "token": creds["SessionToken"],
+        "expiry_time": creds["Expiration"].isoformat(),
+    }
 
 
 class AwsBackend(Backend):
@@ -216,13 +228,21 @@ class AwsBackend(Backend):
             return core
 
         core = core_session()
-        if self.config.role_arn:
+        refresh: Callable[[], dict[str, str]] | None = None
+        if self.ctx.workload_token is not None:
+            # Node mode: the calling pod's token for the identity's role; no credential of the node's is used
+            # (the call is unsigned, as botocore's own web-identity provider makes it).
+            from botocore import UNSIGNED
+            from botocore.config import Config
+
+            unsigned = self._client_config().merge(Config(signature_version=UNSIGNED))
+            refresh, method = self._web_identity_refresher(core.create_client("sts", config=unsigned)), "web-identity"
+        elif self.config.role_arn:
             # Like Airflow's session factory, the assume-role STS client never uses the service's
             # endpoint_url: AWS_ENDPOINT_URL_STS / AWS_ENDPOINT_URL apply as botocore reads them.
-            base_sts = core.create_client("sts")
-            credentials = DeferredRefreshableCredentials(
-                refresh_using=self._assume_role_refresher(base_sts), method="assume-role"
-            )
+            refresh, method = self._assume_role_refresher(core.create_client("sts")), "assume-role"
+        if refresh is not None:
+            credentials = DeferredRefreshableCredentials(refresh_using=refresh, method=method)
 
             class Fixed(CredentialProvider):
                 METHOD = "broker-assume-role"
@@ -253,13 +273,18 @@ class AwsBackend(Backend):
             kwargs: dict[str, Any] = {"RoleArn": role_arn, "RoleSessionName": session_name}
             if external_id:
                 kwargs["ExternalId"] = external_id
-            creds = sts.assume_role(**kwargs)["Credentials"]
-            return {
-                "access_key": creds["AccessKeyId"],
-                "secret_key": creds["SecretAccessKey"],
-                "token": creds["SessionToken"],
-                "expiry_time": creds["Expiration"].isoformat(),
-            }
+            return _as_refreshed(sts.assume_role(**kwargs)["Credentials"])
+
+        return refresh
+
+    def _web_identity_refresher(self, sts: Any) -> Callable[[], dict[str, str]]:
+        role_arn, session_name, token = self.config.role_arn, self.config.role_session_name, self.ctx.pod_token
+
+        def refresh() -> dict[str, str]:
+            creds = sts.assume_role_with_web_identity(
+                RoleArn=role_arn, RoleSessionName=session_name, WebIdentityToken=token()
+            )["Credentials"]
+            return _as_refreshed(creds)
 
         return refresh
 

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from broker.backends.aws_common import AwsBackend, AwsConfig
-from broker.backends.base import BackendError, BackendUnavailable, Kind, SecretValue, layout_key
+from broker.backends.base import BackendError, BackendUnavailable, Kind, RateLimitConfig, SecretValue, layout_key
 
 # Airflow's SecretsManagerBackend accepts these key names for each connection field.
 CONN_WORDS: dict[str, tuple[str, ...]] = {
@@ -37,6 +37,8 @@ class SecretsManagerConfig(AwsConfig):
     variables_prefix: str | None = "airflow/variables"
     config_prefix: str | None = "airflow/config"
     sep: str = Field(default="/", max_length=8)
+    # GetSecretValue is allowed 10,000 requests/s per account and region (shared with DescribeSecret).
+    rate_limit: RateLimitConfig | None = RateLimitConfig(per_second=500, burst=1000)
     extra_conn_words: dict[str, list[str]] | None = None
     version_stage: str | None = Field(default=None, min_length=1, max_length=256)
     version_id: str | None = Field(default=None, min_length=32, max_length=64)

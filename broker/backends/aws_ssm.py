@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Literal
 
 from broker.backends.aws_common import AwsBackend, AwsConfig
-from broker.backends.base import BackendError, BackendUnavailable, Kind, SecretValue, layout_key
+from broker.backends.base import BackendError, BackendUnavailable, Kind, RateLimitConfig, SecretValue, layout_key
 
 
 class SsmConfig(AwsConfig):
@@ -20,6 +20,9 @@ class SsmConfig(AwsConfig):
     connections_prefix: str | None = "/airflow/connections"
     variables_prefix: str | None = "/airflow/variables"
     config_prefix: str | None = "/airflow/config"
+    # Parameter Store's standard throughput is 40 requests/s per account and region, shared by
+    # GetParameter, GetParameters and GetParametersByPath: half of it, leaving room for other callers.
+    rate_limit: RateLimitConfig | None = RateLimitConfig(per_second=20, burst=40)
 
 
 class Backend(AwsBackend):

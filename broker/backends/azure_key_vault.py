@@ -30,6 +30,7 @@ from broker.backends.base import (
     BackendContext,
     BackendError,
     Kind,
+    RateLimitConfig,
     SecretValue,
     layout_key,
 )
@@ -52,6 +53,8 @@ class AzureConfig(BackendConfig):
     config_prefix: str | None = "airflow-config"
     sep: str = Field(default="-", max_length=8)
     api_version: str = Field(default="7.5", pattern=r"^[0-9][0-9.a-z-]{0,30}$")
+    # Secret transactions are allowed 4,000 per 10 s per vault and region (400/s), shared by every client.
+    rate_limit: RateLimitConfig | None = RateLimitConfig(per_second=100, burst=200)
     verify_challenge_resource: bool = True
     expired_secrets: Literal["serve", "refuse"] = "serve"
 

@@ -81,6 +81,13 @@ class AccessDenied(BrokerError):
     code = "forbidden"
 
 
+class Unauthorized(BrokerError):
+    """The caller's own credential (node mode: its pod's token) was missing or refused. Never retried."""
+
+    status = 401
+    code = "unauthorized"
+
+
 class BackendError(BrokerError):
     """The store answered something we cannot use (malformed payload, CRC mismatch, KMS failure)."""
 
@@ -105,6 +112,19 @@ class BackendTimeout(BackendUnavailable):
 
     status = 504
     code = "backend_timeout"
+
+
+class Overloaded(BrokerError):
+    """The broker refuses new work for now: a store's rate limit was reached and this call could not wait
+    for its turn, or (node mode) every identity partition is busy.
+
+    Answered as 429 ``overloaded``, never as "not found"; the cache serves a stale value when it has one.
+    Transient: a refused refresh or renewal is tried again later.
+    """
+
+    status = 429
+    code = "overloaded"
+    transient = True
 
 
 class ConfigurationError(Exception):
@@ -184,6 +204,18 @@ class CircuitConfig(StrictModel):
     max_cooldown: Duration = Field(default=60.0, gt=0, le=86_400)
 
 
+class RateLimitConfig(StrictModel):
+    """A token bucket over every call to one store: ``per_second`` on average, ``burst`` at once.
+
+    A cold miss waits at most ``max_wait`` for its turn (else 429 ``overloaded``); refreshes of entries
+    in use, lease renewals, revocations and logins go first and wait up to the backend's ``timeout``.
+    """
+
+    per_second: float = Field(gt=0, le=100_000)
+    burst: int = Field(default=1, ge=1, le=100_000)
+    max_wait: Duration = Field(default=1.0, ge=0, le=60)
+
+
 class BackendConfig(StrictModel):
     """Keys every backend accepts; plug-ins subclass this with their own (``extra="forbid"``)."""
 
@@ -196,6 +228,8 @@ class BackendConfig(StrictModel):
     timeout: Duration = Field(default=5.0, gt=0, le=120)
     retries: int = Field(default=3, ge=0, le=10)
     circuit_breaker: CircuitConfig = CircuitConfig()
+    # Off unless set; store types with a documented request quota set their own default (docs/rate-limits.md).
+    rate_limit: RateLimitConfig | None = None
 
 
 # ---------------------------------------------------------------------------------------------- context
@@ -203,11 +237,25 @@ class BackendConfig(StrictModel):
 
 @dataclass
 class BackendContext:
-    """What the core hands every backend: the shared thread pool, clock and metrics."""
+    """What the core hands every backend: the shared thread pool, clock and metrics.
+
+    ``workload_token`` is set in node mode only: the latest verified projected token of a pod of the
+    identity this backend serves (None when none is valid). Backends that log in with the pod's token use
+    it instead of a token file; it may be called from worker threads.
+    """
 
     executor: ThreadPoolExecutor
     clock: Clock
     metrics: Metrics
+    workload_token: Callable[[], str | None] | None = None
+
+    def pod_token(self) -> str:
+        """The caller's token in node mode. Raises AccessDenied when no pod of the identity holds a valid one."""
+        assert self.workload_token is not None
+        token = self.workload_token()
+        if token is None:
+            raise AccessDenied("node: no valid token of this identity's pods to log in with")
+        return token
 
     async def run_blocking(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """Run a blocking SDK call in the bounded pool, never on the event loop."""

@@ -25,6 +25,7 @@ from broker.backends.base import (
     BackendContext,
     BackendError,
     Kind,
+    RateLimitConfig,
     SecretValue,
     layout_key,
 )
@@ -44,6 +45,8 @@ class GcpConfig(BackendConfig):
     variables_prefix: str | None = "airflow-variables"
     config_prefix: str | None = "airflow-config"
     version: str = Field(default="latest", pattern=r"^(latest|[1-9][0-9]{0,18})$")
+    # Access requests are allowed 90,000 per minute per project (1,500/s), shared by every client.
+    rate_limit: RateLimitConfig | None = RateLimitConfig(per_second=250, burst=500)
 
     @field_validator("connections_prefix", "variables_prefix", "config_prefix")
     @classmethod

@@ -21,12 +21,14 @@ from broker.backends.base import (
     BrokerError,
     Kind,
     Lease,
+    Overloaded,
     RateLimited,
     SecretNotFound,
     SecretValue,
     is_transient,
 )
 from broker.metrics import Metrics
+from broker.ratelimit import PRIORITY, TokenBucket
 
 log = logging.getLogger("broker.backend")
 T = TypeVar("T")
@@ -125,6 +127,14 @@ class Guard:
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
         self.started = False
+        self.bucket: TokenBucket | None = None
+        limit = backend.config.rate_limit
+        if limit is not None:
+            # Refreshes of entries in use may wait as long as one call to the store may take.
+            refresh_wait = max(limit.max_wait, backend.config.timeout)
+            self.bucket = TokenBucket(
+                limit.per_second, limit.burst, miss_wait=limit.max_wait, refresh_wait=refresh_wait
+            )
 
     @property
     def config(self) -> object:
@@ -171,6 +181,7 @@ class Guard:
             if use_breaker and not self.breaker.allow(self.backend.ctx.clock.now()):
                 self.metrics.backend_calls.labels(self.name, operation, "circuit_open").inc()
                 raise CircuitOpen(f"backend {self.name!r} is failing; calls paused for a cool-down") from last
+            await self._admit(operation)
             try:
                 result = await self._one(operation, attempt_fn, what)
             except BrokerError as exc:
@@ -195,6 +206,23 @@ class Guard:
             return result
         assert last is not None
         raise last
+
+    async def _admit(self, operation: str) -> None:
+        """Wait for the store's rate limit (every attempt is one call to the store). Raises Overloaded."""
+        bucket = self.bucket
+        if bucket is None:
+            return
+        prio = PRIORITY.get()
+        label = prio.name.lower()
+        try:
+            waited = await bucket.acquire(prio)
+        except Overloaded:
+            self.metrics.rate_limited.labels(self.name, label, "refused").inc()
+            self.metrics.backend_calls.labels(self.name, operation, "overloaded").inc()
+            raise
+        if waited > 0:
+            self.metrics.rate_limited.labels(self.name, label, "waited").inc()
+            self.metrics.rate_limit_wait.labels(self.name).observe(waited)
 
     async def _one(self, operation: str, attempt_fn: Callable[[], Awaitable[T]], what: str) -> T:
         timeout = self.backend.config.timeout

@@ -74,11 +74,20 @@ class Answer:
         return f"Answer(status={self.status})"
 
 
-async def get(session: aiohttp.ClientSession, url: str, headers: dict[str, str], what: str) -> Answer:
-    """One GET. Raises BackendUnavailable when the store cannot be reached or a success answer is cut or
-    unreadable, BackendError when the answer is oversized."""
+async def request(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    headers: dict[str, str],
+    what: str,
+    *,
+    body: Any = None,
+) -> Answer:
+    """One request, its answer read up to ``MAX_BODY``. Raises BackendUnavailable when the store cannot be
+    reached or a success answer is cut or is not a JSON object (an HTML page from a proxy in front of the
+    store: never "not found"), BackendError when the answer is oversized."""
     try:
-        async with session.get(url, headers=headers, allow_redirects=False) as resp:
+        async with session.request(method, url, headers=headers, json=body, allow_redirects=False) as resp:
             chunks: list[bytes] = []
             size = 0
             async for chunk in resp.content.iter_any():  # raises ClientPayloadError when cut short
@@ -101,6 +110,11 @@ async def get(session: aiohttp.ClientSession, url: str, headers: dict[str, str],
             raise BackendUnavailable(f"{what}: answer unreadable (HTTP {status}, not a JSON object)")
         data = {}
     return Answer(status, data, retry_after, challenge)
+
+
+async def get(session: aiohttp.ClientSession, url: str, headers: dict[str, str], what: str) -> Answer:
+    """One GET (see ``request``)."""
+    return await request(session, "GET", url, headers, what)
 
 
 def raise_for_status(answer: Answer, what: str, code: str | None = None) -> None:

@@ -200,22 +200,10 @@ class Backend(BaseBackend):
         self, method: str, url: str, *, token: str | None, body: Any = None, what: str
     ) -> tuple[int, dict[str, Any]]:
         headers = {"X-Vault-Token": token} if token else {}
-        try:
-            async with self._http().request(method, url, json=body, headers=headers) as resp:
-                raw = await resp.read()
-                status = resp.status
-                retry_after = resp.headers.get("Retry-After")
-        except aiohttp.ClientError as exc:
-            raise BackendUnavailable(f"vault {self.name}: {what}: {type(exc).__name__}") from None
-        try:
-            data = json.loads(raw) if raw else {}
-        except ValueError:
-            data = {}
-        if not isinstance(data, dict):
-            data = {}
-        if status >= 400:
-            self._raise_for(status, what, retry_after)
-        return status, data
+        answer = await rest.request(self._http(), method, url, headers, f"vault {self.name}: {what}", body=body)
+        if answer.status >= 400:
+            self._raise_for(answer.status, what, answer.retry_after)
+        return answer.status, answer.data
 
     def _raise_for(self, status: int, what: str, retry_after: str | None) -> None:
         """The one map from Vault's HTTP status to the error tree (bodies are never quoted: they may echo input)."""
@@ -238,6 +226,8 @@ class Backend(BaseBackend):
         if auth.method == "token":
             return None
         if auth.method in ("kubernetes", "jwt"):
+            if self.ctx.workload_token is not None:  # node mode: the calling pod's own token
+                return f"auth/{auth.mount_path}/login", {"role": auth.role, "jwt": self.ctx.pod_token()}
             jwt = await self.ctx.run_blocking(_read_secret_file, auth.token_path, "auth.token_path")
             return f"auth/{auth.mount_path}/login", {"role": auth.role, "jwt": jwt}
         if auth.method == "approle":
@@ -415,6 +405,11 @@ class Backend(BaseBackend):
             self._renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewer
+        token, self._token = self._token, None
+        if self.ctx.workload_token is not None and token is not None:
+            # Node mode: an identity closed for idleness logs out, so its token outlives no pod.
+            with contextlib.suppress(BrokerError):
+                await self._request("POST", f"{self._base}/v1/auth/token/revoke-self", token=token.value, what="logout")
         if self._session is not None:
             await self._session.close()
 
@@ -432,8 +427,11 @@ class Backend(BaseBackend):
             meta = payload.get("metadata") or {}
             version = str(meta["version"]) if meta.get("version") is not None else None
             payload = payload.get("data")
+            if payload is None and isinstance(meta, dict) and (meta.get("deletion_time") or meta.get("destroyed")):
+                raise SecretNotFound(f"vault {self.name}: {path}: the current version is deleted")
         if not isinstance(payload, dict):
-            raise SecretNotFound(f"vault {self.name}: {path} has no data")  # a deleted KV v2 version
+            # Only Vault's own word (404, a deleted version) means "not found"; anything else is a failure.
+            raise BackendError(f"vault {self.name}: read {path}: answer has no data object")
         if kind is Kind.CONNECTION:
             if "conn_uri" in payload:
                 uri = payload["conn_uri"]

@@ -7,14 +7,17 @@ Rules, per entry (times on the monotonic clock):
 - refreshed in the background at ``refresh_ahead`` of its TTL (with jitter) when it was read since its
   last fetch, or is pinned by the prefetch list;
 - served stale after a failed refresh until ``max_stale`` past its TTL, never past a lease's expiry;
-- "not found in any backend" is remembered for ``negative_ttl``; errors are never cached as "not found";
+- "not found in any backend" is remembered for ``negative_ttl``, in an LRU of its own bounded by
+  ``negative_max_entries``, so a flood of unknown names cannot push entries in use out; errors are never
+  cached as "not found";
+- loads of keys nobody is served from yet (cold misses) queue behind refreshes of entries in use at a
+  store's rate limit (``broker.ratelimit``);
 - concurrent misses for one key share one load; clients that go away do not cancel it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import functools
 import heapq
@@ -28,10 +31,12 @@ from typing import Any
 import cachetools
 
 from broker.backends.base import AccessDenied, BrokerError, Kind, Lease, SecretNotFound, is_transient
+from broker.cache.leases import LeaseHolder, LeaseKeeper
 from broker.clock import Clock
 from broker.config import CacheConfig, LeasesConfig
 from broker.metrics import Metrics
-from broker.resolver import Resolved
+from broker.ratelimit import Priority, priority
+from broker.resolver import NotFoundAnywhere, Resolved
 
 log = logging.getLogger("broker.cache")
 
@@ -47,18 +52,6 @@ class Status(enum.StrEnum):
     MISS = "miss"
     STALE = "stale"
     REFRESHED = "refreshed"
-
-
-class LeaseOps:
-    """How the cache reaches a backend's lease calls (the resolver's guards, by backend name)."""
-
-    def __init__(
-        self,
-        renew: Callable[[str, Lease, float | None], Awaitable[Lease]],
-        revoke: Callable[[str, Lease], Awaitable[None]],
-    ) -> None:
-        self.renew = renew
-        self.revoke = revoke
 
 
 @dataclass(slots=True)
@@ -79,6 +72,10 @@ class Entry:
     @property
     def lease(self) -> Lease | None:
         return self.resolved.lease if self.resolved else None
+
+    @property
+    def lease_holder(self) -> LeaseHolder | None:
+        return self.resolved.source if self.resolved is not None and self.resolved.lease is not None else None
 
 
 class _LRU(cachetools.LRUCache[Key, Entry]):
@@ -110,7 +107,6 @@ class SecretCache:
         config: CacheConfig,
         leases: LeasesConfig,
         metrics: Metrics,
-        lease_ops: LeaseOps | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self._loader = loader
@@ -118,25 +114,26 @@ class SecretCache:
         self.config = config
         self.leases_config = leases
         self._metrics = metrics
-        self._lease_ops = lease_ops
+        self.leases = LeaseKeeper(clock, metrics)
         self._rng = rng or random.Random()  # noqa: S311 - jitter only
         self._entries = _LRU(config.max_entries, self._evicted)
+        self._negatives = _LRU(config.negative_max_entries, self._negative_evicted)
         self._inflight: dict[Key, asyncio.Task[Entry]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._heap: list[tuple[float, int, Key, int]] = []
         self._seq = itertools.count()
         self._gen = itertools.count(1)
         self._pinned: set[Key] = set()
-        self._live_leases: dict[str, tuple[str, Lease]] = {}
         self._closed = False
 
     # ------------------------------------------------------------------------------------------ reads
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._entries) + len(self._negatives)
 
     def peek(self, kind: Kind, name: str) -> Entry | None:
-        return self._entries.peek((kind, name))
+        key = (kind, name)
+        return self._entries.peek(key) or self._negatives.peek(key)
 
     def hit(self, kind: Kind, name: str) -> Entry | None:
         """The entry when it is a plain fresh hit needing nothing else (no refresh due), else None.
@@ -161,7 +158,7 @@ class SecretCache:
         """
         key = (kind, name)
         now = self._clock.now()
-        entry = self._entries.get(key)
+        entry = self._entries.get(key) or self._negatives.get(key)
         if entry is not None:
             entry.last_access = now
             if now < entry.fresh_until:
@@ -177,8 +174,11 @@ class SecretCache:
                 # client wait out the same outage; the scheduler keeps retrying in the background.
                 return self._stale(entry)
         self._metrics.cache_events.labels("miss").inc()
+        in_use = entry is not None and entry.resolved is not None
         try:
-            fresh = await asyncio.shield(self._load(key))
+            with priority(Priority.REFRESH if in_use else Priority.MISS):
+                load = self._load(key)
+            fresh = await asyncio.shield(load)
         except SecretNotFound:
             raise
         except AccessDenied:
@@ -188,8 +188,7 @@ class SecretCache:
             if current is not None and current.resolved is not None and self._clock.now() < current.usable_until:
                 return self._stale(current)
             raise
-        had_value = entry is not None and entry.resolved is not None
-        return fresh, Status.REFRESHED if had_value else Status.MISS
+        return fresh, Status.REFRESHED if in_use else Status.MISS
 
     def _stale(self, entry: Entry) -> tuple[Entry, Status]:
         self._metrics.cache_events.labels("stale").inc()
@@ -212,7 +211,8 @@ class SecretCache:
     def _spawn_load(self, key: Key) -> None:
         """Start a background refresh (single-flight with client loads); failures are recorded, not raised."""
         self._metrics.cache_events.labels("refresh").inc()
-        self._load(key)
+        with priority(Priority.REFRESH):
+            self._load(key)
 
     def _track(self, task: asyncio.Task[Any]) -> None:
         self._tasks.add(task)
@@ -228,22 +228,14 @@ class SecretCache:
         kind, name = key
         try:
             resolved = await self._loader(kind, name)
-        except SecretNotFound:
+        except SecretNotFound as exc:
             self._drop(key)
-            if self.config.negative_ttl > 0:
+            negative_ttl = exc.negative_ttl if isinstance(exc, NotFoundAnywhere) else self.config.negative_ttl
+            if negative_ttl > 0:
                 now = self._clock.now()
-                self._put(
-                    Entry(
-                        key,
-                        None,
-                        now,
-                        now + self.config.negative_ttl,
-                        now + self.config.negative_ttl,
-                        INF,
-                        now,
-                        next(self._gen),
-                    )
-                )
+                until = now + negative_ttl
+                self._negatives[key] = Entry(key, None, now, until, until, INF, now, next(self._gen))
+                self._count()
             raise
         except AccessDenied:
             # Authoritative: the identity lost access. Serving the old value would hide that.
@@ -287,7 +279,8 @@ class SecretCache:
             hard = self._lease_hard_expiry(lease)
             entry = Entry(key, resolved, now, hard, hard, self._renew_time(lease, now), now, next(self._gen))
             entry.lease_capped = not lease.renewable
-            self._track_lease(resolved.backend, lease)
+            if resolved.source is not None:
+                self.leases.track(resolved.source, lease)
             return entry
         fresh = now + resolved.ttl
         refresh_at = INF
@@ -312,18 +305,26 @@ class SecretCache:
         if old is not None and old.lease is not None and (entry.lease is None or entry.lease != old.lease):
             self._retire_lease(old)
         self._entries[entry.key] = entry
-        self._metrics.cache_entries.set(len(self._entries))
+        self._negatives.pop(entry.key, None)
+        self._count()
         if entry.refresh_at != INF:
             self._schedule(entry)
 
     def _drop(self, key: Key) -> Entry | None:
-        entry = self._entries.pop(key, None)
+        entry = self._entries.pop(key, None) or self._negatives.pop(key, None)
         if entry is not None:
-            self._metrics.cache_entries.set(len(self._entries))
+            self._count()
         return entry
+
+    def _count(self) -> None:
+        self._metrics.cache_entries.set(len(self._entries) + len(self._negatives))
+        self._metrics.cache_negative_entries.set(len(self._negatives))
 
     def _evicted(self, entry: Entry) -> None:
         self._metrics.cache_events.labels("eviction").inc()
+
+    def _negative_evicted(self, entry: Entry) -> None:
+        self._metrics.cache_events.labels("negative_eviction").inc()
 
     def _schedule(self, entry: Entry) -> None:
         heapq.heappush(self._heap, (entry.refresh_at, next(self._seq), entry.key, entry.generation))
@@ -335,7 +336,9 @@ class SecretCache:
     def invalidate(self, kind: Kind | None = None, name: str | None = None) -> int:
         """Forget one key, every key of a kind, or everything. Held leases stay valid until they expire."""
         keys = [
-            k for k in list(self._entries.keys()) if (kind is None or k[0] == kind) and (name is None or k[1] == name)
+            k
+            for k in [*self._entries.keys(), *self._negatives.keys()]
+            if (kind is None or k[0] == kind) and (name is None or k[1] == name)
         ]
         for key in keys:
             self._drop(key)
@@ -343,14 +346,10 @@ class SecretCache:
 
     def retain(self, keep: Callable[[Entry], bool]) -> int:
         """Drop every entry for which ``keep`` is false (used by a config reload); returns how many."""
-        dropped = [k for k, e in list(self._entries.items()) if not keep(e)]
+        dropped = [k for k, e in [*self._entries.items(), *self._negatives.items()] if not keep(e)]
         for key in dropped:
             self._drop(key)
         return len(dropped)
-
-    def replace_loader(self, loader: Loader, lease_ops: LeaseOps | None) -> None:
-        self._loader = loader
-        self._lease_ops = lease_ops
 
     # ------------------------------------------------------------------------------------------ background
 
@@ -368,7 +367,7 @@ class SecretCache:
                 self._maintain_lease(entry, now)
             elif key in self._pinned or entry.last_access > entry.fetched_at or entry.failures:
                 self._spawn_load(key)
-        self._prune_leases(now)
+        self.leases.prune(now)
 
     async def maintain(self, interval: float = 0.25) -> None:
         """The background loop: runs ``run_due`` until cancelled."""
@@ -395,10 +394,11 @@ class SecretCache:
         self._track(task)
 
     async def _renew(self, entry: Entry) -> None:
-        assert entry.resolved is not None and entry.resolved.lease is not None and self._lease_ops is not None
-        backend, lease = entry.resolved.backend, entry.resolved.lease
+        holder = entry.lease_holder
+        assert entry.resolved is not None and entry.resolved.lease is not None and holder is not None
+        backend, lease = holder.name, entry.resolved.lease
         try:
-            renewed = await self._lease_ops.renew(backend, lease, lease.duration)
+            renewed = await self.leases.renew(holder, lease, lease.duration)
         except BrokerError as exc:
             now = self._clock.now()
             if is_transient(exc) and now < entry.usable_until:
@@ -417,7 +417,6 @@ class SecretCache:
         capped = (not renewed.renewable) or renewed.duration < lease.duration * 0.9
         self._metrics.lease_renewals.labels(backend, "capped" if capped else "ok").inc()
         entry.resolved.lease = renewed
-        self._live_leases[renewed.lease_id] = (backend, renewed)
         hard = self._lease_hard_expiry(renewed)
         entry.fresh_until = entry.usable_until = hard
         entry.lease_capped = capped
@@ -425,48 +424,15 @@ class SecretCache:
         entry.generation = next(self._gen)
         self._schedule(entry)
 
-    def _track_lease(self, backend: str, lease: Lease) -> None:
-        self._live_leases[lease.lease_id] = (backend, lease)
-        self._lease_gauges()
-
     def _retire_lease(self, entry: Entry, *, revoke: bool = False) -> None:
         """An entry no longer serves its lease. Revoke it now, or keep it until it expires (callers may
         still hold the credential) and revoke it at shutdown."""
-        lease = entry.lease
-        if lease is None or entry.resolved is None:
-            return
-        if revoke and self._lease_ops is not None:
-            self._live_leases.pop(lease.lease_id, None)
-            task = asyncio.get_running_loop().create_task(self._revoke(entry.resolved.backend, lease))
-            self._track(task)
-        self._lease_gauges()
-
-    async def _revoke(self, backend: str, lease: Lease) -> None:
-        assert self._lease_ops is not None
-        try:
-            await self._lease_ops.revoke(backend, lease)
-            self._metrics.lease_renewals.labels(backend, "revoked").inc()
-        except BrokerError as exc:
-            log.warning("lease revocation failed", extra={"backend": backend, "error": exc.code})
-
-    def _prune_leases(self, now: float) -> None:
-        expired = [lid for lid, (_, lease) in self._live_leases.items() if lease.expires_at <= now]
-        for lid in expired:
-            del self._live_leases[lid]
-        if expired:
-            self._lease_gauges()
-
-    def _lease_gauges(self) -> None:
-        now = self._clock.now()
-        per_backend: dict[str, list[float]] = {}
-        for backend, lease in self._live_leases.values():
-            per_backend.setdefault(backend, []).append(lease.expires_at - now)
-        for backend, remaining in per_backend.items():
-            self._metrics.leases_active.labels(backend).set(len(remaining))
-            self._metrics.lease_expiry.labels(backend).set(max(0.0, min(remaining)))
+        holder, lease = entry.lease_holder, entry.lease
+        if revoke and holder is not None and lease is not None:
+            self.leases.revoke_soon(holder, lease)
 
     def live_leases(self) -> list[tuple[str, Lease]]:
-        return list(self._live_leases.values())
+        return self.leases.live()
 
     async def aclose(self, *, revoke_leases: bool, timeout: float = 10.0) -> None:  # noqa: ASYNC109
         """Stop background work; revoke every held lease first when asked."""
@@ -475,11 +441,4 @@ class SecretCache:
             task.cancel()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout)
-        if revoke_leases and self._lease_ops is not None and self._live_leases:
-            leases = list(self._live_leases.values())
-            self._live_leases.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await asyncio.gather(*(self._revoke(b, lease) for b, lease in leases))
-            for backend in {b for b, _ in leases}:
-                self._metrics.leases_active.labels(backend).set(0)
+        await self.leases.aclose(revoke=revoke_leases, timeout=timeout)

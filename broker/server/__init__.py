@@ -5,6 +5,7 @@ Every answer is JSON; every error carries ``{"error": code, "message": ...}`` an
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hmac
 import json
@@ -24,14 +25,15 @@ from urllib.parse import unquote
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from broker.audit import ASSERTED_HEADERS, Caller, outcome_of, token_caller, unix_caller
 from broker.backends.base import BrokerError, Kind
-from broker.cache import Entry, Status
+from broker.cache import Entry, SecretCache, Status
 from broker.logging import request_id
 from broker.resolver import name_problem
 from broker.server.listener import ListenError, with_header_timeout
 
 if TYPE_CHECKING:
-    from broker.app import BrokerState
+    from broker.state import BrokerState
 
 log = logging.getLogger("broker.server")
 
@@ -125,6 +127,30 @@ def build_api_app(state: BrokerState, *, tcp_token: bytes | None = None) -> web.
     """The secrets API. ``tcp_token`` set means this app serves the loopback TCP listener."""
     cfg = state.config.listen
     peers = PeerPolicy(cfg.allowed_uids, cfg.allowed_gids)
+    tcp_caller = token_caller(tcp_token) if tcp_token is not None else None
+    callers: weakref.WeakKeyDictionary[Any, Caller] = weakref.WeakKeyDictionary()
+
+    def caller_of(request: web.Request) -> Caller | None:
+        """Who is asking, for the audit trail (None when it is off): looked up once per connection."""
+        if state.audit is None:
+            return None
+        if tcp_caller is not None:
+            return tcp_caller
+        transport = request.transport
+        if transport is None:
+            return Caller("unix")
+        known = callers.get(transport)
+        if known is None:
+            known = callers[transport] = unix_caller(transport.get_extra_info("socket"))
+        return known
+
+    def audit_refused(request: web.Request, rid: str, caller: Caller) -> None:
+        """A secret lookup refused at the edge is a read attempt too: one audit line, outcome denied."""
+        if state.audit is None or request.method not in ("GET", "HEAD"):
+            return
+        target = _lookup_target(request.raw_path)
+        if target is not None:
+            state.audit.record(rid, target[0].value, target[1], "denied", caller=caller)
 
     @web.middleware
     async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -140,9 +166,11 @@ def build_api_app(state: BrokerState, *, tcp_token: bytes | None = None) -> web.
                 given = request.headers.get("X-Broker-Token", "").encode()
                 if not hmac.compare_digest(given, tcp_token):
                     state.metrics.rejected.labels("unauthorized").inc()
+                    audit_refused(request, rid, Caller("tcp"))
                     return error_response(401, "unauthorized", "missing or wrong X-Broker-Token")
             elif peers.active and not peers.allowed(request):
                 state.metrics.rejected.labels("peer_denied").inc()
+                audit_refused(request, rid, caller_of(request) or Caller("unix"))
                 return error_response(403, "forbidden", "this uid/gid may not use the broker socket")
             response = await handler(request)
             response.headers["X-Request-Id"] = rid
@@ -161,7 +189,25 @@ def build_api_app(state: BrokerState, *, tcp_token: bytes | None = None) -> web.
     app[STATE] = state
 
     async def secret(request: web.Request) -> web.Response:
-        return await serve_secret(state, request)
+        caller = caller_of(request)
+        if state.node is None:
+            return await serve_secret(state, request, caller)
+        # Node mode: every request is the calling pod's, verified before anything else is looked at.
+        try:
+            pod, partition = await state.node.caller(request.headers.get("Authorization"))
+        except BrokerError as exc:
+            if caller is not None:
+                audit_refused(request, request_id.get() or "", caller)
+            headers = {"Retry-After": "1"} if exc.status == 429 else None
+            return error_response(exc.status, exc.code, exc.message, headers)
+        if caller is not None:
+            caller = dataclasses.replace(caller, verified=pod.as_audit())
+        partition.active += 1
+        try:
+            return await serve_secret(state, request, caller, partition.cache)
+        finally:
+            partition.active -= 1
+            partition.last_used = state.clock.now()
 
     app.router.add_route("*", "/v1/{tail:.*}", secret, expect_handler=expect_handler)
     app.router.add_get("/healthz", _healthz, expect_handler=expect_handler)
@@ -224,8 +270,23 @@ def _split(raw_path: str) -> tuple[str, str] | None:
     return parts[2], parts[3]
 
 
-async def serve_secret(state: BrokerState, request: web.Request) -> web.Response:
-    """GET /v1/{connections|variables|config}/{name} and POST /v1/cache/invalidate."""
+def _lookup_target(raw_path: str) -> tuple[Kind, str] | None:
+    """(kind, name) when ``raw_path`` is a well-formed secret lookup, else None."""
+    split = _split(raw_path)
+    if split is None or split[0] not in KINDS:
+        return None
+    try:
+        name = unquote(split[1], errors="strict")
+    except UnicodeDecodeError:
+        return None
+    return (KINDS[split[0]], name) if name_problem(name) is None else None
+
+
+async def serve_secret(
+    state: BrokerState, request: web.Request, caller: Caller | None = None, cache: SecretCache | None = None
+) -> web.Response:
+    """GET /v1/{connections|variables|config}/{name} and POST /v1/cache/invalidate, on ``cache`` (node mode:
+    the caller's identity partition) or the broker's own."""
     split = _split(request.raw_path)
     if split is None:
         return error_response(404, "not_found", "no such endpoint")
@@ -233,7 +294,7 @@ async def serve_secret(state: BrokerState, request: web.Request) -> web.Response
     if collection == "cache" and raw_name == "invalidate":
         if request.method != "POST":
             return error_response(405, "method_not_allowed", "use POST", {"Allow": "POST"})
-        return await _invalidate(state, request)
+        return await _invalidate(state, request, state.cache if cache is None else cache)
     kind = KINDS.get(collection)
     if kind is None:
         return error_response(404, "not_found", "no such endpoint")
@@ -248,27 +309,59 @@ async def serve_secret(state: BrokerState, request: web.Request) -> web.Response
     if problem:
         state.metrics.requests.labels(kind.value, "bad_request").inc()
         return error_response(400, "bad_request", problem)
-    return await lookup(state, kind, name)
+    asserted = None
+    if state.audit is not None:
+        headers = request.headers
+        asserted = [(field, headers[h]) for h, field in ASSERTED_HEADERS.items() if h in headers]
+    rid = request_id.get() or ""
+    return await lookup(state, kind, name, rid=rid, caller=caller, asserted=asserted, cache=cache)
 
 
-async def lookup(state: BrokerState, kind: Kind, name: str) -> web.Response:
+async def lookup(
+    state: BrokerState,
+    kind: Kind,
+    name: str,
+    *,
+    rid: str | bytes = "",
+    caller: Caller | None = None,
+    asserted: Any = None,
+    cache: SecretCache | None = None,
+) -> web.Response:
+    """Answer one secret lookup; with the audit trail on, exactly one audit line records it."""
     metrics = state.metrics
+    audit = state.audit
     if state.inflight >= state.config.listen.max_concurrency:
         metrics.requests.labels(kind.value, "overloaded").inc()
+        if audit is not None:
+            audit.record(rid, kind.value, name, "overloaded", caller=caller, asserted=asserted)
         return error_response(429, "overloaded", "too many requests in flight; retry shortly", {"Retry-After": "1"})
     state.inflight += 1
     metrics.inflight.inc()
     started = time.perf_counter()
     try:
         try:
-            entry, status = await state.cache.get(kind, name)
+            entry, status = await (state.cache if cache is None else cache).get(kind, name)
         except BrokerError as exc:
             metrics.requests.labels(kind.value, exc.code).inc()
+            if audit is not None:
+                audit.record(rid, kind.value, name, outcome_of(exc.code), caller=caller, asserted=asserted)
             if exc.status >= 500:
                 log.warning("lookup failed", extra={"kind": kind.value, "error": exc.code, "detail": exc.message})
             headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after else None
             return error_response(exc.status, exc.code, exc.message, headers)
         metrics.requests.labels(kind.value, status.value).inc()
+        if audit is not None:
+            backend = entry.resolved.backend if entry.resolved is not None else None
+            audit.record(
+                rid,
+                kind.value,
+                name,
+                "found",
+                backend=backend,
+                cache=status.value,
+                caller=caller,
+                asserted=asserted,
+            )
         return _found(entry, status, state.clock.now())
     finally:
         state.inflight -= 1
@@ -294,7 +387,7 @@ def _found(entry: Entry, status: Status, now: float) -> web.Response:
     )
 
 
-async def _invalidate(state: BrokerState, request: web.Request) -> web.Response:
+async def _invalidate(state: BrokerState, request: web.Request, cache: SecretCache) -> web.Response:
     try:
         raw = await request.read()
         body = json.loads(raw) if raw.strip() else {}
@@ -319,7 +412,7 @@ async def _invalidate(state: BrokerState, request: web.Request) -> web.Response:
         problem = name_problem(name)
         if problem:
             return error_response(400, "bad_request", problem)
-    dropped = state.cache.invalidate(kind, name)
+    dropped = cache.invalidate(kind, name)
     state.metrics.requests.labels("invalidate", "ok").inc()
     log.info("cache invalidated", extra={"kind": kind_raw or "all", "entries": dropped})
     return web.Response(status=204, headers=NO_STORE)

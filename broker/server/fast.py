@@ -27,6 +27,7 @@ from urllib.parse import unquote
 
 import httptools  # type: ignore[import-not-found,unused-ignore]
 
+from broker.audit import ASSERTED_HEADERS_BYTES, Caller, token_caller, unix_caller
 from broker.backends.base import Kind
 from broker.cache import Entry
 from broker.resolver import name_problem
@@ -35,7 +36,7 @@ from broker.server import lookup, peer_credentials
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from broker.app import BrokerState
+    from broker.state import BrokerState
 
 KINDS = {b"connections": Kind.CONNECTION, b"variables": Kind.VARIABLE, b"config": Kind.CONFIG}
 DRAIN_QUIET = 0.2  # seconds without a byte before an idle kept-alive connection is closed on shutdown
@@ -93,6 +94,7 @@ class FastFront:
         self._rid_prefix = os.urandom(4).hex()
         self._rid_seq = itertools.count(1)
         self.latency = {k: metrics.request_latency.labels(k.value) for k in Kind}
+        self.tcp_caller = token_caller(tcp_token) if tcp_token is not None else None
 
     def target(self, url: bytes) -> tuple[Kind, str] | None:
         """(kind, name) for ``GET /v1/{collection}/{name}`` with an acceptable name, else None."""
@@ -178,6 +180,9 @@ class FastProtocol(asyncio.Protocol):
         self.complete = False
         self.keep_alive = False
         self.last_activity = asyncio.get_running_loop().time()
+        self.audit = front.state.audit
+        self.caller: Caller | None = None  # set once per connection when the audit trail is on
+        self.asserted: list[tuple[str, bytes]] | None = None  # the request's X-Airflow-* headers
 
     # ---- httptools callbacks
 
@@ -193,6 +198,12 @@ class FastProtocol(asyncio.Protocol):
             self.forwarded = True
         elif lowered == b"x-request-id":
             self.request_id = value
+        elif self.audit is not None and lowered.startswith(b"x-airflow-"):
+            field = ASSERTED_HEADERS_BYTES.get(lowered)
+            if field is not None:
+                if self.asserted is None:
+                    self.asserted = []
+                self.asserted.append((field, value))
 
     def on_headers_complete(self) -> None:
         # Only meaningful inside the parser's callbacks: read after feed_data() it can describe the
@@ -207,6 +218,8 @@ class FastProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.front.connections.add(self)
+        if self.audit is not None:
+            self.caller = self.front.tcp_caller or unix_caller(transport.get_extra_info("socket"))
         if not self.front.peer_allowed(transport.get_extra_info("socket")):
             self._hand_off(b"")  # aiohttp answers every request on it with 403 and counts it
 
@@ -275,12 +288,13 @@ class FastProtocol(asyncio.Protocol):
                 continue
             # A miss (or anything but a plain fresh hit): the application's own lookup, in order.
             transport.pause_reading()
-            self.pending = asyncio.get_running_loop().create_task(self._slow(kind, name, self._rid()))
+            self.pending = asyncio.get_running_loop().create_task(self._slow(kind, name, self._rid(), self.asserted))
             return
 
     def _parse(self, head: bytes) -> tuple[Kind, str] | None:
         """(kind, name) when ``head`` is a complete, qualifying GET; None to hand it to aiohttp."""
         self.url, self.token, self.tokens, self.forwarded, self.request_id = b"", None, 0, False, None
+        self.asserted = None
         self.complete = self.keep_alive = False
         try:
             self.parser.feed_data(head)
@@ -306,13 +320,26 @@ class FastProtocol(asyncio.Protocol):
             return None  # a miss, stale, or due for refresh-ahead: the cache's get() decides
         now = state.clock.now()
         body = _body_head(entry) + b',"cache":"hit","age":%d}' % max(0, int(now - entry.fetched_at))
+        rid = self._rid()
         answer = b"%s%sContent-Length: %d\r\nX-Request-Id: %s\r\n\r\n%s" % (
             _HIT_PREFIX,
             b"Connection: close\r\n" if self.front.draining else b"",
             len(body),
-            self._rid(),
+            rid,
             body,
         )
+        if self.audit is not None:
+            resolved = entry.resolved
+            self.audit.record(
+                rid,
+                kind.value,
+                name,
+                "found",
+                backend=resolved.backend if resolved is not None else None,
+                cache="hit",
+                caller=self.caller,
+                asserted=self.asserted,
+            )
         self.front.hit_counters[kind].inc()
         self.front.latency[kind].observe(time.perf_counter() - started)
         return answer
@@ -323,11 +350,11 @@ class FastProtocol(asyncio.Protocol):
             return given
         return self.front.request_id()
 
-    async def _slow(self, kind: Kind, name: str, request_id: bytes) -> None:
+    async def _slow(self, kind: Kind, name: str, request_id: bytes, asserted: list[tuple[str, bytes]] | None) -> None:
         transport = self.transport
         assert transport is not None
         try:
-            response = await lookup(self.front.state, kind, name)
+            response = await lookup(self.front.state, kind, name, rid=request_id, caller=self.caller, asserted=asserted)
         except Exception:
             # lookup() maps every BrokerError itself; anything else is a bug: drop the connection
             # rather than leave the client waiting.

@@ -87,9 +87,7 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         endpoint_url=moto_url,
         aws_access_key_id="testing",
         aws_secret_access_key="testing",
-    ).create_secret(
-        Name="airflow/variables/e2e_aws", SecretString=AWS_VAR
-    )
+    ).create_secret(Name="airflow/variables/e2e_aws", SecretString=AWS_VAR)
     token = work / "bao.token"
     token.write_text(ROOT_TOKEN)
     try:
@@ -102,6 +100,7 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
 def broker_config(files: Path, stores: dict[str, Any]) -> dict[str, Any]:
     return {
         "cache": {"ttl": 300},
+        "audit": {"enabled": True, "output": str(files.parent / "audit.jsonl")},
         "backends": [
             {
                 "name": "vault",
@@ -175,5 +174,6 @@ def stack(
         yield major, python, Stack(broker, home, fernet_key)
     finally:
         broker.stop()
+
 
 plant("e2e", PASSWORD)

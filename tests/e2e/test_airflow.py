@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.conftest import AWS_VAR, EXTRA, JSON_VAR, PASSWORD, PLAIN, VAULT_VAR, Stack, airflow_env, run_airflow
+from tests.support.broker_process import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -88,6 +89,21 @@ def test_dags_test_reads_through_the_broker(stack: tuple[str, Path, Stack], tmp_
     assert got["extra"] == EXTRA
     for value in (PASSWORD, PLAIN):
         assert value not in st.broker.logs()
+    # The audit trail names the task that read the connection, from Airflow's own task context.
+    audit = st.broker.tmp_path.parent / "audit.jsonl"
+    reads = wait_for(
+        lambda: [
+            line
+            for line in map(json.loads, audit.read_text().splitlines())
+            if line["kind"] == "connection" and line["name"] == "e2e_pg" and line["asserted"]
+        ],
+        what="the task's audit line",
+    )
+    asserted = reads[-1]["asserted"]
+    assert (asserted["dag_id"], asserted["task_id"]) == ("broker_e2e", "read_secrets")
+    assert asserted["run_id"] and asserted["try_number"].isdigit() and asserted["map_index"] == "-1"
+    assert reads[-1]["outcome"] == "found" and reads[-1]["caller"]["listener"] == "unix"
+    assert PASSWORD not in audit.read_text()
 
 
 def test_team_name_is_accepted(stack: tuple[str, Path, Stack]) -> None:

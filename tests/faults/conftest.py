@@ -178,8 +178,39 @@ def harnesses(tmp_path_factory: pytest.TempPathFactory, fault_ca: TestCA) -> Ite
             stop()
 
 
+@pytest.fixture(scope="session")
+def kv1_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
+    """OpenBao with a KV v1 mount in Airflow's layout, behind its own fault proxy."""
+    work = tmp_path_factory.mktemp("faults-kv1")
+    bao = OpenBao(work).start()
+    proxy: FaultProxy | None = None
+    try:
+        client = bao.client()
+        client.sys.enable_secrets_engine("kv", path="kv1", options={"version": "1"})
+        for key in _keys():
+            client.secrets.kv.v1.create_or_update_secret(
+                path=f"variables/{key}", mount_point="kv1", secret={"value": value_of("vault-kv1", key)}
+            )
+        token_file = work / "vault.token"
+        token_file.write_text(ROOT_TOKEN)
+        proxy = FaultProxy(bao.url, throttle=(429, {}, b'{"errors": ["rate limit quota exceeded"]}')).start()
+        backend = {
+            "name": "vault-kv1",
+            "type": "vault",
+            "url": proxy.url,
+            "mount_point": "kv1",
+            "kv_engine_version": 1,
+            "auth": {"method": "token", "token_file": str(token_file)},
+        }
+        yield Harness("vault-kv1", proxy, backend, keys=_keys())
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        bao.stop()
+
+
 def planted_values() -> list[str]:
-    return [value_of(store, key) for store in ("vault", "sm", "ssm", "gcp", "azure") for key in _keys()]
+    return [value_of(store, key) for store in ("vault", "vault-kv1", "sm", "ssm", "gcp", "azure") for key in _keys()]
 
 
 def dump(path: Path, data: Any) -> None:

@@ -37,6 +37,8 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[BrokerProce
     port = free_port()
     config = {
         "listen": {"tcp": f"127.0.0.1:{port}", "token_file": str(work / "token")},
+        # the audit trail on, so generated X-Airflow-* headers go through its parsing and writing too
+        "audit": {"enabled": True, "output": str(work / "audit.jsonl")},
         "backends": [
             {
                 "name": "files",

@@ -25,6 +25,7 @@ class AwsProxy:
         parts = urlsplit(upstream)
         self.upstream = (parts.hostname or "127.0.0.1", parts.port or 80)
         self.calls: Counter[str] = Counter()
+        self.calls_by_id: Counter[str] = Counter()  # SecretId / parameter Name -> requests
         self.auth_headers: list[tuple[str, str]] = []
         self.throttle: dict[str, int] = {}
         self.errors: dict[str, tuple[int, str]] = {}  # action -> (status, error code), persistent
@@ -75,6 +76,8 @@ class AwsProxy:
                 action, secret_id = self._action(body)
                 with outer.lock:
                     outer.calls[action] += 1
+                    if secret_id:
+                        outer.calls_by_id[secret_id] += 1
                     outer.auth_headers.append((action, self.headers.get("Authorization", "")))
                     throttled = outer.throttle.get(action, 0) > 0
                     if throttled:
@@ -116,6 +119,7 @@ class AwsProxy:
     def reset(self) -> None:
         with self.lock:
             self.calls.clear()
+            self.calls_by_id.clear()
             self.auth_headers.clear()
             self.throttle.clear()
             self.errors.clear()

@@ -31,7 +31,9 @@ HOP_BY_HOP = {
     "upgrade",
     "content-length",
 }
-MODES = ("pass", "refuse", "reset", "stall", "cut", "error", "throttle")
+MODES = ("pass", "refuse", "reset", "stall", "cut", "error", "throttle", "garbage", "oversize")
+GARBAGE = b"<html><head><title>Sign in</title></head><body>Please sign in to continue.</body></html>"
+OVERSIZE = b'{"data": {"data": {"value": "' + b"x" * (2 << 20) + b'"}}}'
 
 
 class FaultProxy:
@@ -157,6 +159,10 @@ class FaultProxy:
             return web.Response(status=499)
         if mode == "error":
             return web.json_response({"error": "injected by the fault proxy"}, status=503)
+        if mode == "garbage":
+            return web.Response(status=200, body=GARBAGE, content_type="text/html")
+        if mode == "oversize":
+            return web.Response(status=200, body=OVERSIZE, content_type="application/json")
         if mode == "throttle":
             status, headers, payload = self.throttle
             return web.Response(status=status, headers=headers, body=payload, content_type=None)

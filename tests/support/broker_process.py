@@ -85,6 +85,9 @@ class BrokerProcess:
         env.setdefault("PYTHONUNBUFFERED", "1")
         self._log_fh = open(self.log_path, "ab")
         leakcheck.SESSION.record_log(self.log_path)
+        audit_output = str(self.config.get("audit", {}).get("output", ""))
+        if audit_output.startswith("/") and not audit_output.startswith("/dev/"):
+            leakcheck.SESSION.record_audit(Path(audit_output))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "broker", "serve", "--config", str(self.config_path)],
             stdout=self._log_fh,

@@ -1,5 +1,5 @@
-"""One check over the whole test run: no secret value a test planted appears in any log line or error body
-the broker produced. Fixtures ``plant`` their values; ``BrokerProcess`` records its log files and the error
+"""One check over the whole test run: no secret value a test planted appears in any log line, audit line or
+error body the broker produced. Fixtures ``plant`` their values; ``BrokerProcess`` records its log files and the error
 bodies it received; the session's end scans them all (see ``tests/conftest.py``)."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ class LeakCheck:
     planted: dict[str, str] = field(default_factory=dict)  # value -> label (labels, never values, are reported)
     originals: set[str] = field(default_factory=set)  # the values as planted (without the encoded forms)
     logs: set[Path] = field(default_factory=set)
+    audits: set[Path] = field(default_factory=set)  # audit streams written to files
     error_bodies: list[tuple[str, bytes]] = field(default_factory=list)
 
     def plant(self, label: str, *values: str) -> None:
@@ -26,6 +27,9 @@ class LeakCheck:
     def record_log(self, path: Path) -> None:
         self.logs.add(Path(path))
 
+    def record_audit(self, path: Path) -> None:
+        self.audits.add(Path(path))
+
     def record_error(self, where: str, body: bytes) -> None:
         self.error_bodies.append((where, body))
 
@@ -33,12 +37,13 @@ class LeakCheck:
         """Where each planted value was found, as ``label in place`` (never the value itself)."""
         needles = [(value.encode(), label) for value, label in self.planted.items()]
         found: list[str] = []
-        for path in sorted(self.logs):
-            try:
-                text = path.read_bytes()
-            except OSError:
-                continue
-            found += [f"{label} in log {path}" for needle, label in needles if needle in text]
+        for what, paths in (("log", self.logs), ("audit stream", self.audits)):
+            for path in sorted(paths):
+                try:
+                    text = path.read_bytes()
+                except OSError:
+                    continue
+                found += [f"{label} in {what} {path}" for needle, label in needles if needle in text]
         for where, body in self.error_bodies:
             found += [f"{label} in the error body of {where}" for needle, label in needles if needle in body]
         return found

@@ -17,11 +17,11 @@ from broker.backends.base import (
     Lease,
     SecretNotFound,
 )
-from broker.cache import LeaseOps, SecretCache, Status
+from broker.cache import SecretCache, Status
 from broker.clock import FakeClock
 from broker.config import CacheConfig, LeasesConfig
 from broker.metrics import Metrics
-from broker.resolver import Resolved
+from broker.resolver import NotFoundAnywhere, Resolved
 
 V = Kind.VARIABLE
 
@@ -31,6 +31,7 @@ class ScriptedLoader:
 
     def __init__(self, clock: FakeClock) -> None:
         self.clock = clock
+        self.holder: Leases | None = None  # the backend that grants leases
         self.calls: dict[str, int] = {}
         self.answers: dict[str, Any] = {}
         self.lease_duration: dict[str, float] = {}
@@ -48,10 +49,22 @@ class ScriptedLoader:
         lease = None
         if name in self.lease_duration:
             lease = Lease(f"database/creds/x/{self.version}", self.lease_duration[name], True, self.clock.now())
-        return Resolved(value=answer, backend="b1", version=str(self.version), lease=lease, ttl=100.0, max_stale=50.0)
+        return Resolved(
+            value=answer,
+            backend="b1",
+            version=str(self.version),
+            lease=lease,
+            ttl=100.0,
+            max_stale=50.0,
+            source=self.holder if lease is not None else None,
+        )
 
 
 class Leases:
+    """A backend that grants leases, as the cache's lease keeper sees it."""
+
+    name = "b1"
+
     def __init__(self, clock: FakeClock) -> None:
         self.clock = clock
         self.renewed: list[str] = []
@@ -59,7 +72,7 @@ class Leases:
         self.cap_at: float | None = None  # absolute clock time the lease cannot pass
         self.fail: BrokerError | None = None
 
-    async def renew(self, backend: str, lease: Lease, increment: float | None) -> Lease:
+    async def renew(self, lease: Lease, increment: float | None = None) -> Lease:
         if self.fail:
             raise self.fail
         self.renewed.append(lease.lease_id)
@@ -69,7 +82,7 @@ class Leases:
             duration = max(0.0, min(duration, self.cap_at - now))
         return Lease(lease.lease_id, duration, True, now)
 
-    async def revoke(self, backend: str, lease: Lease) -> None:
+    async def revoke(self, lease: Lease) -> None:
         self.revoked.append(lease.lease_id)
 
 
@@ -90,14 +103,13 @@ def leases(clock: FakeClock) -> Leases:
 
 def make_cache(loader: ScriptedLoader, clock: FakeClock, leases: Leases | None = None, **cfg: Any) -> SecretCache:
     settings = {"ttl": 100, "max_stale": 50, "negative_ttl": 10, "refresh_ahead": 0.75, "refresh_jitter": 0.0, **cfg}
-    lease_ops = LeaseOps(leases.renew, leases.revoke) if leases else None
+    loader.holder = leases
     return SecretCache(
         loader,
         clock=clock,
         config=CacheConfig(**settings),
         leases=LeasesConfig(),
         metrics=Metrics(),
-        lease_ops=lease_ops,
         rng=random.Random(7),
     )
 
@@ -462,3 +474,112 @@ async def test_repr_never_shows_values(loader: ScriptedLoader, clock: FakeClock)
     entry, _ = await cache.get(V, "k")
     assert "super-secret-value" not in repr(entry)
     assert "super-secret-value" not in repr(entry.resolved)
+
+
+async def test_a_flood_of_unknown_names_does_not_evict_entries_in_use(loader: ScriptedLoader, clock: FakeClock) -> None:
+    loader.answers.update({"hot1": "a", "hot2": "b"})
+    cache = make_cache(loader, clock, max_entries=2, negative_max_entries=5)
+    await value(cache, "hot1")
+    await value(cache, "hot2")
+    for i in range(50):
+        with pytest.raises(SecretNotFound):
+            await cache.get(V, f"unknown{i}")
+    assert await value(cache, "hot1") == ("a", Status.HIT)
+    assert await value(cache, "hot2") == ("b", Status.HIT)
+    assert loader.calls["hot1"] == loader.calls["hot2"] == 1
+    assert len(cache) == 2 + 5
+    registry = cache._metrics.registry
+    assert registry.get_sample_value("broker_cache_negative_entries") == 5
+    assert registry.get_sample_value("broker_cache_events_total", {"event": "negative_eviction"}) == 45
+    assert registry.get_sample_value("broker_cache_events_total", {"event": "eviction"}) is None
+    # the newest negative entries are remembered, the oldest were let go
+    with pytest.raises(SecretNotFound):
+        await cache.get(V, "unknown49")
+    assert loader.calls["unknown49"] == 1
+    with pytest.raises(SecretNotFound):
+        await cache.get(V, "unknown0")
+    assert loader.calls["unknown0"] == 2
+
+
+async def test_a_name_that_appears_leaves_the_negative_entries(loader: ScriptedLoader, clock: FakeClock) -> None:
+    cache = make_cache(loader, clock)
+    with pytest.raises(SecretNotFound):
+        await cache.get(V, "late")
+    loader.answers["late"] = "now"
+    clock.advance(11)  # past negative_ttl
+    assert await value(cache, "late") == ("now", Status.MISS)
+    assert cache._metrics.registry.get_sample_value("broker_cache_negative_entries") == 0
+    assert cache.invalidate(V, "late") == 1 and len(cache) == 0
+
+
+async def test_cold_misses_load_at_miss_priority_and_refreshes_at_refresh(clock: FakeClock) -> None:
+    from broker.ratelimit import PRIORITY, Priority
+
+    seen: dict[str, list[Priority]] = {}
+
+    async def load(kind: Kind, name: str) -> Resolved:
+        seen.setdefault(name, []).append(PRIORITY.get())
+        if name == "absent":
+            raise SecretNotFound("no")
+        return Resolved(value="v", backend="b1", version=None, lease=None, ttl=100.0, max_stale=50.0)
+
+    cache = SecretCache(
+        load,
+        clock=clock,
+        config=CacheConfig(ttl=100, refresh_ahead=0.75, refresh_jitter=0.0, max_stale=50, negative_ttl=10),
+        leases=LeasesConfig(),
+        metrics=Metrics(),
+    )
+    await cache.get(V, "k")  # cold
+    clock.advance(80)  # past refresh-ahead: served, refreshed in the background
+    await cache.get(V, "k")
+    await settle()
+    clock.advance(200)  # past fresh and stale: a client waits for it, but the entry was in use
+    await cache.get(V, "k")
+    for _ in range(2):  # cold, then cold again after the negative entry expires
+        with pytest.raises(SecretNotFound):
+            await cache.get(V, "absent")
+        clock.advance(11)
+    assert seen["k"] == [Priority.MISS, Priority.REFRESH, Priority.REFRESH]
+    assert seen["absent"] == [Priority.MISS, Priority.MISS]
+
+
+def lease_gauges(cache: SecretCache, backend: str = "b1") -> tuple[float, float]:
+    metrics = cache._metrics
+    return (
+        metrics.registry.get_sample_value("broker_leases_active", {"backend": backend}) or 0.0,
+        metrics.registry.get_sample_value("broker_lease_min_expiry_seconds", {"backend": backend}) or 0.0,
+    )
+
+
+async def test_lease_gauges_return_to_zero_when_the_last_lease_goes(
+    loader: ScriptedLoader, clock: FakeClock, leases: Leases
+) -> None:
+    loader.answers.update(idle="x", expiring="y")
+    loader.lease_duration.update(idle=300, expiring=300)
+    cache = make_cache(loader, clock, leases, ttl=60)
+    await cache.get(V, "idle")
+    assert lease_gauges(cache) == (1.0, 300.0)
+    clock.advance(201)  # idle past the limit: released and revoked
+    await cache.run_due()
+    await settle()
+    assert leases.revoked and lease_gauges(cache) == (0.0, 0.0)
+    await cache.get(V, "expiring")
+    cache.invalidate(V, "expiring")  # no longer served; the lease lives on until it expires
+    assert lease_gauges(cache)[0] == 1.0
+    clock.advance(301)
+    await cache.run_due()
+    assert lease_gauges(cache) == (0.0, 0.0)
+
+
+async def test_not_found_is_remembered_for_the_chains_negative_ttl(loader: ScriptedLoader, clock: FakeClock) -> None:
+    loader.answers["short"] = NotFoundAnywhere("nope", negative_ttl=2.0)  # a backend asked says 2 s
+    cache = make_cache(loader, clock, negative_ttl=10)
+    for _ in range(3):
+        with pytest.raises(SecretNotFound):
+            await cache.get(V, "short")
+    assert loader.calls["short"] == 1
+    clock.advance(2.5)  # past the backend's 2 s, well inside the cache's 10 s
+    with pytest.raises(SecretNotFound):
+        await cache.get(V, "short")
+    assert loader.calls["short"] == 2

@@ -73,3 +73,49 @@ def test_timeout_is_unavailable(tmp_path: object) -> None:
             BrokerClient(socket_path=path, timeout=0.2).get("variable", "k")
     finally:
         server.close()
+
+
+def test_the_task_context_airflow_sets_is_sent_as_headers_and_unsafe_values_are_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from broker.client import airflow_context, context_head
+
+    for var in ("AIRFLOW_CTX_DAG_ID", "AIRFLOW_CTX_TASK_ID", "AIRFLOW_CTX_DAG_RUN_ID", "AIRFLOW_CTX_TRY_NUMBER"):
+        monkeypatch.delenv(var, raising=False)
+    assert airflow_context() == {}  # outside a task: nothing asserted
+    monkeypatch.setenv("AIRFLOW_CTX_DAG_ID", "etl")
+    monkeypatch.setenv("AIRFLOW_CTX_TASK_ID", "load")
+    monkeypatch.setenv("AIRFLOW_CTX_DAG_RUN_ID", "manual__2026-12-02T00:00:00+00:00")
+    monkeypatch.setenv("AIRFLOW_CTX_TRY_NUMBER", "1")
+    assert context_head(airflow_context()) == (
+        "X-Airflow-Dag-Id: etl\r\nX-Airflow-Task-Id: load\r\n"
+        "X-Airflow-Run-Id: manual__2026-12-02T00:00:00+00:00\r\nX-Airflow-Try-Number: 1\r\n"
+    )
+    # a value that could split the request or is absurdly long is left out, not sent
+    assert context_head({"X-Airflow-Dag-Id": "a\r\nX-Broker-Token: t", "X-Airflow-Task-Id": "x" * 300}) == ""
+
+
+def test_the_context_is_read_at_every_request(tmp_path: object) -> None:
+    path = str(tmp_path) + "/c.sock"  # type: ignore[operator]
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen(1)
+    seen: list[bytes] = []
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        for _ in range(2):
+            seen.append(conn.recv(4096))
+            conn.sendall(b'HTTP/1.1 200 OK\r\nContent-Length: 13\r\n\r\n{"value":"v"}')
+        conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    task = {"X-Airflow-Task-Id": "first"}
+    client = BrokerClient(socket_path=path, timeout=5, context=lambda: task)
+    client.get("variable", "k")
+    task["X-Airflow-Task-Id"] = "second"
+    client.get("variable", "k")
+    thread.join(5)
+    server.close()
+    assert b"X-Airflow-Task-Id: first\r\n" in seen[0] and b"X-Airflow-Task-Id: second\r\n" in seen[1]

@@ -24,7 +24,7 @@ from broker.backends.base import (
 from broker.backends.guard import CircuitBreaker, CircuitOpen, Guard, backoff_delay
 from broker.clock import FakeClock
 from broker.metrics import Metrics
-from broker.resolver import Resolver, name_problem
+from broker.resolver import NotFoundAnywhere, Resolver, name_problem
 
 
 class FakeConfig(BackendConfig):
@@ -172,6 +172,22 @@ async def test_per_backend_ttl(ctx: BackendContext) -> None:
     b = Scripted("b", ["v"], ctx, ttl=7)
     r = Resolver([guard(b, ctx)], 300, 3600)
     assert (await r.resolve(Kind.VARIABLE, "k")).ttl == 7
+
+
+async def test_per_backend_negative_ttl_the_shortest_of_those_asked(ctx: BackendContext) -> None:
+    quick = Scripted("quick", [SecretNotFound("n")], ctx, negative_ttl=3)
+    default = Scripted("default", [SecretNotFound("n")], ctx)
+    never_asked = Scripted("never", ["x"], ctx, negative_ttl=1)  # serves no "skip" key: its setting is moot
+    chain = [guard(default, ctx), guard(quick, ctx)]
+    with pytest.raises(NotFoundAnywhere) as found:
+        await Resolver(chain, 300, 3600, 30).resolve(Kind.VARIABLE, "k")
+    assert found.value.negative_ttl == 3
+    with pytest.raises(NotFoundAnywhere) as found:
+        await Resolver([guard(default, ctx)], 300, 3600, 30).resolve(Kind.VARIABLE, "k")
+    assert found.value.negative_ttl == 30
+    with pytest.raises(NotFoundAnywhere) as found:
+        await Resolver([guard(never_asked, ctx)], 300, 3600, 30).resolve(Kind.VARIABLE, "skip-k")
+    assert found.value.negative_ttl == 30
 
 
 @pytest.mark.parametrize(

@@ -24,3 +24,14 @@ def test_scanner_finds_planted_values_and_never_prints_them(tmp_path: Path) -> N
     found = check.scan()
     assert found == [f"fixture-a in log {leaky}", "fixture-a in the error body of GET /v1/variables/y"]
     assert not any("leak-1234" in line for line in found)
+
+
+def test_scanner_reads_audit_streams_too(tmp_path: Path) -> None:
+    check = LeakCheck()
+    check.plant("fixture-b", "audit-leak-value-5678")
+    stream = tmp_path / "audit.jsonl"
+    stream.write_text('{"type": "audit", "name": "pg", "outcome": "found"}\n')
+    check.record_audit(stream)
+    assert check.scan() == []
+    stream.write_text('{"type": "audit", "name": "audit-leak-value-5678"}\n')
+    assert check.scan() == [f"fixture-b in audit stream {stream}"]

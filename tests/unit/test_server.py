@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from broker.app import BrokerState
 from broker.backends.base import BackendTimeout, Kind, RateLimited
 from broker.config import validate_config
 from broker.resolver import Resolved
 from broker.server import build_api_app, build_metrics_app
+from broker.state import BrokerState
 
 
 @pytest.fixture

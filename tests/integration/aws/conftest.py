@@ -82,6 +82,7 @@ def moto_proxy() -> Iterator[AwsProxy]:
     )
     ssm.put_parameter(Name="/bare_param", Value="bare-param-value", Type="String")
     proxy.sm = sm  # type: ignore[attr-defined]
+    proxy.ssm = ssm  # type: ignore[attr-defined]
     try:
         yield proxy
     finally:
@@ -208,5 +209,6 @@ def make_backend() -> Iterator[Any]:
     yield make
     for pool in pools:
         pool.shutdown(wait=True, cancel_futures=True)
+
 
 plant("aws", PASSWORD, VARIABLE, CONFIG_VALUE, SSM_SECRET)

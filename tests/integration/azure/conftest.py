@@ -79,4 +79,5 @@ def azure_backend(servers: AzureServers, ca: TestCA, **overrides: Any) -> dict[s
         **overrides,
     }
 
+
 plant("azure", *PLANTED)

@@ -97,4 +97,5 @@ def gcp_backend(servers: GcpServers, ca: TestCA, **overrides: Any) -> dict[str, 
         **overrides,
     }
 
+
 plant("gcp", *PLANTED)

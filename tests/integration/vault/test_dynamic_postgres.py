@@ -1,11 +1,15 @@
-"""Dynamic PostgreSQL credentials through the broker: real leases, renewals, rotation at max TTL, revocation."""
+"""Dynamic PostgreSQL credentials through the broker: real leases, renewals, rotation at max TTL, revocation;
+and reload, then shutdown, with a live lease: for every reload shape the broker exits 0, revokes every lease it
+handed out (the PostgreSQL roles are dropped), unlinks its socket and closes every backend it built."""
 
 from __future__ import annotations
 
+import copy
 import json
+import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
@@ -108,3 +112,99 @@ def test_leased_credential_renewed_rotated_and_revoked(
         remaining = conn.execute("SELECT count(*) FROM pg_roles WHERE rolname LIKE 'v-%%'").fetchone()
     assert remaining == (0,)
     assert second["password"] not in broker.logs() and first["password"] not in broker.logs()
+
+
+def dynamic_backend(vault_env: VaultEnv, postgres: Postgres, name: str) -> dict[str, Any]:
+    return vault_env.backend(
+        "approle",
+        name=name,
+        dynamic_connections={
+            "pg_dynamic": {
+                "path": "database/creds/airflow",
+                "fields": {
+                    "conn_type": "postgres",
+                    "host": "127.0.0.1",
+                    "port": postgres.port,
+                    "schema": "postgres",
+                    "login": "{{ username }}",
+                    "password": "{{ password }}",
+                },
+            }
+        },
+    )
+
+
+def files_backend(tmp: Any) -> dict[str, Any]:
+    (tmp / "variables.json").write_text(json.dumps({"plain": "files-plain-value"}))
+    return {"name": "files", "type": "file", "variables_file_path": str(tmp / "variables.json")}
+
+
+def renamed(cfg: dict[str, Any]) -> None:
+    cfg["backends"][0]["name"] = "vault-renamed"
+
+
+def removed(cfg: dict[str, Any]) -> None:
+    del cfg["backends"][0]
+
+
+def reordered(cfg: dict[str, Any]) -> None:
+    cfg["backends"].reverse()
+
+
+def changed(cfg: dict[str, Any]) -> None:
+    cfg["backends"][0]["ttl"] = 120
+
+
+def unchanged(cfg: dict[str, Any]) -> None:
+    cfg["cache"]["ttl"] = 301  # only the cache section moves; every backend is kept
+
+
+SHAPES: dict[str, Callable[[dict[str, Any]], None]] = {
+    "renamed": renamed,
+    "removed": removed,
+    "reordered": reordered,
+    "changed": changed,
+    "unchanged": unchanged,
+}
+
+
+def live_roles(pg: Postgres) -> set[str]:
+    with psycopg.connect(pg.dsn()) as conn:
+        rows = conn.execute("SELECT rolname FROM pg_roles WHERE rolname LIKE 'v-%%'").fetchall()
+    return {r[0] for r in rows}
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_reload_then_sigterm_with_live_leases(
+    broker_factory: Any, vault_env: VaultEnv, postgres: Postgres, tmp_path: Any, shape: str
+) -> None:
+    config = {
+        "cache": {"ttl": 300},
+        "backends": [dynamic_backend(vault_env, postgres, "vault"), files_backend(tmp_path)],
+    }
+    broker = broker_factory(config)
+    status, body = broker.get("connection", "pg_dynamic")
+    assert status == 200, body
+    login = json.loads(body["value"])["login"]
+    assert login in live_roles(postgres)
+
+    new = copy.deepcopy(broker.config)
+    SHAPES[shape](new)
+    broker.write_config(new)
+    broker.signal(signal.SIGHUP)
+    wait_for(lambda: broker.metric("broker_config_reloads_total", outcome="ok") >= 1, timeout=15, what="reload")
+    if shape != "removed":
+        # the reloaded broker hands out a credential too (the same one, or a new lease from the new backend)
+        wait_for(lambda: broker.get("connection", "pg_dynamic")[0] == 200, timeout=15, what="served after reload")
+    handed_out = live_roles(postgres)
+    assert login in handed_out or shape == "unchanged"
+
+    broker.signal(signal.SIGTERM)
+    assert broker.proc.wait(30) == 0, broker.logs()[-3000:]
+    logs = broker.logs()
+    assert "Traceback" not in logs, logs[-3000:]
+    assert not os.path.exists(broker.socket_path)
+    assert not (live_roles(postgres) & handed_out), f"{shape}: leases left unrevoked"
+    closed = {json.loads(line).get("backend") for line in logs.splitlines() if '"backend closed"' in line}
+    built = {b["name"] for b in config["backends"]} | {b["name"] for b in new["backends"]}
+    assert closed >= built, f"{shape}: backends not closed: {built - closed}"

@@ -1,0 +1,122 @@
+"""The lease keeper: every lease the broker handed out, the backend that granted it, renew and revoke calls,
+and the lease gauges.
+
+A lease is held against the object that granted it (its guarded backend), never against a backend name: a
+reload may rename, remove or replace that backend while callers still use the credential, and the lease must
+still be renewed or revoked through the store that issued it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any, Protocol
+
+from broker.backends.base import BrokerError, Lease
+from broker.clock import Clock
+from broker.metrics import Metrics
+
+log = logging.getLogger("broker.cache")
+
+
+class LeaseHolder(Protocol):
+    """What granted a lease and can renew or revoke it (a guarded backend)."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def renew(self, lease: Lease, increment: float | None = None) -> Lease: ...
+
+    async def revoke(self, lease: Lease) -> None: ...
+
+
+class LeaseKeeper:
+    """Live leases by id, each with its holder. Background revocations are owned here and drained on close."""
+
+    def __init__(self, clock: Clock, metrics: Metrics) -> None:
+        self._clock = clock
+        self._metrics = metrics
+        self._live: dict[str, tuple[LeaseHolder, Lease]] = {}
+        self._gauged: set[str] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def track(self, holder: LeaseHolder, lease: Lease) -> None:
+        """Remember a lease just handed out (or renewed: the new grant replaces the old one)."""
+        self._live[lease.lease_id] = (holder, lease)
+        self.update_gauges()
+
+    def holders(self) -> set[LeaseHolder]:
+        """Every holder that still has a live lease (a retired backend with one must stay open)."""
+        return {holder for holder, _ in self._live.values()}
+
+    def live(self) -> list[tuple[str, Lease]]:
+        return [(holder.name, lease) for holder, lease in self._live.values()]
+
+    async def renew(self, holder: LeaseHolder, lease: Lease, increment: float | None) -> Lease:
+        """Renew through the lease's own holder and record the new grant. Raises what the holder raises."""
+        renewed = await holder.renew(lease, increment)
+        if renewed.lease_id != lease.lease_id:
+            self._live.pop(lease.lease_id, None)
+        self.track(holder, renewed)
+        return renewed
+
+    def revoke_soon(self, holder: LeaseHolder, lease: Lease) -> None:
+        """Give a lease back in the background (its value is no longer served and nobody asks for it)."""
+        self._live.pop(lease.lease_id, None)
+        self.update_gauges()
+        task = asyncio.get_running_loop().create_task(self._revoke(holder, lease), name="lease-revoke")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _revoke(self, holder: LeaseHolder, lease: Lease) -> None:
+        try:
+            await holder.revoke(lease)
+            self._metrics.lease_renewals.labels(holder.name, "revoked").inc()
+        except BrokerError as exc:
+            log.warning("lease revocation failed", extra={"backend": holder.name, "error": exc.code})
+        except Exception:
+            # Shutdown must go on whatever one revocation does; the lease then simply expires.
+            log.exception("lease revocation crashed", extra={"backend": holder.name})
+
+    def prune(self, now: float) -> None:
+        """Forget leases that expired on their own."""
+        expired = [lid for lid, (_, lease) in self._live.items() if lease.expires_at <= now]
+        for lid in expired:
+            del self._live[lid]
+        if expired:
+            self.update_gauges()
+
+    def update_gauges(self) -> None:
+        """Count and soonest expiry per backend; a backend whose last lease went reads 0."""
+        now = self._clock.now()
+        per_backend: dict[str, list[float]] = {}
+        for holder, lease in self._live.values():
+            per_backend.setdefault(holder.name, []).append(lease.expires_at - now)
+        for backend in self._gauged - set(per_backend):
+            self._metrics.leases_active.labels(backend).set(0)
+            self._metrics.lease_expiry.labels(backend).set(0)
+        for backend, remaining in per_backend.items():
+            self._metrics.leases_active.labels(backend).set(len(remaining))
+            self._metrics.lease_expiry.labels(backend).set(max(0.0, min(remaining)))
+        self._gauged = set(per_backend) | self._gauged
+
+    async def aclose(self, *, revoke: bool, timeout: float) -> None:  # noqa: ASYNC109
+        """Finish background revocations; then revoke every live lease when asked, each through its holder."""
+        leases = list(self._live.values()) if revoke else []
+        if revoke:
+            self._live.clear()
+        for holder, lease in leases:
+            task = asyncio.get_running_loop().create_task(self._revoke(holder, lease), name="lease-revoke")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        if self._tasks:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        for task in list(self._tasks):
+            task.cancel()
+        self.update_gauges()
