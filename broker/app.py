@@ -39,6 +39,7 @@ class Broker:
         self._stop = asyncio.Event()
         self._socket_path: Path | None = None
         self._reload_lock = asyncio.Lock()
+        self._started = False
 
     # ------------------------------------------------------------------------------------------ start
 
@@ -58,12 +59,14 @@ class Broker:
         if cfg.listen.tcp_address is not None:
             await self._serve(
                 build_api_app(self.state, tcp_token=token),
-                tcp_socket(*cfg.listen.tcp_address),
+                tcp_socket(*cfg.listen.tcp_address, "API TCP listener (listen.tcp)"),
                 api=True,
                 tcp_token=token,
             )
         if cfg.metrics.address is not None:
-            await self._serve(build_metrics_app(self.state), tcp_socket(*cfg.metrics.address))
+            await self._serve(
+                build_metrics_app(self.state), tcp_socket(*cfg.metrics.address, "metrics listener (metrics.listen)")
+            )
         self._spawn(self.state.cache.maintain(), "cache-maintenance")
         if self.state.node is not None:
             self._spawn(self.state.node.maintain(), "node-maintenance")
@@ -77,6 +80,7 @@ class Broker:
                 "backends": [f"{b.name}:{b.type}" for b in cfg.backends],
             },
         )
+        self._started = True
 
     async def _serve(
         self, app: web.Application, sock: socket.socket, *, api: bool = False, tcp_token: bytes | None = None
@@ -210,7 +214,8 @@ class Broker:
         if self._socket_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._socket_path)
-        log.info("stopped")
+        if self._started:  # a start that failed to bind reports only its error
+            log.info("stopped")
 
     # ------------------------------------------------------------------------------------------ reload
 

@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate the config and log in to every backend once")
     check.add_argument("--config", help="YAML config file (default: $BROKER_CONFIG, else the embedded default)")
     check.add_argument("--validate-only", action="store_true", help="validate the config without contacting backends")
+    check.add_argument(
+        "--strict", action="store_true", help="also fail on warnings, such as a backend that can serve nothing"
+    )
 
     sub.add_parser("version", help="print the version")
     return parser
@@ -73,7 +76,7 @@ def _serve(args: argparse.Namespace) -> int:
     from broker.backends.base import ConfigurationError
     from broker.config import BrokerConfig
     from broker.logging import setup_logging
-    from broker.server import SocketPathError
+    from broker.server.listener import ListenError
 
     loaded = _load(args.config)
     if loaded is None:
@@ -83,7 +86,7 @@ def _serve(args: argparse.Namespace) -> int:
     setup_logging(config.logging.level)
     try:
         return serve(config, path)
-    except (SocketPathError, ConfigurationError) as exc:
+    except (ListenError, ConfigurationError) as exc:
         print(f"broker: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except OSError as exc:
@@ -148,10 +151,10 @@ def _check(args: argparse.Namespace) -> int:
             + ", ".join(f"{b.name} ({b.type})" for b in config.backends)
         )
         return EXIT_OK
-    return asyncio.run(_check_backends(config))
+    return asyncio.run(_check_backends(config, strict=args.strict))
 
 
-async def _check_backends(config: object) -> int:
+async def _check_backends(config: object, *, strict: bool) -> int:
     from broker.backends.base import BackendContext, BrokerError
     from broker.clock import SystemClock
     from broker.config import BrokerConfig
@@ -161,7 +164,7 @@ async def _check_backends(config: object) -> int:
     assert isinstance(config, BrokerConfig)
     executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="broker-check")
     ctx = BackendContext(executor=executor, clock=SystemClock(), metrics=Metrics())
-    ok = True
+    ok, warned = True, False
     try:
         for guard in build_guards(config.backends, ctx):
             label = f"{guard.name} ({guard.backend.config.type})"
@@ -172,8 +175,13 @@ async def _check_backends(config: object) -> int:
                 print(f"FAIL  {label}: {exc.code}: {exc.message}")
             else:
                 print(f"ok    {label}: {detail}")
+                for warning in guard.backend.check_warnings():
+                    warned = True
+                    print(f"WARN  {label}: {warning}")
             finally:
                 await guard.backend.aclose()
     finally:
         executor.shutdown(wait=False, cancel_futures=True)
-    return EXIT_OK if ok else EXIT_ERROR
+    if warned and ok:
+        print("warnings found" + (": failing under --strict" if strict else " (--strict makes them fail)"))
+    return EXIT_OK if ok and not (strict and warned) else EXIT_ERROR

@@ -5,10 +5,10 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from broker.backends import EXTRAS, REGISTRY, load_type
 from broker.backends.base import BackendConfig, ConfigurationError
@@ -16,6 +16,7 @@ from broker.configtypes import Duration, StrictModel
 from broker.node.config import NodeConfig, node_errors
 
 DEFAULT_SOCKET = Path("/run/broker/broker.sock")
+M = TypeVar("M", bound=BaseModel)
 
 
 def _parse_hostport(value: str, what: str) -> tuple[str, int]:
@@ -311,6 +312,35 @@ def config_source(cli_path: str | None) -> Path | None:
 
 
 def load_config(path: Path | None) -> BrokerConfig:
-    """Load and validate; None means the embedded default. Raises ConfigurationError."""
-    data = embedded_default() if path is None else read_config_file(path)
-    return validate_config(data)
+    """Load and validate; None means the embedded default. Raises ConfigurationError.
+
+    Relative paths in a config file are taken from the file's directory, so a config works whatever the
+    current directory; the embedded default keeps resolving against the current directory.
+    """
+    if path is None:
+        return validate_config(embedded_default())
+    config = validate_config(read_config_file(path))
+    return anchor_paths(config, path.parent.absolute())
+
+
+def anchor_paths(model: M, base: Path) -> M:
+    """Return ``model`` with every relative ``Path`` in it (nested models, lists, mappings) under ``base``."""
+
+    def anchor(value: Any) -> Any:
+        if isinstance(value, Path):
+            return value if value.is_absolute() else base / value
+        if isinstance(value, BaseModel):
+            return anchor_paths(value, base)
+        if isinstance(value, list):
+            return [anchor(v) for v in value]
+        if isinstance(value, dict):
+            return {k: anchor(v) for k, v in value.items()}
+        return value
+
+    update: dict[str, Any] = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        anchored = anchor(value)
+        if anchored is not value:
+            update[name] = anchored
+    return model.model_copy(update=update) if update else model

@@ -306,6 +306,13 @@ class Backend(ABC):
         await self.start()
         return "usable"
 
+    def check_warnings(self) -> list[str]:
+        """Problems that leave the backend usable but are likely mistakes (e.g. it can serve nothing).
+
+        Called after a successful ``check``; ``broker check --strict`` fails on any of them.
+        """
+        return []
+
     async def renew(self, lease: Lease, increment: float | None = None) -> Lease:
         """Extend a lease; returns the lease as the store now grants it. Raises like ``fetch``."""
         raise BackendError(f"backend {self.name!r} has no leases to renew")

@@ -144,3 +144,14 @@ class Backend(BaseBackend):
         await self.start()
         files = [str(p) for k in Kind if (p := self._resolve_file(k)) is not None]
         return "files: " + (", ".join(files) if files else "(none present)")
+
+    def check_warnings(self) -> list[str]:
+        configured = {k: p for k in Kind if (p := self._configured(k)) is not None}
+        if not configured:
+            return ["serves nothing: no connections_file_path, variables_file_path or config_file_path is set"]
+        if any(self._resolve_file(k) is not None for k in configured):
+            return []
+        tried = ", ".join(
+            str(p) if p.suffix.lower() in SUFFIXES else f"{p}{{{','.join(SUFFIXES)}}}" for p in configured.values()
+        )
+        return [f"serves nothing: none of its files exists ({tried})"]

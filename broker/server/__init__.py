@@ -30,7 +30,7 @@ from broker.backends.base import BrokerError, Kind
 from broker.cache import Entry, SecretCache, Status
 from broker.logging import request_id
 from broker.resolver import name_problem
-from broker.server.listener import with_header_timeout
+from broker.server.listener import ListenError, with_header_timeout
 
 if TYPE_CHECKING:
     from broker.state import BrokerState
@@ -442,7 +442,7 @@ def build_metrics_app(state: BrokerState) -> web.Application:
 # ---------------------------------------------------------------------------------------------- sockets
 
 
-class SocketPathError(Exception):
+class SocketPathError(ListenError):
     """The socket path is taken by something we must not replace."""
 
 
@@ -458,7 +458,9 @@ def bind_unix_socket(path: Path, mode: int) -> socket.socket:
         pass
     else:
         if not stat.S_ISSOCK(st.st_mode):
-            raise SocketPathError(f"{path} exists and is not a socket; refusing to replace it")
+            raise SocketPathError(
+                f"API socket (listen.socket) {path} exists and is not a socket; refusing to replace it"
+            )
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.settimeout(1.0)
@@ -466,9 +468,13 @@ def bind_unix_socket(path: Path, mode: int) -> socket.socket:
         except (ConnectionRefusedError, FileNotFoundError):
             os.unlink(path)
         except OSError as exc:
-            raise SocketPathError(f"{path}: cannot probe existing socket: {exc.strerror}") from None
+            raise SocketPathError(
+                f"API socket (listen.socket) {path}: cannot probe the existing socket: {exc.strerror}"
+            ) from None
         else:
-            raise SocketPathError(f"{path} is in use by a running process")
+            raise SocketPathError(
+                f"API socket (listen.socket) {path}: address already in use (another process is accepting on it)"
+            )
         finally:
             probe.close()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -476,9 +482,9 @@ def bind_unix_socket(path: Path, mode: int) -> socket.socket:
     old = os.umask(0o177)  # the file is never more open than 0600 before the chmod below
     try:
         sock.bind(str(path))
-    except OSError:
+    except OSError as exc:
         sock.close()
-        raise
+        raise SocketPathError(f"API socket (listen.socket) {path}: cannot listen: {exc.strerror or exc}") from None
     finally:
         os.umask(old)
     os.chmod(path, mode)

@@ -23,6 +23,10 @@ _OVER_CAP = (
 SEEN: web.AppKey[set[int]] = web.AppKey("seen_protocols")
 
 
+class ListenError(Exception):
+    """A listener cannot be bound; the message names the listener and its address."""
+
+
 class _Refuse(asyncio.Protocol):
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
@@ -136,11 +140,17 @@ def with_header_timeout(app: web.Application) -> web.Application:
     return app
 
 
-def tcp_socket(host: str, port: int) -> socket.socket:
+def tcp_socket(host: str, port: int, what: str) -> socket.socket:
+    """A listening TCP socket; ``what`` names the listener in the error. Raises ListenError."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        shown = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+        raise ListenError(f"{what} {shown}: cannot listen: {exc.strerror or exc}") from None
     sock.listen(1024)
     sock.setblocking(False)
     return sock

@@ -327,6 +327,78 @@ def test_check_command(tmp_path: Path, files_backend: dict[str, Any]) -> None:
     assert bad.returncode == 2 and "FAIL  files (file)" in bad.stdout
 
 
+def test_check_warns_when_a_file_backend_can_serve_nothing(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    nothing = {"name": "files", "type": "file", "connections_file_path": str(tmp_path / "absent" / "connections")}
+    cfg.write_text(yaml.safe_dump({"backends": [nothing, {"name": "env", "type": "env"}]}))
+    lenient = cli("check", "--config", str(cfg))
+    assert lenient.returncode == 0, lenient.stdout + lenient.stderr
+    assert f"WARN  files (file): serves nothing: none of its files exists ({tmp_path}/absent/connections{{" in (
+        lenient.stdout
+    )
+    assert "WARN  env" not in lenient.stdout and "--strict makes them fail" in lenient.stdout
+    strict = cli("check", "--strict", "--config", str(cfg))
+    assert strict.returncode == 2 and "WARN  files (file)" in strict.stdout
+    cfg.write_text(yaml.safe_dump({"backends": [{"name": "files", "type": "file"}]}))
+    unset = cli("check", "--strict", "--config", str(cfg))
+    assert unset.returncode == 2 and "serves nothing: no connections_file_path" in unset.stdout
+
+
+def test_relative_paths_in_a_config_file_resolve_against_its_directory(tmp_path: Path) -> None:
+    repo = Path(__file__).resolve().parents[2]
+    for cwd in (repo, tmp_path):
+        result = subprocess.run(
+            [sys.executable, "-m", "broker", "check", "--strict", "--config", str(repo / "examples" / "broker.yaml")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=cwd,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert f"files: {repo}/examples/secrets/connections.json" in result.stdout
+    relative = subprocess.run(
+        [sys.executable, "-m", "broker", "check", "--strict", "--config", "examples/broker.yaml"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=repo,
+    )
+    assert relative.returncode == 0, relative.stdout + relative.stderr
+
+
+def test_busy_listeners_are_named_and_log_no_stray_stop(
+    broker_factory: Any, files_backend: dict[str, Any], tmp_path: Path
+) -> None:
+    token = tmp_path / "token"
+    token.write_text("t" * 32)
+    tcp = f"127.0.0.1:{free_port()}"
+    first = broker_factory({"listen": {"tcp": tcp, "token_file": str(token)}, "backends": [files_backend]})
+    busy_metrics = f"127.0.0.1:{first.metrics_port}"
+    cases = [
+        (
+            {"listen": {"socket": first.socket_path}},
+            f"API socket (listen.socket) {first.socket_path}: address already in use",
+        ),
+        (
+            {"listen": {"socket": str(tmp_path / "b.sock"), "tcp": tcp, "token_file": str(token)}},
+            f"API TCP listener (listen.tcp) {tcp}: cannot listen: Address already in use",
+        ),
+        (
+            {"listen": {"socket": str(tmp_path / "c.sock")}, "metrics": {"listen": busy_metrics}},
+            f"metrics listener (metrics.listen) {busy_metrics}: cannot listen: Address already in use",
+        ),
+    ]
+    for config, message in cases:
+        second = broker_factory({**config, "backends": [files_backend]}, start=False)
+        second.start(wait_ready=False)
+        assert second.proc is not None and second.proc.wait(30) == 2
+        logs = second.logs()
+        assert message in logs, logs
+        assert '"stopped"' not in logs and "Traceback" not in logs, logs
+    assert first.get("variable", "plain")[0] == 200
+    assert not (tmp_path / "b.sock").exists() and not (tmp_path / "c.sock").exists()
+
+
 def test_version() -> None:
     result = cli("version")
     assert result.returncode == 0 and result.stdout.startswith("broker ")

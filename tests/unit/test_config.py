@@ -107,3 +107,39 @@ def test_broker_config_env_is_used(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "only-env (env)" in result.stdout
+
+
+def test_relative_paths_in_a_file_resolve_against_its_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("hvac")
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "broker.yaml").write_text(
+        "listen: {socket: ./run/broker.sock, tcp: '127.0.0.1:8201', token_file: token}\n"
+        "backends:\n"
+        "  - {name: files, type: file, connections_file_path: secrets/connections.json,"
+        " variables_file_path: /abs/variables.yaml}\n"
+        "  - name: vault\n"
+        "    type: vault\n"
+        "    url: http://127.0.0.1:8200\n"
+        "    ca_cert: ../ca.pem\n"
+        "    auth: {method: approle, role_id_file: ids/role, secret_id_file: ids/secret}\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    config = load_config(Path("conf/broker.yaml"))
+    assert config.listen.socket == conf / "run" / "broker.sock"
+    assert config.listen.token_file == conf / "token"
+    files, vault = config.backends
+    assert getattr(files, "connections_file_path") == conf / "secrets" / "connections.json"
+    assert getattr(files, "variables_file_path") == Path("/abs/variables.yaml")
+    assert vault.ca_cert == conf / ".." / "ca.pem"
+    auth = getattr(vault, "auth")
+    assert (auth.role_id_file, auth.secret_id_file) == (conf / "ids" / "role", conf / "ids" / "secret")
+    assert load_config(Path("conf/broker.yaml")) == config  # a reload compares equal
+
+
+def test_the_embedded_default_keeps_paths_relative_to_the_cwd() -> None:
+    config = load_config(None)
+    assert config.listen.socket == Path("broker.sock")
+    assert getattr(config.backends[0], "connections_file_path") == Path("secrets/connections")
