@@ -107,7 +107,7 @@ def read_hmac_key(path: Path) -> bytes:
 
 
 _js = json.JSONEncoder(separators=(",", ":")).encode
-_RID_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+_RID_SAFE = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
 
 def name_hmac(key: bytes, name: str) -> str:
@@ -139,8 +139,8 @@ class AuditLog:
         self._checked_every = 1.0  # seconds between checks that the file was not rotated away
         self.streams = {"stderr": 2, "stdout": 1}
         self._second = -1
-        self._stamp = ""
-        self._memo: dict[Any, str] = {}
+        self._stamp = b""
+        self._memo: dict[Any, bytes] = {}
         self._callers: dict[int, tuple[Caller | None, str]] = {}
         self.failing: str | None = None  # the last write's error, while writes fail
 
@@ -175,7 +175,7 @@ class AuditLog:
         if not batch:
             return
         try:
-            data = "".join([self._line(r) for r in batch]).encode()
+            data = b"".join([self._line(r) for r in batch])
         except Exception:  # noqa: BLE001 - a formatting bug must not stop the trail or fail a lookup
             self.metrics.audit_dropped.labels("format_error").inc(len(batch))
             return
@@ -223,50 +223,40 @@ class AuditLog:
                 with self._backlog_lock:
                     self._backlog -= lines
 
-    def _line(self, r: _Record) -> str:
+    def _line(self, r: _Record) -> bytes:
         """One JSON line, assembled from fragments memoised per second, per name and per caller: the writer
         shares the machine's cores with the event loop, so it does as little per line as it can."""
         at, rid, kind, name, team, backend, outcome, cache, caller, asserted = r
         second = int(at)
         if second != self._second:
             self._second = second
-            self._stamp = time.strftime('{"time":"%Y-%m-%dT%H:%M:%S', time.gmtime(second))
+            self._stamp = time.strftime('{"time":"%Y-%m-%dT%H:%M:%S', time.gmtime(second)).encode()
         memo = self._memo
         if len(memo) > 65_536 or len(self._callers) > 65_536:
             memo.clear()
             self._callers.clear()
-        what = memo.get((kind, name))
-        if what is None:
-            shown = f'"name_hmac":"{name_hmac(self.key, name)}"' if self.key is not None else f'"name":{_js(name)}'
-            what = memo[(kind, name)] = f'"kind":{_js(kind)},{shown}'
-        # Keyed by identity (hashing a dataclass costs more than the rest of the line); the memo keeps the
-        # caller alive, so its id cannot be reused by another while the entry exists.
+        # Callers are keyed by identity (hashing a dataclass costs more than the rest of the line); the memo
+        # keeps each caller alive, so its id cannot be reused by another while its entries exist.
         known_caller = self._callers.get(id(caller))
         if known_caller is None or known_caller[0] is not caller:
             verified = dict(caller.verified) if caller is not None and caller.verified else None
             fragment = f'"caller":{_js(caller.as_json() if caller is not None else None)},"verified":{_js(verified)}'
             known_caller = self._callers[id(caller)] = (caller, fragment)
-        who = known_caller[1]
-        claimed = "null"
-        if asserted:
-            pairs = tuple(asserted.items() if isinstance(asserted, Mapping) else asserted)
-            known = memo.get(pairs)
-            if known is None:
-                known = memo[pairs] = _js({field: asserted_value(value) for field, value in pairs})
-            claimed = known
-        middle = memo.get((team, backend, outcome, cache))
-        if middle is None:
-            middle = memo[(team, backend, outcome, cache)] = (
-                f'"team":{_js(team)},"backend":{_js(backend)},"outcome":{_js(outcome)},"cache":{_js(cache)}'
-            )
+        pairs = (tuple(asserted.items() if isinstance(asserted, Mapping) else asserted)) if asserted else None
+        key = (kind, name, team, backend, outcome, cache, id(caller), pairs)
+        body = memo.get(key)
+        if body is None:
+            shown = f'"name_hmac":"{name_hmac(self.key, name)}"' if self.key is not None else f'"name":{_js(name)}'
+            claimed = _js({field: asserted_value(value) for field, value in pairs}) if pairs else "null"
+            body = memo[key] = (
+                f'"kind":{_js(kind)},{shown},"team":{_js(team)},"backend":{_js(backend)},"outcome":{_js(outcome)},'
+                f'"cache":{_js(cache)},{known_caller[1]},"asserted":{claimed}}}\n'
+            ).encode()
         # Request ids are ours (hex) or a client's checked at the edge against [A-Za-z0-9._-]: no escaping.
-        request = rid.decode("ascii", "replace") if isinstance(rid, bytes) else rid
+        request = rid if isinstance(rid, bytes) else rid.encode("utf-8", "replace")
         if not _RID_SAFE.issuperset(request):
-            request = _js(request)[1:-1]
-        return (
-            f'{self._stamp}.{int(at % 1 * 1000):03d}Z","type":"audit","request_id":"{request}",{what},'
-            f'{middle},{who},"asserted":{claimed}}}\n'
-        )
+            request = _js(request.decode("utf-8", "replace"))[1:-1].encode()
+        return b'%s.%03dZ","type":"audit","request_id":"%s",%s' % (self._stamp, int(at % 1 * 1000), request, body)
 
     def _open(self) -> int:
         output = self.config.output
