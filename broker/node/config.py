@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,10 +61,12 @@ class NodeConfig(StrictModel):
             seen.add(key)
         return self
 
+    @functools.cached_property
+    def _by_account(self) -> dict[tuple[str, str], IdentityConfig]:
+        return {(i.namespace, i.service_account): i for i in self.identities}
+
     def identity(self, namespace: str, service_account: str) -> IdentityConfig | None:
-        return next(
-            (i for i in self.identities if i.namespace == namespace and i.service_account == service_account), None
-        )
+        return self._by_account.get((namespace, service_account))
 
 
 def identity_chain(
@@ -145,8 +148,6 @@ def node_errors(config: BrokerConfig) -> list[str]:
                     f"backends[{i}].auth.method: {method} is a node-wide identity; node mode logs in with the "
                     "pod's token (kubernetes or jwt)"
                 )
-    if errors:
-        return errors
     for j, identity in enumerate(node.identities):
         identity_chain(identity, config.backends, errors, f"node.identities[{j}]")
     return errors

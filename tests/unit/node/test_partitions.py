@@ -1,0 +1,153 @@
+"""Identity partitions on their own (fake clock, verification and logins stubbed): one partition per
+service account shared by its pods, the freshest token kept, the bound on identities, idle release, and
+1,000 identities churning through a bound of 50 without growth."""
+
+from __future__ import annotations
+
+import base64
+import gc
+import json
+import tracemalloc
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from broker.backends.base import Overloaded
+from broker.clock import FakeClock
+from broker.config import validate_config
+from broker.node.partitions import NodeService, Partition
+from broker.node.verify import PodIdentity
+from broker.state import BrokerState
+
+
+def fake_token(sa: str, exp: float, pod: str = "p") -> str:
+    def part(obj: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode().rstrip("=")
+
+    return "Bearer " + f"{part({'alg': 'RS256'})}.{part({'exp': exp, 'sa': sa, 'pod': pod})}.sig"
+
+
+def config(accounts: list[str], **node: Any) -> Any:
+    return validate_config(
+        {
+            "listen": {"socket": "./unused.sock"},
+            "node": {
+                "same_node": False,
+                "identities": [
+                    {"namespace": "airflow", "service_account": sa, "backends": ["vault"]} for sa in accounts
+                ],
+                **node,
+            },
+            "backends": [
+                {
+                    "name": "vault",
+                    "type": "vault",
+                    "url": "http://127.0.0.1:1",
+                    "auth": {"method": "kubernetes", "role": "r"},
+                }
+            ],
+        }
+    )
+
+
+@pytest.fixture
+async def make(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Any]:
+    states: list[BrokerState] = []
+
+    async def no_login(self: Partition) -> None:
+        return None
+
+    monkeypatch.setattr(Partition, "ready", no_login)
+
+    def build(accounts: list[str], **node: Any) -> tuple[NodeService, FakeClock]:
+        clock = FakeClock()
+        state = BrokerState(config(accounts, **node), clock=clock)
+        states.append(state)
+        service = state.node
+        assert service is not None
+
+        async def verify(header: str | None) -> PodIdentity:
+            claims = json.loads(base64.urlsafe_b64decode(str(header).split(".")[1] + "=="))
+            return PodIdentity("airflow", claims["sa"], claims["pod"], f"uid-{claims['pod']}")
+
+        monkeypatch.setattr(service.verifier, "verify", verify)
+        return service, clock
+
+    yield build
+    for state in states:
+        assert state.node is not None
+        await state.node.aclose(revoke_leases=False)
+        state.executor.shutdown()
+
+
+async def test_one_partition_per_identity_shared_by_its_pods(make: Any) -> None:
+    service, clock = make(["a", "b"])
+    now = clock.wall()
+    _, pa1 = await service.caller(fake_token("a", now + 600, "a1"))
+    _, pa2 = await service.caller(fake_token("a", now + 300, "a2"))
+    _, pb = await service.caller(fake_token("b", now + 600, "b1"))
+    assert pa1 is pa2 and pa1 is not pb
+    assert pa1.cache is not pb.cache
+    assert pa1.current_token() == fake_token("a", now + 600, "a1").removeprefix(
+        "Bearer "
+    )  # the longest-lived token is kept
+    clock.advance(601)
+    assert pa1.current_token() is None  # never a token past its expiry
+    assert len(service) == 2
+    assert service.state.metrics.node_identities._value.get() == 2
+
+
+async def test_bound_and_idle_release(make: Any) -> None:
+    service, clock = make([f"sa-{i}" for i in range(5)], max_identities=3, idle_timeout=60)
+    exp = clock.wall() + 3600
+    for i in range(3):
+        await service.caller(fake_token(f"sa-{i}", exp))
+    assert list(service.partitions) == [("airflow", f"sa-{i}") for i in range(3)]
+    await service.caller(fake_token("sa-3", exp))  # the least recently used idle identity makes room
+    assert list(service.partitions) == [("airflow", "sa-1"), ("airflow", "sa-2"), ("airflow", "sa-3")]
+    assert service.state.metrics.node_released._value.get() == 1
+    for partition in service.partitions.values():
+        partition.active = 1  # every partition serving a request: none may be closed
+    with pytest.raises(Overloaded):
+        await service.caller(fake_token("sa-4", exp))
+    assert len(service) == 3
+    for partition in service.partitions.values():
+        partition.active = 0
+    clock.advance(59)
+    assert service.sweep() == 0
+    clock.advance(1)
+    assert service.sweep() == 3
+    await service.drained()
+    assert len(service) == 0
+    assert service.state.metrics.node_identities._value.get() == 0
+
+
+async def test_thousand_identities_churn_within_the_bound(make: Any) -> None:
+    accounts = [f"sa-{i}" for i in range(1000)]
+    service, clock = make(accounts, max_identities=50, idle_timeout=60)
+    exp = clock.wall() + 3600
+    for sa in accounts[:50]:
+        await service.caller(fake_token(sa, exp))
+    await service.drained()
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base, _ = tracemalloc.get_traced_memory()
+        highest = 0
+        for sa in accounts[50:]:
+            await service.caller(fake_token(sa, exp))
+            highest = max(highest, len(service))
+        await service.drained()
+        clock.advance(60)
+        service.sweep()
+        await service.drained()
+        gc.collect()
+        after, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert highest == 50
+    assert len(service) == 0
+    assert service.state.metrics.node_released._value.get() == 1000
+    # 950 identities opened and released: what stays is the verdict-free bookkeeping, not 950 partitions
+    assert after - base < 512 * 1024, f"{(after - base) / 1024:.0f} KiB kept after release"
