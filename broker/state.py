@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 def remember_secret(kind: Kind, resolved: Resolved) -> None:
     """Register a value just fetched (and a connection's password) with the log redaction filter."""
     SECRETS.add(resolved.value)
+    if resolved.provider_value is not None:
+        SECRETS.add(resolved.provider_value)
     if kind is Kind.CONNECTION:
         password = json.loads(resolved.value).get("password")
         if isinstance(password, str):

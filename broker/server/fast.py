@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import itertools
-import json
 import os
 import socket
 import time
@@ -31,7 +30,7 @@ from broker.audit import ASSERTED_HEADERS_BYTES, Caller, token_caller, unix_call
 from broker.backends.base import Kind
 from broker.cache import Entry
 from broker.resolver import name_problem
-from broker.server import lookup, peer_credentials
+from broker.server import lookup, peer_credentials, value_head
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -52,17 +51,7 @@ def _body_head(entry: Entry) -> bytes:
     """The JSON of the value and its metadata, encoded once per entry (the same text the app serves)."""
     memo = entry.body.get("fast_head")
     if memo is None:
-        head = entry.body.get("head")
-        if head is None:
-            resolved = entry.resolved
-            assert resolved is not None
-            head = '{"value":%s,"backend":%s,"version":%s' % (  # noqa: UP031
-                json.dumps(resolved.value),
-                json.dumps(resolved.backend),
-                json.dumps(resolved.version),
-            )
-            entry.body["head"] = head
-        memo = entry.body["fast_head"] = head.encode()
+        memo = entry.body["fast_head"] = value_head(entry).encode()
     return bytes(memo)
 
 
