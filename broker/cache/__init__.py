@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from broker.backends.base import AccessDenied, BrokerError, Kind, Lease, SecretNotFound, is_transient
+from broker.backoff import Backoff
 from broker.cache.leases import LeaseHolder, LeaseKeeper
 from broker.clock import Clock
 from broker.config import CacheConfig, LeasesConfig
@@ -43,8 +44,7 @@ log = logging.getLogger("broker.cache")
 Key = tuple[Kind, str]
 Loader = Callable[[Kind, str], Awaitable[Resolved]]
 INF = float("inf")
-RETRY_BASE = 1.0
-RETRY_CAP = 30.0
+RETRY_BASE, RETRY_CAP, RETRY_FLOOR = 1.0, 30.0, 0.5  # seconds between failed refreshes or renewals
 
 
 class Status(enum.StrEnum):
@@ -87,11 +87,14 @@ class Entry:
         if head is None:
             resolved = self.resolved
             assert resolved is not None
-            head = self.head = b'{"value":%s,"backend":%s,"version":%s' % (
+            head = b'{"value":%s,"backend":%s,"version":%s' % (
                 json.dumps(resolved.value).encode(),
                 json.dumps(resolved.backend).encode(),
                 json.dumps(resolved.version).encode(),
             )
+            if resolved.provider_value is not None:
+                head += b',"provider_value":' + json.dumps(resolved.provider_value).encode()
+            self.head = head
         return head
 
 
@@ -158,6 +161,7 @@ class SecretCache:
         self._metrics = metrics
         self.leases = LeaseKeeper(clock, metrics)
         self._rng = rng or random.Random()  # noqa: S311 - jitter only
+        self.backoff = Backoff(RETRY_BASE, RETRY_CAP, floor=RETRY_FLOOR, rng=self._rng)
         self._entries = _LRU(config.max_entries, self._evicted)
         self._negatives = _LRU(config.negative_max_entries, self._negative_evicted)
         self._inflight: dict[Key, asyncio.Task[Entry]] = {}
@@ -304,9 +308,7 @@ class SecretCache:
             return
         now = self._clock.now()
         entry.failures += 1
-        delay = min(RETRY_CAP, RETRY_BASE * 2 ** (entry.failures - 1)) * self._rng.uniform(0.5, 1.0)
-        if exc.retry_after:
-            delay = max(delay, exc.retry_after)
+        delay = self.backoff.delay(entry.failures - 1, exc.retry_after)
         entry.retry_at = now + delay
         self._metrics.cache_events.labels("refresh_failed").inc()
         if entry.lease is None or entry.lease_capped:
@@ -471,7 +473,10 @@ class SecretCache:
             now = self._clock.now()
             if is_transient(exc) and now < entry.usable_until:
                 self._metrics.lease_renewals.labels(backend, "failed").inc()
-                entry.refresh_at = now + min(RETRY_CAP, max(1.0, (entry.usable_until - now) / 4))
+                # Backed off, but always with a few tries left before the lease runs out.
+                entry.failures += 1
+                wait = self.backoff.delay(entry.failures - 1, exc.retry_after)
+                entry.refresh_at = now + min(wait, max(1.0, (entry.usable_until - now) / 4))
                 self._schedule(entry)
                 log.warning("lease renewal failed; will retry", extra={"backend": backend, "error": exc.code})
                 return
@@ -488,6 +493,7 @@ class SecretCache:
         hard = self._lease_hard_expiry(renewed)
         entry.fresh_until = entry.usable_until = hard
         entry.lease_capped = capped
+        entry.failures = 0
         entry.refresh_at = self._renew_time(renewed, self._clock.now())
         entry.generation = next(self._gen)
         self._schedule(entry)
