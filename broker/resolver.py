@@ -14,7 +14,7 @@ from urllib.parse import unquote
 
 from broker.backends.base import Kind, Lease, SecretNotFound
 from broker.backends.guard import Guard
-from broker.normalize import normalise
+from broker.normalize import normalise, provider_form
 
 MAX_NAME = 250
 # Airflow ids are [\w.-]; variable keys and config names in practice add a few path-safe marks, and
@@ -83,6 +83,9 @@ class Resolved:
     ttl: float
     max_stale: float
     source: Guard | None = field(default=None, compare=False)  # the guarded backend that answered (for leases)
+    # The string the provider backend would hand Airflow, where it differs from ``value`` (a stored URI,
+    # or JSON as the store holds it): served as ``provider_value`` for the Airflow client.
+    provider_value: str | None = None
 
     def __repr__(self) -> str:
         return f"Resolved(<redacted>, backend={self.backend!r}, version={self.version!r}, lease={self.lease!r})"
@@ -133,14 +136,17 @@ class Resolver:
                 ttl = cfg.ttl if cfg.ttl is not None else self.default_ttl
                 if secret.ttl_hint is not None:
                     ttl = max(0.0, min(ttl, secret.ttl_hint))
+                value = normalise(kind, secret.value, f"{guard.name}:{path}")
+                provided = provider_form(kind, secret.value)
                 return Resolved(
-                    value=normalise(kind, secret.value, f"{guard.name}:{path}"),
+                    value=value,
                     backend=guard.name,
                     version=secret.version,
                     lease=secret.lease,
                     ttl=ttl,
                     max_stale=cfg.max_stale if cfg.max_stale is not None else self.default_max_stale,
                     source=guard,
+                    provider_value=None if provided == value else provided,
                 )
         raise NotFoundAnywhere(
             f"{kind} not found in any backend",

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 def remember_secret(kind: Kind, resolved: Resolved) -> None:
     """Register a value just fetched (and a connection's password) with the log redaction filter."""
     SECRETS.add(resolved.value)
+    if resolved.provider_value is not None:
+        SECRETS.add(resolved.provider_value)
     if kind is Kind.CONNECTION:
         password = json.loads(resolved.value).get("password")
         if isinstance(password, str):
@@ -80,7 +82,7 @@ class BrokerState:
         )
         self.inflight = 0
         self.prefetched = not self.prefetch_keys()
-        self.audit = AuditLog(config.audit, self.metrics) if config.audit.enabled else None
+        self.audit = AuditLog(config.audit, self.metrics, self.clock) if config.audit.enabled else None
         self.node: NodeService | None = None
         if config.node is not None:
             from broker.node.partitions import NodeService

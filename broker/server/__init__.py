@@ -392,20 +392,9 @@ async def lookup(
 
 
 def _found(entry: Entry, status: Status, now: float) -> web.Response:
-    resolved = entry.resolved
-    assert resolved is not None
-    head = entry.body.get("head")
-    if head is None:
-        # The JSON of the value is encoded once per entry, not once per request.
-        head = '{"value":%s,"backend":%s,"version":%s' % (  # noqa: UP031
-            json.dumps(resolved.value),
-            json.dumps(resolved.backend),
-            json.dumps(resolved.version),
-        )
-        entry.body["head"] = head
-    body = f'{head},"cache":"{status.value}","age":{max(0, int(now - entry.fetched_at))}}}'
+    body = entry.json_head() + b',"cache":"%s","age":%d}' % (status.value.encode(), max(0, int(now - entry.fetched_at)))
     return web.Response(
-        body=body.encode(), content_type="application/json", headers={**NO_STORE, "X-Broker-Cache": status.value}
+        body=body, content_type="application/json", headers={**NO_STORE, "X-Broker-Cache": status.value}
     )
 
 
