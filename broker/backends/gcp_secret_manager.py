@@ -33,12 +33,27 @@ from broker.backends.base import (
     layout_key,
 )
 from broker.identity.gcp import GoogleTokenSource
+from broker.providerkw import Ignored, Moves, Replaced
 
 SECRET_ID = re.compile(r"[A-Za-z0-9_-]{1,255}")
 PREFIX_CHARS = re.compile(r"[A-Za-z0-9_-]*")
 
 
+_GCP_IDENTITY = (
+    "use the pod's identity (GKE Workload Identity, Application Default Credentials) or "
+    "credentials_file (a workload identity federation file)"
+)
+
+
 class GcpConfig(BackendConfig):
+    # google provider: CloudSecretManagerBackend kwargs that are not keys of ours.
+    provider_kwargs = {
+        "gcp_key_path": Replaced(f"a service-account key in the config; {_GCP_IDENTITY}"),
+        "gcp_keyfile_dict": Replaced(f"a service-account key in the config; {_GCP_IDENTITY}"),
+        "gcp_credential_config_file": Moves("credentials_file"),
+        "impersonation_chain": Replaced("impersonation is not done; grant the pod's own service account access"),
+        "gcp_scopes": Ignored("the broker asks for the cloud-platform scope, which Secret Manager needs"),
+    }
     type: Literal["gcp_secret_manager"]
     project_id: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$|^\d{1,20}$")
     credentials_file: Path | None = None
