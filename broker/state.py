@@ -82,7 +82,7 @@ class BrokerState:
         )
         self.inflight = 0
         self.prefetched = not self.prefetch_keys()
-        self.audit = AuditLog(config.audit, self.metrics) if config.audit.enabled else None
+        self.audit = AuditLog(config.audit, self.metrics, self.clock) if config.audit.enabled else None
         self.node: NodeService | None = None
         if config.node is not None:
             from broker.node.partitions import NodeService

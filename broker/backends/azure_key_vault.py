@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 from typing import Literal
 from urllib.parse import quote, urlsplit
 
@@ -162,7 +161,7 @@ class Backend(rest.RestBackend):
             raise BackendError(f"{what}: answer has no secret value")
         attributes = data.get("attributes")
         if isinstance(attributes, dict):
-            now = time.time()
+            now = self.ctx.clock.wall()
             expires, not_before = attributes.get("exp"), attributes.get("nbf")
             outside = (isinstance(expires, int | float) and expires <= now) or (
                 isinstance(not_before, int | float) and not_before > now

@@ -9,7 +9,6 @@ source is told them before the first token is asked for.
 from __future__ import annotations
 
 import os
-import time
 from typing import Any, Literal
 
 from broker.backends.base import AccessDenied, BackendContext, BackendError, BackendUnavailable, BrokerError
@@ -117,7 +116,7 @@ class AzureTokenSource(TokenSource):
             access = await self._credential.get_token(self.scope, **kwargs)
         except Exception as exc:  # noqa: BLE001 - mapped in one place
             raise map_azure_error(exc, where) from None
-        return access.token, max(0.0, float(access.expires_on) - time.time())
+        return access.token, max(0.0, float(access.expires_on) - self.ctx.clock.wall())
 
     def describe(self) -> str:
         client = self.client_id or os.environ.get("AZURE_CLIENT_ID") or "system-assigned"

@@ -369,29 +369,10 @@ async def lookup(
         metrics.request_latency.labels(kind.value).observe(time.perf_counter() - started)
 
 
-def value_head(entry: Entry) -> str:
-    """The JSON of the value and its metadata up to ``cache``, encoded once per entry (not per request)."""
-    head = entry.body.get("head")
-    if head is None:
-        resolved = entry.resolved
-        assert resolved is not None
-        head = '{"value":%s,"backend":%s,"version":%s' % (  # noqa: UP031
-            json.dumps(resolved.value),
-            json.dumps(resolved.backend),
-            json.dumps(resolved.version),
-        )
-        if resolved.provider_value is not None:
-            head += ',"provider_value":' + json.dumps(resolved.provider_value)
-        entry.body["head"] = head
-    return str(head)
-
-
 def _found(entry: Entry, status: Status, now: float) -> web.Response:
-    resolved = entry.resolved
-    assert resolved is not None
-    body = f'{value_head(entry)},"cache":"{status.value}","age":{max(0, int(now - entry.fetched_at))}}}'
+    body = entry.json_head() + b',"cache":"%s","age":%d}' % (status.value.encode(), max(0, int(now - entry.fetched_at)))
     return web.Response(
-        body=body.encode(), content_type="application/json", headers={**NO_STORE, "X-Broker-Cache": status.value}
+        body=body, content_type="application/json", headers={**NO_STORE, "X-Broker-Cache": status.value}
     )
 
 

@@ -28,9 +28,8 @@ import httptools  # type: ignore[import-not-found,unused-ignore]
 
 from broker.audit import ASSERTED_HEADERS_BYTES, Caller, token_caller, unix_caller
 from broker.backends.base import Kind
-from broker.cache import Entry
 from broker.resolver import name_problem
-from broker.server import lookup, peer_credentials, value_head
+from broker.server import lookup, peer_credentials
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -45,14 +44,6 @@ _HIT_PREFIX = (
     b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nCache-Control: no-store\r\n"
     b"X-Content-Type-Options: nosniff\r\nServer: broker\r\nX-Broker-Cache: hit\r\n"
 )
-
-
-def _body_head(entry: Entry) -> bytes:
-    """The JSON of the value and its metadata, encoded once per entry (the same text the app serves)."""
-    memo = entry.body.get("fast_head")
-    if memo is None:
-        memo = entry.body["fast_head"] = value_head(entry).encode()
-    return bytes(memo)
 
 
 def _serialise(response: web.Response, request_id: bytes) -> bytes:
@@ -308,7 +299,7 @@ class FastProtocol(asyncio.Protocol):
         if entry is None:
             return None  # a miss, stale, or due for refresh-ahead: the cache's get() decides
         now = state.clock.now()
-        body = _body_head(entry) + b',"cache":"hit","age":%d}' % max(0, int(now - entry.fetched_at))
+        body = entry.json_head() + b',"cache":"hit","age":%d}' % max(0, int(now - entry.fetched_at))
         rid = self._rid()
         answer = b"%s%sContent-Length: %d\r\nX-Request-Id: %s\r\n\r\n%s" % (
             _HIT_PREFIX,
