@@ -15,6 +15,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,6 +34,10 @@ NO_DEPS_PINS: dict[str, list[str]] = {
     "2.10.5": ["apache-airflow-providers-amazon==9.15.0", "apache-airflow-providers-microsoft-azure==12.8.0"],
     "3.3.2": ["apache-airflow-providers-amazon==9.39.0", "apache-airflow-providers-microsoft-azure==15.2.1"],
 }
+
+
+# Reinstalling the broker builds from the one checkout (its build/ directory): one build at a time.
+_INSTALL = threading.Lock()
 
 
 def cache_root() -> Path:
@@ -72,7 +77,8 @@ def ensure_airflow(version: str) -> Path:
             )
             _run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", *NO_DEPS_PINS[version]], log)
             (venv / ".complete").write_text(f"built in {time.monotonic() - started:.0f}s\n")
-        _run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--force-reinstall", str(REPO)], log)
+        with _INSTALL:
+            _run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--force-reinstall", str(REPO)], log)
     return python
 
 

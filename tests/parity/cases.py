@@ -15,7 +15,7 @@ from typing import Any
 # Characters the broker allows in an id besides letters, digits and '_' (broker/resolver.py), and some
 # it refuses (a provider may look them up).
 ID_MARKS = [".", "-", ":", "@", "+", "=", ",", "~"]
-REFUSED_IDS = ["a b", "a%2Fb", "a?b", "a#b", "..", "dots/../up"]
+REFUSED_IDS = ["a b", "a%2Fb", "a?b", "a#b", ".."]
 
 PASSWORD = "p@ss/w:rd#?&=+ %"  # every character a URI must percent-encode
 QUOTED_PASSWORD = "p%40ss%2Fw%3Ard%23%3F%26%3D%2B%20%25"
@@ -192,6 +192,20 @@ class Seed:
     value: Any
 
 
+def shape(value: Any) -> str:
+    """A label for what a store holds, for the documented-difference rules (never the value itself)."""
+    if isinstance(value, dict):
+        if set(value) == {"value"}:
+            inner = value["value"]
+            return "str" if isinstance(inner, str) else f"vault-{type(inner).__name__}"
+        if "conn_uri" in value and len(value) == 1:
+            return "uri"
+        return "json:" + ",".join(sorted(value))
+    if isinstance(value, str) and value.startswith("{"):
+        return "json:" + ",".join(sorted(json.loads(value)))
+    return "uri-or-str"
+
+
 def plan(variant_index: int, variant: Variant) -> tuple[list[Seed], list[dict[str, Any]]]:
     """What to write in the stores for ``variant`` and the lookups to ask of both backends."""
     seeds: list[Seed] = []
@@ -202,7 +216,7 @@ def plan(variant_index: int, variant: Variant) -> tuple[list[Seed], list[dict[st
         path = variant.path(kind, key)
         if path is not None:
             seeds.append(Seed(variant.store, path, value))
-        cases.append({"variant": variant.name, "kind": kind, "id": key})
+        cases.append({"variant": variant.name, "store": variant.store, "kind": kind, "id": key, "shape": shape(value)})
 
     conn_values: list[Any] = []
     for uri in URIS:
@@ -225,7 +239,12 @@ def plan(variant_index: int, variant: Variant) -> tuple[list[Seed], list[dict[st
     for key, value in zip(ids(variant_index, 3, "config"), ["cfg-value", "", "postgresql://x"], strict=True):
         add("config", key, {"value": value} if vault else value)
     for kind in ("connection", "variable", "config"):
-        cases.append({"variant": variant.name, "kind": kind, "id": f"absent{variant_index}_{kind}"})
-        for key in REFUSED_IDS:
-            cases.append({"variant": variant.name, "kind": kind, "id": key})
+        for key in [f"absent{variant_index}_{kind}", *REFUSED_IDS]:
+            cases.append({"variant": variant.name, "store": variant.store, "kind": kind, "id": key, "shape": "absent"})
+    if variant.path("variable", "up") is not None:
+        # Stored beside the layout: an id that climbs out of it reaches this only through the provider.
+        add("variable", "up", {"value": "outside"} if vault else "outside")
+        cases.append(
+            {"variant": variant.name, "store": variant.store, "kind": "variable", "id": "x/../up", "shape": "traversal"}
+        )
     return seeds, cases + variant.extra_cases
