@@ -43,6 +43,10 @@ class Kind(enum.StrEnum):
 _LAYOUT_PREFIX = {Kind.CONNECTION: "connections", Kind.VARIABLE: "variables", Kind.CONFIG: "config"}
 
 
+# Separates the team from the id in a team-scoped secret name (Secrets Manager, SSM, GCP, Azure providers).
+TEAM_SEP = "--"
+
+
 def layout_key(config: object, kind: Kind, suffix: str) -> Any:
     """A per-kind layout setting by Airflow's naming, e.g. ``connections_prefix`` for (CONNECTION, "prefix")."""
     return getattr(config, f"{_LAYOUT_PREFIX[kind]}_{suffix}")
@@ -290,6 +294,17 @@ class Backend(ABC):
     def locate(self, kind: Kind, name: str) -> str | None:
         """The store's secret path for an Airflow id, or None when this backend does not serve it
         (kind disabled by a null prefix, id outside a lookup pattern). Pure: no I/O."""
+
+    def candidates(self, kind: Kind, name: str, team: str | None = None, *, multi_team: bool = False) -> list[str]:
+        """The store paths to try for an Airflow id, in order (the first one found answers); empty when this
+        backend does not serve it. ``team`` is the caller's Airflow team, ``multi_team`` Airflow's
+        ``[core] multi_team``. Pure: no I/O.
+
+        This default serves the one path of ``locate`` and ignores the team: stores whose provider backend
+        reads team-scoped secrets override it with the provider's rules.
+        """
+        path = self.locate(kind, name)
+        return [] if path is None else [path]
 
     @abstractmethod
     async def fetch(self, kind: Kind, path: str) -> SecretValue:

@@ -1,12 +1,13 @@
 """``type: vault``: HashiCorp Vault and OpenBao over their HTTP API (aiohttp; nothing blocks the loop).
 
-Layout exactly as Airflow's ``VaultBackend``: ``{mount_point}/{connections_path}/{conn_id}`` on KV v1 or v2,
-``mount_point: null`` taking the mount from the first path segment; connection data as ``conn_uri`` or the
-separate fields; variables and config from key ``value``. ``dynamic_connections`` turn a leased secret
-(e.g. ``database/creds/airflow``) into an Airflow connection through a small field template.
+Layout exactly as Airflow's ``VaultBackend``: ``{mount_point}/{connections_path}/{conn_id}`` on KV v1 or v2, each
+path a string or a list tried in order, ``mount_point: null`` taking the mount from the first segment of the id,
+team-scoped ``{path}/{team}/{id}`` under ``use_team_secrets_path`` in multi-team mode; connection data as
+``conn_uri`` or the separate fields; variables and config from key ``value``. ``dynamic_connections`` turn a leased
+secret (e.g. ``database/creds/airflow``) into an Airflow connection through a small field template.
 
-One token per backend, obtained with the pod's identity, renewed at about 2/3 of its TTL and replaced by a
-new login when it cannot be renewed or is refused; concurrent requests share one login.
+One token per backend, obtained with the pod's identity, renewed at about 2/3 of its TTL and replaced by a new login
+when it cannot be renewed or is refused; concurrent requests share one login.
 """
 
 from __future__ import annotations
@@ -103,11 +104,15 @@ class VaultConfig(BackendConfig):
     url: str = Field(pattern=r"^https?://[^/\s]+/?$")
     namespace: str | None = None
     auth: AuthConfig
+    # null (or ""): as the provider reads it, the mount is the first segment of each id (``secret/db``).
     mount_point: str | None = "secret"
     kv_engine_version: Literal[1, 2] = 2
-    connections_path: str | None = "connections"
-    variables_path: str | None = "variables"
-    config_path: str | None = "config"
+    # One path or a list tried in order (the first found wins); null or [] turns the kind off.
+    connections_path: str | list[str] | None = "connections"
+    variables_path: str | list[str] | None = "variables"
+    config_path: str | list[str] | None = "config"
+    global_secrets_path: str | None = None  # deprecated by the provider: a last entry of every path list
+    use_team_secrets_path: bool = True  # multi-team: a team reads {path}/{team}/{id} instead of {path}/{id}
     dynamic_connections: dict[str, DynamicConnection] = {}
     token_renew_at: float = Field(default=2 / 3, gt=0.1, lt=0.95)
     token_min_ttl: Duration = Field(default=10.0, ge=0)
@@ -169,17 +174,45 @@ class Backend(BaseBackend):
 
     # ------------------------------------------------------------------------------------------ layout
 
-    def locate(self, kind: Kind, name: str) -> str | None:
+    def base_paths(self, kind: Kind) -> list[str]:
+        """The kind's base paths in order, as the provider builds them: trailing '/' stripped, the deprecated
+        ``global_secrets_path`` appended last (even to a kind whose own path is null)."""
+        raw: str | list[str] | None = layout_key(self.config, kind, "path")
+        paths = [] if raw is None else [p.rstrip("/") for p in ([raw] if isinstance(raw, str) else raw)]
+        if self.config.global_secrets_path is not None:
+            paths.append(self.config.global_secrets_path.rstrip("/"))
+        return paths
+
+    def candidates(self, kind: Kind, name: str, team: str | None = None, *, multi_team: bool = False) -> list[str]:
         if kind is Kind.CONNECTION and name in self.config.dynamic_connections:
-            return DYNAMIC_PREFIX + name
-        base: str | None = layout_key(self.config, kind, "path")
-        if base is None:
-            return None
-        return f"{base.rstrip('/')}/{name}" if base.rstrip("/") else name
+            return [DYNAMIC_PREFIX + name]
+        bases = self.base_paths(kind)
+        if not bases:
+            return []
+        mount = ""
+        key = name
+        if not self.config.mount_point:
+            mount, sep, key = name.partition("/")
+            if not sep:
+                return []  # the provider needs "mount/key" here and looks nothing up
+        team_paths = multi_team and self.config.use_team_secrets_path and kind is not Kind.CONFIG
+        if team_paths and team is None and "/" in key:
+            # A key with '/' read with no team could reach into a team's {path}/{team}/... namespace.
+            return []
+        out = []
+        for base in bases:
+            scoped = (f"{base}/{team}" if base else team) if team_paths and team is not None else base
+            path = f"{scoped}/{key}" if scoped else key
+            out.append(f"{mount}/{path}" if mount else path)
+        return out
+
+    def locate(self, kind: Kind, name: str) -> str | None:
+        paths = self.candidates(kind, name)
+        return paths[0] if paths else None
 
     def _kv_url(self, secret_path: str) -> str:
         mount = self.config.mount_point
-        if mount is None:
+        if not mount:
             mount, _, secret_path = secret_path.partition("/")
         mount = mount.strip("/")
         if self.config.kv_engine_version == 2:
