@@ -150,14 +150,15 @@ class Broker:
         if not keys:
             self.state.prefetched = True
             return
-        self.state.cache.pin(keys)
+        team = self.state.config.listen.team  # a bound listener is served its team's values only
+        self.state.cache.pin(keys, team)
         pending = list(keys)
         attempt = 0
         while pending:
             failed = []
             for kind, name in pending:
                 try:
-                    await self.state.cache.get(kind, name)
+                    await self.state.cache.get(kind, name, team)
                 except BrokerError as exc:
                     if exc.code == "not_found":
                         log.warning("prefetch key not found in any backend", extra={"kind": kind.value, "key": name})

@@ -91,10 +91,11 @@ class BrokerState:
 
     @staticmethod
     def _resolver(config: BrokerConfig, guards: list[Guard]) -> Resolver:
-        return Resolver(guards, config.cache.ttl, config.cache.max_stale, config.cache.negative_ttl)
+        cache = config.cache
+        return Resolver(guards, cache.ttl, cache.max_stale, cache.negative_ttl, multi_team=config.multi_team)
 
-    async def _load(self, kind: Kind, name: str) -> Resolved:
-        resolved = await self.resolver.resolve(kind, name)
+    async def _load(self, kind: Kind, name: str, team: str | None) -> Resolved:
+        resolved = await self.resolver.resolve(kind, name, team)
         remember_secret(kind, resolved)
         return resolved
 

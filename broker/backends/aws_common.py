@@ -36,6 +36,7 @@ from broker.backends.base import (
     SecretNotFound,
     layout_key,
 )
+from broker.providerkw import Ignored, ProviderKwarg, Replaced
 
 # Error codes as AWS services spell them (JSON protocols add "Exception"; the STS query protocol does not).
 THROTTLED = frozenset(
@@ -81,8 +82,32 @@ UNAVAILABLE = frozenset(
 )
 
 
+_POD_IDENTITY = (
+    "the broker uses boto3's default chain (IRSA, EKS Pod Identity, instance profile); role_arn assumes a role"
+)
+# amazon provider 9.39.0: SecretsManagerBackend / SystemsManagerParameterStoreBackend kwargs (and the AWS
+# connection extras they pass on) that are not keys of ours.
+AWS_PROVIDER_KWARGS: dict[str, ProviderKwarg] = {
+    "aws_access_key_id": Replaced(f"a credential in the config; {_POD_IDENTITY}"),
+    "aws_secret_access_key": Replaced(f"a credential in the config; {_POD_IDENTITY}"),
+    "aws_session_token": Replaced(f"a credential in the config; {_POD_IDENTITY}"),
+    "profile_name": Replaced(f"shared-config profiles are not read; {_POD_IDENTITY}"),
+    "assume_role_kwargs": Replaced("use external_id and role_session_name (with role_arn)"),
+    "verify": Replaced("TLS is always verified; set ca_cert to trust a private CA"),
+    "assume_role_method": Ignored(
+        "role_arn is assumed with sts:AssumeRole on top of the default chain, which already does web identity (IRSA)"
+    ),
+    "api_version": Ignored("the client uses the service's current API version"),
+    "use_ssl": Ignored("the scheme of endpoint_url decides (https unless a test endpoint says http://)"),
+    "botocore_config": Ignored("timeouts and retries are the broker's: timeout, retries, circuit_breaker"),
+    "config_kwargs": Ignored("timeouts and retries are the broker's: timeout, retries, circuit_breaker"),
+}
+
+
 class AwsConfig(BackendConfig):
     """Identity keys shared by both AWS backends, and Airflow's lookup patterns."""
+
+    provider_kwargs = AWS_PROVIDER_KWARGS
 
     region_name: str | None = Field(default=None, pattern=r"^[a-z]{2}(-[a-z]+)+-\d+$")
     endpoint_url: str | None = Field(default=None, pattern=r"^https?://")

@@ -41,8 +41,10 @@ from broker.resolver import NotFoundAnywhere, Resolved
 
 log = logging.getLogger("broker.cache")
 
-Key = tuple[Kind, str]
-Loader = Callable[[Kind, str], Awaitable[Resolved]]
+# (kind, id, Airflow team or None): a team's answer can differ from the team-agnostic one, so the team is part
+# of every key (entries, negative entries, single-flight) and two teams never share a value.
+Key = tuple[Kind, str, str | None]
+Loader = Callable[[Kind, str, str | None], Awaitable[Resolved]]
 INF = float("inf")
 RETRY_BASE, RETRY_CAP, RETRY_FLOOR = 1.0, 30.0, 0.5  # seconds between failed refreshes or renewals
 
@@ -176,16 +178,16 @@ class SecretCache:
     def __len__(self) -> int:
         return len(self._entries) + len(self._negatives)
 
-    def peek(self, kind: Kind, name: str) -> Entry | None:
-        key = (kind, name)
+    def peek(self, kind: Kind, name: str, team: str | None = None) -> Entry | None:
+        key = (kind, name, team)
         return self._entries.peek(key) or self._negatives.peek(key)
 
-    def hit(self, kind: Kind, name: str) -> Entry | None:
+    def hit(self, kind: Kind, name: str, team: str | None = None) -> Entry | None:
         """The entry when it is a plain fresh hit needing nothing else (no refresh due), else None.
 
         Synchronous, for the server's fast path; touches the LRU order and counts the hit like ``get``.
         """
-        entry = self._entries.get((kind, name))
+        entry = self._entries.get((kind, name, team))
         if entry is None or entry.resolved is None:
             return None
         now = self._clock.now()
@@ -195,13 +197,13 @@ class SecretCache:
         self._metrics.cache_events.labels("hit").inc()
         return entry
 
-    async def get(self, kind: Kind, name: str) -> tuple[Entry, Status]:
+    async def get(self, kind: Kind, name: str, team: str | None = None) -> tuple[Entry, Status]:
         """The entry to serve and how it was obtained.
 
         Raises SecretNotFound (possibly from a negative entry), or the backend's error when nothing
         servable is cached.
         """
-        key = (kind, name)
+        key = (kind, name, team)
         now = self._clock.now()
         entry = self._entries.get(key) or self._negatives.get(key)
         if entry is not None:
@@ -270,9 +272,9 @@ class SecretCache:
         task.add_done_callback(done)
 
     async def _fetch_and_store(self, key: Key) -> Entry:
-        kind, name = key
+        kind, name, team = key
         try:
-            resolved = await self._loader(kind, name)
+            resolved = await self._loader(kind, name, team)
         except SecretNotFound as exc:
             self._drop(key)
             negative_ttl = exc.negative_ttl if isinstance(exc, NotFoundAnywhere) else self.config.negative_ttl
@@ -399,12 +401,13 @@ class SecretCache:
     def _schedule(self, entry: Entry) -> None:
         heapq.heappush(self._heap, (entry.refresh_at, entry.generation, entry.key))
 
-    def pin(self, keys: Iterable[Key]) -> None:
-        """Keep exactly these keys warm even when nobody reads them (the prefetch list)."""
-        self._pinned = set(keys)
+    def pin(self, keys: Iterable[tuple[Kind, str]], team: str | None = None) -> None:
+        """Keep exactly these ids of ``team`` warm even when nobody reads them (the prefetch list)."""
+        self._pinned = {(kind, name, team) for kind, name in keys}
 
     def invalidate(self, kind: Kind | None = None, name: str | None = None) -> int:
-        """Forget one key, every key of a kind, or everything. Held leases stay valid until they expire."""
+        """Forget one id (for every team), every key of a kind, or everything. Held leases stay valid until
+        they expire."""
         keys = [
             k
             for k in [*self._entries.keys(), *self._negatives.keys()]

@@ -22,13 +22,12 @@ import socket
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote
 
 import httptools  # type: ignore[import-not-found,unused-ignore]
 
 from broker.audit import ASSERTED_HEADERS_BYTES, Caller, token_caller, unix_caller
 from broker.backends.base import Kind
-from broker.resolver import name_problem
+from broker.resolver import decode_name
 from broker.server import lookup, peer_credentials
 
 if TYPE_CHECKING:
@@ -88,10 +87,11 @@ class FastFront:
         if kind is None:
             return None
         try:
-            name = unquote(parts[3].decode("ascii"), errors="strict")
+            raw = parts[3].decode("ascii")
         except UnicodeDecodeError:
             return None
-        if name_problem(name) is not None:  # also refuses '?', '#', '/', '%' left after decoding
+        name, _ = decode_name(raw)  # also refuses '?', '#', '%' and an encoded '/' or '\\'
+        if name is None:
             return None
         if len(self.targets) >= 4096:
             self.targets.clear()

@@ -38,7 +38,7 @@ async def client_for(app: Any) -> TestClient[Any, Any]:
 async def test_concurrency_cap_answers_429(state: Any) -> None:
     gate = asyncio.Event()
 
-    async def slow(kind: Kind, name: str) -> Resolved:
+    async def slow(kind: Kind, name: str, team: str | None = None) -> Resolved:
         await gate.wait()
         return Resolved("v", "env", None, None, 300, 0)
 
@@ -68,7 +68,7 @@ async def test_concurrency_cap_answers_429(state: Any) -> None:
     ],
 )
 async def test_errors_map_to_status_and_retry_after(state: Any, exc: Exception, status: int, code: str) -> None:
-    async def failing(kind: Kind, name: str) -> Resolved:
+    async def failing(kind: Kind, name: str, team: str | None = None) -> Resolved:
         raise exc
 
     state.cache._loader = failing
