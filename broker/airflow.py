@@ -7,6 +7,7 @@ Airflow 3 also ``[workers] secrets_backend``) with ``backend_kwargs`` like
 
 from __future__ import annotations
 
+import importlib
 import logging
 from typing import Any
 
@@ -21,13 +22,25 @@ from broker.client import (
     airflow_context,
 )
 
-try:  # Airflow 3.x stops its search path on this; 2.x does not have it.
-    from airflow.exceptions import AirflowSecretsBackendAccessDenied as _AccessDenied
-except ImportError:  # pragma: no cover - depends on the Airflow version
-    _AccessDenied = None
-
 log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = 5.0
+CONNECTION_FORMATS = ("provider", "json")
+# Where Airflow keeps the exception that stops its search of the secrets backends (an authoritative
+# deny), newest first: the task SDK since 3.2 (Airflow 3.3 imports it from there on both sides).
+# Airflow 2.10 and 3.1 have none: every exception a backend raises moves the search on.
+ACCESS_DENIED_MODULES = ("airflow.sdk.exceptions", "airflow.exceptions")
+
+
+def access_denied_class() -> type[Exception] | None:
+    """This Airflow's ``AirflowSecretsBackendAccessDenied``, or None where it has none (2.10, 3.1)."""
+    for module in ACCESS_DENIED_MODULES:
+        try:
+            found = getattr(importlib.import_module(module), "AirflowSecretsBackendAccessDenied", None)
+        except ImportError:
+            continue
+        if isinstance(found, type) and issubclass(found, Exception):
+            return found
+    return None
 
 
 def _as_float(value: Any, default: float) -> float:
@@ -91,6 +104,7 @@ class BrokerSecretsBackend(BaseSecretsBackend):  # type: ignore[misc,unused-igno
         *,
         node_mode: bool | str = False,
         pod_token_file: str | None = None,
+        connection_format: str = "provider",
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -100,6 +114,13 @@ class BrokerSecretsBackend(BaseSecretsBackend):  # type: ignore[misc,unused-igno
         self.url = _as_str(url)
         self.token_file = _as_str(token_file)
         self.timeout = _as_float(timeout, DEFAULT_TIMEOUT)
+        # "provider": connections as the provider backend would hand them to Airflow (a stored URI as
+        # the URI, parsed by Airflow in its own context); "json": the broker's normalised JSON.
+        fmt = _as_str(connection_format) or "provider"
+        if fmt not in CONNECTION_FORMATS:
+            log.warning("broker backend: connection_format %r is not provider or json; using provider", fmt)
+            fmt = "provider"
+        self.connection_format = fmt
         self.ignored_kwargs = sorted(kwargs)
         self._client: BrokerClient | None = None
 
@@ -124,13 +145,14 @@ class BrokerSecretsBackend(BaseSecretsBackend):  # type: ignore[misc,unused-igno
             )
         return self._client
 
-    def _get(self, kind: str, name: str) -> str | None:
+    def _get(self, kind: str, name: str, team: str | None = None) -> str | None:
         try:
-            return self._broker().get(kind, name)
+            return self._broker().get(kind, name, team, provider_form=self.connection_format == "provider")
         except BrokerAccessDeniedError as exc:
             log.warning("broker denied %s %r: %s", kind, name, exc)
-            if _AccessDenied is not None:
-                raise _AccessDenied(str(exc)) from None
+            denied = access_denied_class()
+            if denied is not None:
+                raise denied(str(exc)) from None
             raise
         except BrokerClientError as exc:
             if exc.code == "bad_request":
@@ -142,10 +164,10 @@ class BrokerSecretsBackend(BaseSecretsBackend):  # type: ignore[misc,unused-igno
             raise
 
     def get_conn_value(self, conn_id: str, team_name: str | None = None) -> str | None:
-        return self._get("connection", conn_id)
+        return self._get("connection", conn_id, team_name or None)
 
     def get_variable(self, key: str, team_name: str | None = None) -> str | None:
-        return self._get("variable", key)
+        return self._get("variable", key, team_name or None)
 
     def get_config(self, key: str) -> str | None:
         return self._get("config", key)

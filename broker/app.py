@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
-import random
 import resource
 import signal
 import socket
@@ -17,6 +17,7 @@ from aiohttp import web
 
 from broker.backends.base import BrokerError, ConfigurationError
 from broker.backends.guard import Guard
+from broker.backoff import Backoff
 from broker.config import BrokerConfig, load_config
 from broker.server import bind_unix_socket, build_api_app, build_metrics_app
 from broker.server.listener import SEEN, Listener, tcp_socket
@@ -24,7 +25,7 @@ from broker.state import BrokerState
 
 log = logging.getLogger("broker")
 
-STARTUP_BACKOFF_CAP = 30.0
+STARTUP_BACKOFF = (1.0, 30.0, 0.5)  # base, cap, floor (seconds) for start-up and prefetch retries
 
 
 class Broker:
@@ -40,6 +41,8 @@ class Broker:
         self._socket_path: Path | None = None
         self._reload_lock = asyncio.Lock()
         self._started = False
+        base, cap, floor = STARTUP_BACKOFF
+        self.backoff = Backoff(base, cap, floor=floor)
 
     # ------------------------------------------------------------------------------------------ start
 
@@ -123,34 +126,39 @@ class Broker:
 
     async def _start_one(self, guard: Guard) -> None:
         """Log in, retrying with capped backoff until it works (readiness reports why meanwhile)."""
-        delay = 1.0
-        while True:
+        for attempt in itertools.count():
             try:
                 await guard.start()
             except BrokerError as exc:
+                delay = self.backoff.delay(attempt, exc.retry_after)
                 log.warning(
                     "backend start failed; retrying",
-                    extra={"backend": guard.name, "error": exc.code, "detail": exc.message, "retry_in": delay},
+                    extra={
+                        "backend": guard.name,
+                        "error": exc.code,
+                        "detail": exc.message,
+                        "retry_in": round(delay, 2),
+                    },
                 )
             else:
                 log.info("backend ready", extra={"backend": guard.name})
                 return
-            await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # noqa: S311 - jitter
-            delay = min(delay * 2, STARTUP_BACKOFF_CAP)
+            await self.backoff.sleep(delay)
 
     async def _prefetch(self) -> None:
         keys = self.state.prefetch_keys()
         if not keys:
             self.state.prefetched = True
             return
-        self.state.cache.pin(keys)
+        team = self.state.config.listen.team  # a bound listener is served its team's values only
+        self.state.cache.pin(keys, team)
         pending = list(keys)
-        delay = 1.0
+        attempt = 0
         while pending:
             failed = []
             for kind, name in pending:
                 try:
-                    await self.state.cache.get(kind, name)
+                    await self.state.cache.get(kind, name, team)
                 except BrokerError as exc:
                     if exc.code == "not_found":
                         log.warning("prefetch key not found in any backend", extra={"kind": kind.value, "key": name})
@@ -158,8 +166,8 @@ class Broker:
                         failed.append((kind, name))
             pending = failed
             if pending:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, STARTUP_BACKOFF_CAP)
+                await self.backoff.wait(attempt)
+                attempt += 1
         self.state.prefetched = True
         log.info("prefetch warm", extra={"keys": len(keys)})
 

@@ -24,13 +24,14 @@ import os
 import queue
 import socket
 import threading
-import time
+import time  # strftime/gmtime only: the clock comes from broker.clock
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from broker.backends.base import ConfigurationError
+from broker.clock import Clock, SystemClock
 
 if TYPE_CHECKING:
     from broker.config import AuditConfig
@@ -121,9 +122,11 @@ _Record = tuple[float, "str | bytes", str, str, "str | None", "str | None", str,
 class AuditLog:
     """The audit stream: ``record`` from the event loop, a writer thread for the output."""
 
-    def __init__(self, config: AuditConfig, metrics: Metrics) -> None:
+    def __init__(self, config: AuditConfig, metrics: Metrics, clock: Clock | None = None) -> None:
         self.config = config
         self.metrics = metrics
+        self.clock = clock or SystemClock()
+        self._wall = self.clock.wall  # bound once: called per recorded line
         self.key = read_hmac_key(config.name_hmac_key_file) if config.name_hmac_key_file else None
         self._pending: list[_Record] = []  # recorded, not formatted yet (event loop only)
         self._backlog = 0  # lines formatted and handed to the writer, not written yet
@@ -163,7 +166,7 @@ class AuditLog:
         if len(self._pending) + self._backlog >= self._max:
             self.metrics.audit_dropped.labels("queue_full").inc()
             return
-        self._pending.append((time.time(), request_id, kind, name, team, backend, outcome, cache, caller, asserted))
+        self._pending.append((self._wall(), request_id, kind, name, team, backend, outcome, cache, caller, asserted))
         if self._flush_handle is None and self._loop is not None:
             self._flush_handle = self._loop.call_later(FLUSH_INTERVAL, self.flush)
 
@@ -263,7 +266,7 @@ class AuditLog:
         stream = self.streams.get(output)
         if stream is not None:
             return stream
-        now = time.monotonic()
+        now = self.clock.now()
         if self._fd is not None and now - self._checked < self._checked_every:
             return self._fd
         self._checked = now

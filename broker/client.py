@@ -297,16 +297,25 @@ class BrokerClient:
             return status, data if isinstance(data, dict) else {}
         raise AssertionError("unreachable")
 
-    def get(self, kind: str, name: str) -> str | None:
+    def get(self, kind: str, name: str, team: str | None = None, *, provider_form: bool = False) -> str | None:
         """The value, or None when no backend has it.
+
+        ``team``: the Airflow team asking (multi-team), sent as the ``team`` query parameter. A ``/`` in
+        ``name`` is sent as a path separator (nested ids); every other reserved character is escaped.
+        ``provider_form``: for connections, the string the provider backend would hand Airflow
+        (``provider_value``, when the broker sends one) instead of the broker's normalised JSON.
 
         Raises BrokerAccessDeniedError (403), BrokerUnavailableError (unreachable, 429, 5xx),
         BrokerClientError (anything else, e.g. a rejected name).
         """
         collection = KINDS[kind]
-        status, data = self.request("GET", f"/v1/{collection}/{quote(name, safe='')}")
+        path = f"/v1/{collection}/{quote(name, safe='/')}"
+        if team is not None:
+            path += f"?team={quote(team, safe='')}"
+        status, data = self.request("GET", path)
         if status == 200 and isinstance(data.get("value"), str):
-            value: str = data["value"]
+            provided = data.get("provider_value")
+            value: str = provided if provider_form and isinstance(provided, str) else data["value"]
             return value
         code = str(data.get("error", "error"))
         message = f"broker at {self.target}: {status} {code}: {data.get('message', '')}".rstrip(": ")

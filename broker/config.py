@@ -14,6 +14,7 @@ from broker.backends import EXTRAS, REGISTRY, load_type
 from broker.backends.base import BackendConfig, ConfigurationError
 from broker.configtypes import Duration, StrictModel
 from broker.node.config import NodeConfig, node_errors
+from broker.providerkw import translate
 
 DEFAULT_SOCKET = Path("/run/broker/broker.sock")
 M = TypeVar("M", bound=BaseModel)
@@ -40,6 +41,19 @@ class ListenConfig(StrictModel):
     header_timeout: Duration = Field(default=10.0, gt=0, le=300)
     max_body_bytes: int = Field(default=16_384, ge=256, le=1_048_576)
     fast_path: bool = True
+    # Bind the secrets API to one Airflow team: requests with no team are served as this team's, requests
+    # for another team get 403 (needs multi_team: true).
+    team: str | None = None
+
+    @field_validator("team")
+    @classmethod
+    def _team_name(cls, value: str | None) -> str | None:
+        from broker.resolver import team_problem
+
+        problem = None if value is None else team_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
     @field_validator("socket_mode", mode="before")
     @classmethod
@@ -153,8 +167,16 @@ class BrokerConfig(StrictModel):
     audit: AuditConfig = AuditConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
     threads: int = Field(default=16, ge=1, le=256)
+    # Airflow's [core] multi_team: turns on the providers' team rules (team-scoped paths, ambiguous ids refused).
+    multi_team: bool = False
     node: NodeConfig | None = None
     backends: list[BackendConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _team_needs_multi_team(self) -> BrokerConfig:
+        if self.listen.team is not None and not self.multi_team:
+            raise ValueError("listen.team binds the API to an Airflow team: set multi_team: true as well")
+        return self
 
     def backend(self, name: str) -> BackendConfig:
         return next(b for b in self.backends if b.name == name)
@@ -281,6 +303,7 @@ def _validate_backend(i: int, raw: Any, errors: list[str]) -> BackendConfig | No
         hint = f" (install credential-broker[{extra}])" if extra else ""
         errors.append(f"{where}.type: backend type {type_name!r} is not available: {exc.name or exc}{hint}")
         return None
+    raw = translate(raw, model.provider_kwargs, where, errors)
     try:
         return model.model_validate(raw)
     except ValidationError as exc:

@@ -30,6 +30,28 @@ def normalise(kind: Kind, value: str | Mapping[str, Any], where: str) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
+def provider_form(kind: Kind, value: str | Mapping[str, Any]) -> str | None:
+    """The string the provider backend hands Airflow for this stored connection, or None when it is the
+    normalised one or when Airflow would refuse it (keys such as ``conn_id`` or ``extra_dejson``, which
+    Airflow's ``Connection`` rejects and the broker accepts).
+
+    A URI is handed over verbatim, so Airflow parses it in its own context (the server's ORM
+    ``Connection`` JSON-decodes query extras, the task SDK keeps them strings), exactly as with the
+    provider; a JSON object is handed over as the store's own keys and values. Call it after
+    ``normalise`` accepted the value: what cannot be understood is an error there.
+    """
+    if kind is not Kind.CONNECTION:
+        return None
+    mapping: Any = value
+    if isinstance(value, str):
+        if not value.strip().startswith("{"):
+            return value
+        mapping = json.loads(value)
+    if not isinstance(mapping, Mapping) or not set(mapping) <= set(CONNECTION_FIELDS):
+        return None
+    return value if isinstance(value, str) else json.dumps(mapping, default=str)
+
+
 def connection_fields(value: str | Mapping[str, Any], where: str) -> dict[str, Any]:
     """Airflow connection fields from a URI, a JSON string or a mapping. Raises BackendError."""
     if isinstance(value, str):

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 def remember_secret(kind: Kind, resolved: Resolved) -> None:
     """Register a value just fetched (and a connection's password) with the log redaction filter."""
     SECRETS.add(resolved.value)
+    if resolved.provider_value is not None:
+        SECRETS.add(resolved.provider_value)
     if kind is Kind.CONNECTION:
         password = json.loads(resolved.value).get("password")
         if isinstance(password, str):
@@ -80,7 +82,7 @@ class BrokerState:
         )
         self.inflight = 0
         self.prefetched = not self.prefetch_keys()
-        self.audit = AuditLog(config.audit, self.metrics) if config.audit.enabled else None
+        self.audit = AuditLog(config.audit, self.metrics, self.clock) if config.audit.enabled else None
         self.node: NodeService | None = None
         if config.node is not None:
             from broker.node.partitions import NodeService
@@ -89,10 +91,11 @@ class BrokerState:
 
     @staticmethod
     def _resolver(config: BrokerConfig, guards: list[Guard]) -> Resolver:
-        return Resolver(guards, config.cache.ttl, config.cache.max_stale, config.cache.negative_ttl)
+        cache = config.cache
+        return Resolver(guards, cache.ttl, cache.max_stale, cache.negative_ttl, multi_team=config.multi_team)
 
-    async def _load(self, kind: Kind, name: str) -> Resolved:
-        resolved = await self.resolver.resolve(kind, name)
+    async def _load(self, kind: Kind, name: str, team: str | None) -> Resolved:
+        resolved = await self.resolver.resolve(kind, name, team)
         remember_secret(kind, resolved)
         return resolved
 

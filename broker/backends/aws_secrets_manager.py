@@ -1,11 +1,12 @@
 """``type: aws_secrets_manager``: AWS Secrets Manager in the layout of Airflow's ``SecretsManagerBackend``.
 
-``{prefix}{sep}{id}`` with prefixes ``airflow/connections|variables|config`` and ``sep="/"``: trailing
-``sep`` characters are stripped from a prefix, an empty prefix means the bare id, a null prefix turns the
-kind off, and ``*_lookup_pattern`` (``re.match``, case-insensitive) limits which ids are looked up at all.
-Connection secrets may be a URI or JSON; JSON keys are standardised as Airflow does (``user`` to
-``login``, ``database`` to ``schema``, ...). ``version_stage`` / ``version_id`` pick a version other than
-``AWSCURRENT``; binary secrets are served as UTF-8 text.
+``{prefix}{sep}{id}`` with prefixes ``airflow/connections|variables|config`` and ``sep="/"``: trailing ``sep``
+characters are stripped from a prefix, an empty prefix means the bare id, a null prefix turns the kind off, and
+``*_lookup_pattern`` (``re.match``, case-insensitive) limits which ids are looked up at all. Connection secrets may
+be a URI or JSON; JSON keys are standardised as Airflow does (``user`` to ``login``, ``database`` to ``schema``,
+...). In multi-team mode a team reads ``{prefix}{sep}{team}--{id}`` first, then the global name, and an id with
+``--`` is not looked up (it could name another team's secret). ``version_stage`` / ``version_id`` pick a version
+other than ``AWSCURRENT``; binary secrets are served as UTF-8 text.
 """
 
 from __future__ import annotations
@@ -15,8 +16,17 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from broker.backends.aws_common import AwsBackend, AwsConfig
-from broker.backends.base import BackendError, BackendUnavailable, Kind, RateLimitConfig, SecretValue, layout_key
+from broker.backends.aws_common import AWS_PROVIDER_KWARGS, AwsBackend, AwsConfig
+from broker.backends.base import (
+    TEAM_SEP,
+    BackendError,
+    BackendUnavailable,
+    Kind,
+    RateLimitConfig,
+    SecretValue,
+    layout_key,
+)
+from broker.providerkw import Ignored
 
 # Airflow's SecretsManagerBackend accepts these key names for each connection field.
 CONN_WORDS: dict[str, tuple[str, ...]] = {
@@ -32,6 +42,15 @@ EXTRA_WORD_FIELDS = frozenset({*CONN_WORDS, "user"})  # "user" means "login", as
 
 
 class SecretsManagerConfig(AwsConfig):
+    provider_kwargs = {
+        **AWS_PROVIDER_KWARGS,
+        "full_url_mode": Ignored(
+            "removed from the provider; a connection secret is read as a URI or as JSON, whichever it holds"
+        ),
+        "are_secret_values_urlencoded": Ignored(
+            "removed from the provider; values are served as stored, never URL-decoded"
+        ),
+    }
     type: Literal["aws_secrets_manager"]
     connections_prefix: str | None = "airflow/connections"
     variables_prefix: str | None = "airflow/variables"
@@ -75,14 +94,22 @@ class Backend(AwsBackend):
     config: SecretsManagerConfig
     service = "secretsmanager"
 
-    def locate(self, kind: Kind, name: str) -> str | None:
+    def candidates(self, kind: Kind, name: str, team: str | None = None, *, multi_team: bool = False) -> list[str]:
         prefix = layout_key(self.config, kind, "prefix")
-        if prefix is None or not self.allowed(kind, name):
-            return None
+        if prefix is None or not self.allowed(kind, name) or (multi_team and TEAM_SEP in name):
+            return []  # multi-team: an id with "--" could name another team's secret
         sep = self.config.sep
         # Airflow strips trailing separators from a non-empty prefix, and an empty prefix means the id alone.
         prefix = prefix.rstrip(sep) if prefix else prefix
-        return f"{prefix}{sep}{name}" if prefix else name
+        out = []
+        if prefix and team and kind is not Kind.CONFIG:
+            out.append(f"{prefix}{sep}{team}{TEAM_SEP}{name}")  # the team's own secret first
+        out.append(f"{prefix}{sep}{name}" if prefix else name)
+        return out
+
+    def locate(self, kind: Kind, name: str) -> str | None:
+        paths = self.candidates(kind, name)
+        return paths[0] if paths else None
 
     async def fetch(self, kind: Kind, path: str) -> SecretValue:
         """GetSecretValue, one attempt; ``version`` is the VersionId.

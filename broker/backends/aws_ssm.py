@@ -1,10 +1,10 @@
 """``type: aws_ssm``: SSM Parameter Store in the layout of Airflow's ``SystemsManagerParameterStoreBackend``.
 
-``/airflow/connections/{id}`` etc.: trailing slashes are stripped from a prefix, the name is
-``{prefix}/{id}`` and gets a leading slash when it lacks one; a null prefix turns the kind off and
-``*_lookup_pattern`` (``re.match``, case-insensitive) limits which ids are looked up at all.
-``GetParameter(WithDecryption=True)`` so SecureString values arrive decrypted; values are served as stored
-(a connection as a URI or JSON).
+``/airflow/connections/{id}`` etc.: trailing slashes are stripped from a prefix, the name is ``{prefix}/{id}`` and
+gets a leading slash when it lacks one; a null prefix turns the kind off and ``*_lookup_pattern`` (``re.match``,
+case-insensitive) limits which ids are looked up at all. In multi-team mode a team reads ``{prefix}/{team}--{id}``
+first, then the global name; an id with ``--`` is not looked up. ``GetParameter(WithDecryption=True)`` so
+SecureString values arrive decrypted; values are served as stored (a connection as a URI or JSON).
 """
 
 from __future__ import annotations
@@ -12,7 +12,15 @@ from __future__ import annotations
 from typing import Literal
 
 from broker.backends.aws_common import AwsBackend, AwsConfig
-from broker.backends.base import BackendError, BackendUnavailable, Kind, RateLimitConfig, SecretValue, layout_key
+from broker.backends.base import (
+    TEAM_SEP,
+    BackendError,
+    BackendUnavailable,
+    Kind,
+    RateLimitConfig,
+    SecretValue,
+    layout_key,
+)
 
 
 class SsmConfig(AwsConfig):
@@ -30,12 +38,18 @@ class Backend(AwsBackend):
     config: SsmConfig
     service = "ssm"
 
-    def locate(self, kind: Kind, name: str) -> str | None:
+    def candidates(self, kind: Kind, name: str, team: str | None = None, *, multi_team: bool = False) -> list[str]:
         prefix = layout_key(self.config, kind, "prefix")
-        if prefix is None or not self.allowed(kind, name):
-            return None
-        path = f"{prefix.rstrip('/')}/{name}"
-        return path if path.startswith("/") else f"/{path}"
+        if prefix is None or not self.allowed(kind, name) or (multi_team and TEAM_SEP in name):
+            return []  # multi-team: an id with "--" could name another team's parameter
+        prefix = prefix.rstrip("/")
+        ids = [f"{team}{TEAM_SEP}{name}"] if team and kind is not Kind.CONFIG else []
+        ids.append(name)
+        return [path if (path := f"{prefix}/{one}").startswith("/") else f"/{path}" for one in ids]
+
+    def locate(self, kind: Kind, name: str) -> str | None:
+        paths = self.candidates(kind, name)
+        return paths[0] if paths else None
 
     async def fetch(self, kind: Kind, path: str) -> SecretValue:
         """GetParameter with decryption, one attempt; ``version`` is the parameter's version number.

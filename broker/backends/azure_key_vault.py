@@ -1,23 +1,23 @@
 """``type: azure_key_vault``: Azure Key Vault in the layout of Airflow's ``AzureKeyVaultBackend``.
 
-Secret names are ``{prefix}{sep}{id}`` (prefixes ``airflow-connections``, ``airflow-variables``,
-``airflow-config``, ``sep="-"``; trailing ``sep`` stripped from a prefix; an empty prefix means the id alone;
-a null prefix turns the kind off) with every ``_`` then replaced by ``sep``, so ``aws_default`` is read from
-``airflow-connections-aws-default``. A name Key Vault cannot hold (``[0-9A-Za-z-]{1,127}``) is not looked up.
+Secret names are ``{prefix}{sep}{id}`` (prefixes ``airflow-connections``, ``airflow-variables``, ``airflow-config``,
+``sep="-"``; trailing ``sep`` stripped from a prefix; an empty prefix means the id alone; a null prefix turns the
+kind off) with every ``_`` then replaced by ``sep``, so ``aws_default`` is read from
+``airflow-connections-aws-default``. In multi-team mode a team reads ``{prefix}{sep}{team}--{id}`` (the same
+replacement) first, then the global name, and an id whose name would contain ``--`` is not looked up. A name Key
+Vault cannot hold (``[0-9A-Za-z-]{1,127}``) is not looked up.
 
-Reads are ``GET {vault_url}/secrets/{name}?api-version=...``. The first request goes without a token and gets
-Key Vault's 401 challenge, which names the tenant and the resource the token must be for; the resource must
-belong to the vault's own domain (as the Azure SDK checks) unless ``verify_challenge_resource`` is false.
-Disabled secrets are refused by Key Vault (403); expired or not-yet-valid secrets are still returned by a
-read (Key Vault does not enforce ``exp``/``nbf`` on reads): served by default, refused with
-``expired_secrets: refuse``.
+Reads are ``GET {vault_url}/secrets/{name}?api-version=...``. The first request goes without a token and gets Key
+Vault's 401 challenge, which names the tenant and the resource the token must be for; the resource must belong to
+the vault's own domain (as the Azure SDK checks) unless ``verify_challenge_resource`` is false. Disabled secrets are
+refused by Key Vault (403); expired or not-yet-valid secrets are still returned by a read (Key Vault does not
+enforce ``exp``/``nbf`` on reads): served by default, refused with ``expired_secrets: refuse``.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-import time
 from typing import Literal
 from urllib.parse import quote, urlsplit
 
@@ -25,6 +25,7 @@ from pydantic import Field
 
 from broker.backends import rest
 from broker.backends.base import (
+    TEAM_SEP,
     AccessDenied,
     BackendConfig,
     BackendContext,
@@ -35,6 +36,7 @@ from broker.backends.base import (
     layout_key,
 )
 from broker.identity.azure import AzureTokenSource, CredentialKind
+from broker.providerkw import Moves, Replaced
 
 log = logging.getLogger("broker.backend.azure")
 
@@ -43,6 +45,14 @@ _PARAM = re.compile(r'(\w+)="([^"]*)"')
 
 
 class AzureConfig(BackendConfig):
+    # microsoft-azure provider 15.2.1: AzureKeyVaultBackend kwargs that are not keys of ours.
+    provider_kwargs = {
+        "client_secret": Replaced(
+            "a credential in the config; use credential: workload_identity (the default) with client_id and tenant_id"
+        ),
+        "managed_identity_client_id": Replaced("use credential: managed_identity with client_id"),
+        "workload_identity_tenant_id": Moves("tenant_id"),
+    }
     type: Literal["azure_key_vault"]
     vault_url: str = Field(pattern=r"^https://[^/\s?#]+/?$")
     credential: CredentialKind = "workload_identity"
@@ -86,14 +96,22 @@ class Backend(rest.RestBackend):
 
     # ------------------------------------------------------------------------------------------ layout
 
-    def locate(self, kind: Kind, name: str) -> str | None:
+    def candidates(self, kind: Kind, name: str, team: str | None = None, *, multi_team: bool = False) -> list[str]:
         prefix = layout_key(self.config, kind, "prefix")
         if prefix is None:
-            return None
+            return []
         sep = self.config.sep
+        if multi_team and TEAM_SEP in name.replace("_", sep):
+            return []  # the name built from this id could be another team's secret
         prefix = prefix.rstrip(sep) if prefix else prefix
-        path = (f"{prefix}{sep}{name}" if prefix else name).replace("_", sep)
-        return path if SECRET_NAME.fullmatch(path) else None
+        ids = [f"{team}{TEAM_SEP}{name}"] if team and kind is not Kind.CONFIG else []
+        ids.append(name)
+        paths = [(f"{prefix}{sep}{one}" if prefix else one).replace("_", sep) for one in ids]
+        return [path for path in paths if SECRET_NAME.fullmatch(path)]
+
+    def locate(self, kind: Kind, name: str) -> str | None:
+        paths = self.candidates(kind, name)
+        return paths[0] if paths else None
 
     # ------------------------------------------------------------------------------------------ challenge
 
@@ -162,7 +180,7 @@ class Backend(rest.RestBackend):
             raise BackendError(f"{what}: answer has no secret value")
         attributes = data.get("attributes")
         if isinstance(attributes, dict):
-            now = time.time()
+            now = self.ctx.clock.wall()
             expires, not_before = attributes.get("exp"), attributes.get("nbf")
             outside = (isinstance(expires, int | float) and expires <= now) or (
                 isinstance(not_before, int | float) and not_before > now

@@ -25,6 +25,7 @@ from pydantic import Field
 
 from broker.clock import Clock
 from broker.configtypes import Duration, StrictModel
+from broker.providerkw import ProviderKwarg
 
 if TYPE_CHECKING:
     from broker.metrics import Metrics
@@ -41,6 +42,10 @@ class Kind(enum.StrEnum):
 
 
 _LAYOUT_PREFIX = {Kind.CONNECTION: "connections", Kind.VARIABLE: "variables", Kind.CONFIG: "config"}
+
+
+# Separates the team from the id in a team-scoped secret name (Secrets Manager, SSM, GCP, Azure providers).
+TEAM_SEP = "--"
 
 
 def layout_key(config: object, kind: Kind, suffix: str) -> Any:
@@ -230,6 +235,8 @@ class BackendConfig(StrictModel):
     circuit_breaker: CircuitConfig = CircuitConfig()
     # Off unless set; store types with a documented request quota set their own default (docs/rate-limits.md).
     rate_limit: RateLimitConfig | None = None
+    # The provider backend's kwargs that are not keys of ours, and how each is read (broker.providerkw).
+    provider_kwargs: ClassVar[Mapping[str, ProviderKwarg]] = {}
 
 
 # ---------------------------------------------------------------------------------------------- context
@@ -290,6 +297,17 @@ class Backend(ABC):
     def locate(self, kind: Kind, name: str) -> str | None:
         """The store's secret path for an Airflow id, or None when this backend does not serve it
         (kind disabled by a null prefix, id outside a lookup pattern). Pure: no I/O."""
+
+    def candidates(self, kind: Kind, name: str, team: str | None = None, *, multi_team: bool = False) -> list[str]:
+        """The store paths to try for an Airflow id, in order (the first one found answers); empty when this
+        backend does not serve it. ``team`` is the caller's Airflow team, ``multi_team`` Airflow's
+        ``[core] multi_team``. Pure: no I/O.
+
+        This default serves the one path of ``locate`` and ignores the team: stores whose provider backend
+        reads team-scoped secrets override it with the provider's rules.
+        """
+        path = self.locate(kind, name)
+        return [] if path is None else [path]
 
     @abstractmethod
     async def fetch(self, kind: Kind, path: str) -> SecretValue:

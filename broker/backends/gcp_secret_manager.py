@@ -2,8 +2,10 @@
 
 Secret ids are ``{prefix}{sep}{id}`` with prefixes ``airflow-connections``, ``airflow-variables``,
 ``airflow-config`` and ``sep="-"``; a null prefix turns the kind off. Prefix plus separator must be made of
-``[A-Za-z0-9_-]`` (Airflow refuses others at start-up); an id that cannot form a valid secret id is not looked
-up here (Airflow's client gets INVALID_ARGUMENT and returns nothing: same outcome, no call).
+``[A-Za-z0-9_-]`` (Airflow refuses others at start-up); an id that cannot form a valid secret id is not looked up
+here (Airflow's client gets INVALID_ARGUMENT and returns nothing: same outcome, no call). In multi-team mode a team
+reads ``{prefix}{sep}{team}--{id}`` (the id verbatim) first, then the global name, and a connection or variable id
+with ``--`` is not looked up.
 
 Each read is ``GET /v1/projects/{project}/secrets/{id}/versions/{version}:access`` with a bearer token from the
 pod's identity (``broker.identity.gcp``); the payload's CRC32C is verified, a mismatch is a backend error.
@@ -21,6 +23,7 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from broker.backends import rest
 from broker.backends.base import (
+    TEAM_SEP,
     BackendConfig,
     BackendContext,
     BackendError,
@@ -31,6 +34,7 @@ from broker.backends.base import (
 )
 from broker.configtypes import StrictModel
 from broker.identity.gcp import GoogleTokenSource
+from broker.providerkw import Ignored, Moves, Replaced
 
 SECRET_ID = re.compile(r"[A-Za-z0-9_-]{1,255}")
 PREFIX_CHARS = re.compile(r"[A-Za-z0-9_-]*")
@@ -50,7 +54,21 @@ class GcpFederation(StrictModel):
     iam_endpoint: str = Field(default="https://iamcredentials.googleapis.com", pattern=r"^https?://[^/\s?#]+/?$")
 
 
+_GCP_IDENTITY = (
+    "use the pod's identity (GKE Workload Identity, Application Default Credentials) or "
+    "credentials_file (a workload identity federation file)"
+)
+
+
 class GcpConfig(BackendConfig):
+    # google provider: CloudSecretManagerBackend kwargs that are not keys of ours.
+    provider_kwargs = {
+        "gcp_key_path": Replaced(f"a service-account key in the config; {_GCP_IDENTITY}"),
+        "gcp_keyfile_dict": Replaced(f"a service-account key in the config; {_GCP_IDENTITY}"),
+        "gcp_credential_config_file": Moves("credentials_file"),
+        "impersonation_chain": Replaced("impersonation is not done; grant the pod's own service account access"),
+        "gcp_scopes": Ignored("the broker asks for the cloud-platform scope, which Secret Manager needs"),
+    }
     type: Literal["gcp_secret_manager"]
     project_id: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$|^\d{1,20}$")
     credentials_file: Path | None = None
@@ -90,12 +108,22 @@ class Backend(rest.RestBackend):
             federation=self.config.federation,
         )
 
-    def locate(self, kind: Kind, name: str) -> str | None:
+    def candidates(self, kind: Kind, name: str, team: str | None = None, *, multi_team: bool = False) -> list[str]:
         prefix = layout_key(self.config, kind, "prefix")
         if prefix is None:
-            return None
-        secret_id = f"{prefix}{self.config.sep}{name}"
-        return secret_id if SECRET_ID.fullmatch(secret_id) else None
+            return []
+        if kind is Kind.CONFIG:
+            team = None  # the provider reads config with no team and never refuses a config id
+        elif multi_team and TEAM_SEP in name:
+            return []  # an id with "--" could name another team's secret
+        sep = self.config.sep
+        ids = [f"{prefix}{sep}{team}{TEAM_SEP}{name}"] if team else []
+        ids.append(f"{prefix}{sep}{name}")
+        return [secret_id for secret_id in ids if SECRET_ID.fullmatch(secret_id)]
+
+    def locate(self, kind: Kind, name: str) -> str | None:
+        paths = self.candidates(kind, name)
+        return paths[0] if paths else None
 
     def _project(self) -> str:
         project = self.config.project_id or self.identity.project_id

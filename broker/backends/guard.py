@@ -27,6 +27,7 @@ from broker.backends.base import (
     SecretValue,
     is_transient,
 )
+from broker.backoff import Backoff
 from broker.metrics import Metrics
 from broker.ratelimit import PRIORITY, Priority, TokenBucket
 
@@ -54,12 +55,6 @@ def outcome_of(exc: BaseException | None) -> str:
     return "error"
 
 
-def backoff_delay(attempt: int, rng: random.Random, retry_after: float | None = None) -> float:
-    """Full-jitter exponential backoff; a store's Retry-After is a floor."""
-    delay = rng.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * (2**attempt)))
-    return max(delay, retry_after or 0.0)
-
-
 class CircuitOpen(BackendUnavailable):
     """Calls to a backend that keeps failing are refused locally until its cool-down ends."""
 
@@ -67,14 +62,15 @@ class CircuitOpen(BackendUnavailable):
 class CircuitBreaker:
     """Opens after ``threshold`` consecutive transient failures; after ``cooldown`` lets one probe through.
 
-    A probe that fails doubles the cool-down (up to ``max_cooldown``); one that succeeds closes the circuit.
+    A probe that fails doubles the cool-down (up to ``max_cooldown``: the backoff schedule's ceiling, not
+    jittered, so the probe time is known); one that succeeds closes the circuit.
     """
 
     def __init__(self, threshold: int = 5, cooldown: float = 5.0, max_cooldown: float = 60.0) -> None:
         self.threshold = threshold
-        self.base_cooldown = cooldown
-        self.max_cooldown = max_cooldown
+        self.schedule = Backoff(cooldown, max(cooldown, max_cooldown))
         self.failures = 0
+        self.reopened = 0  # failed probes since the circuit last closed
         self.cooldown = cooldown
         self.open_until: float | None = None
         self.probing = False
@@ -95,14 +91,16 @@ class CircuitBreaker:
         self.failures = 0
         self.open_until = None
         self.probing = False
-        self.cooldown = self.base_cooldown
+        self.reopened = 0
+        self.cooldown = self.schedule.ceiling(0)
 
     def failure(self, now: float) -> bool:
         """Record a transient failure; True when this failure opened (or re-opened) the circuit."""
         self.failures += 1
         if self.probing:
             self.probing = False
-            self.cooldown = min(self.cooldown * 2, self.max_cooldown)
+            self.reopened += 1
+            self.cooldown = self.schedule.ceiling(self.reopened)
             self.open_until = now + self.cooldown
             return True
         if self.open_until is None and self.failures >= self.threshold:
@@ -124,8 +122,7 @@ class Guard:
             if circuit is not None
             else CircuitBreaker()
         )
-        self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
-        self._sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+        self.backoff = Backoff(BACKOFF_BASE, BACKOFF_CAP, rng=rng)  # between attempts of one call
         self.started = False
         self.bucket: TokenBucket | None = None
         limit = backend.config.rate_limit
@@ -175,10 +172,11 @@ class Guard:
     ) -> T:
         cfg = self.backend.config
         attempts = (cfg.retries if retries is None else retries) + 1
-        deadline = time.monotonic() + cfg.timeout * attempts
+        clock = self.backend.ctx.clock
+        deadline = clock.now() + cfg.timeout * attempts
         last: BrokerError | None = None
         for attempt in range(attempts):
-            if use_breaker and not self.breaker.allow(self.backend.ctx.clock.now()):
+            if use_breaker and not self.breaker.allow(clock.now()):
                 self.metrics.backend_calls.labels(self.name, operation, "circuit_open").inc()
                 raise CircuitOpen(f"backend {self.name!r} is failing; calls paused for a cool-down") from last
             await self._admit(operation)
@@ -190,13 +188,13 @@ class Guard:
                     if use_breaker:
                         self.breaker.success()  # the store answered; it is up
                     raise
-                if use_breaker and self.breaker.failure(self.backend.ctx.clock.now()):
+                if use_breaker and self.breaker.failure(clock.now()):
                     self.metrics.circuit_open.labels(self.name).set(1)
                     log.warning("circuit opened", extra={"backend": self.name, "cooldown": self.breaker.cooldown})
-                delay = backoff_delay(attempt, self._rng, exc.retry_after)
-                if attempt + 1 >= attempts or time.monotonic() + delay >= deadline:
+                delay = self.backoff.delay(attempt, exc.retry_after)
+                if attempt + 1 >= attempts or clock.now() + delay >= deadline:
                     raise
-                await self._sleep(delay)
+                await self.backoff.sleep(delay)
                 continue
             if use_breaker:
                 if self.breaker.is_open:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import email.utils
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from broker.backends.base import (
     SecretNotFound,
     ssl_context,
 )
+from broker.clock import SystemClock
 from broker.identity import TokenSource
 
 MAX_BODY = 1 << 20  # a secret store answer larger than 1 MiB is refused (GCP and Azure cap secrets at 64 KiB / 25 KiB)
@@ -56,7 +56,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    return max(0.0, when.timestamp() - (SystemClock().wall() if now is None else now))
 
 
 class Answer:

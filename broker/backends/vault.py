@@ -1,12 +1,13 @@
 """``type: vault``: HashiCorp Vault and OpenBao over their HTTP API (aiohttp; nothing blocks the loop).
 
-Layout exactly as Airflow's ``VaultBackend``: ``{mount_point}/{connections_path}/{conn_id}`` on KV v1 or v2,
-``mount_point: null`` taking the mount from the first path segment; connection data as ``conn_uri`` or the
-separate fields; variables and config from key ``value``. ``dynamic_connections`` turn a leased secret
-(e.g. ``database/creds/airflow``) into an Airflow connection through a small field template.
+Layout exactly as Airflow's ``VaultBackend``: ``{mount_point}/{connections_path}/{conn_id}`` on KV v1 or v2, each
+path a string or a list tried in order, ``mount_point: null`` taking the mount from the first segment of the id,
+team-scoped ``{path}/{team}/{id}`` under ``use_team_secrets_path`` in multi-team mode; connection data as
+``conn_uri`` or the separate fields; variables and config from key ``value``. ``dynamic_connections`` turn a leased
+secret (e.g. ``database/creds/airflow``) into an Airflow connection through a small field template.
 
-One token per backend, obtained with the pod's identity, renewed at about 2/3 of its TTL and replaced by a
-new login when it cannot be renewed or is refused; concurrent requests share one login.
+One token per backend, obtained with the pod's identity, renewed at about 2/3 of its TTL and replaced by a new login
+when it cannot be renewed or is refused; concurrent requests share one login.
 """
 
 from __future__ import annotations
@@ -42,9 +43,42 @@ from broker.backends.base import (
 )
 from broker.backends.base import Backend as BaseBackend
 from broker.configtypes import Duration, StrictModel
+from broker.providerkw import Deprecated, Moves, ProviderKwarg, Replaced
 
 log = logging.getLogger("broker.backend.vault")
 
+_POD_LOGIN = "log in with the pod's identity: auth.method kubernetes, jwt or aws (docs/vault.md)"
+_OTHER_METHOD = f"the provider's {{}} auth method is not supported; {_POD_LOGIN}"
+# hashicorp provider 4.8.4, VaultBackend and _VaultClient keyword arguments that are not keys of ours.
+PROVIDER_KWARGS: dict[str, ProviderKwarg] = {
+    "auth_type": Moves("auth.method", {"aws_iam": "aws"}),
+    "auth_mount_point": Moves("auth.mount"),
+    "kubernetes_role": Moves("auth.role"),
+    "kubernetes_jwt_path": Moves("auth.token_path"),
+    "jwt_role": Moves("auth.role"),
+    "jwt_token_path": Moves("auth.token_path"),
+    "region": Moves("auth.aws_region"),
+    "token": Replaced(f"a token in the config; {_POD_LOGIN}, or auth.method token with auth.token_file"),
+    "token_path": Replaced(f"use auth.method token with auth.token_file, or better {_POD_LOGIN}"),
+    "jwt_token": Replaced("a token in the config; use auth.token_path (a projected service-account token file)"),
+    "role_id": Replaced(f"use auth.role_id_file (auth.method approle), or better {_POD_LOGIN}"),
+    "secret_id": Replaced(f"use auth.secret_id_file (auth.method approle), or better {_POD_LOGIN}"),
+    "username": Replaced(_OTHER_METHOD.format("ldap/userpass")),
+    "password": Replaced(_OTHER_METHOD.format("ldap/userpass")),
+    "key_id": Replaced("auth.method aws signs sts:GetCallerIdentity with the pod's AWS identity (IRSA, Pod Identity)"),
+    "assume_role_kwargs": Replaced("auth.method aws uses the pod's AWS identity (IRSA, EKS Pod Identity) as is"),
+    "gcp_key_path": Replaced(_OTHER_METHOD.format("gcp")),
+    "gcp_keyfile_dict": Replaced(_OTHER_METHOD.format("gcp")),
+    "gcp_scopes": Replaced(_OTHER_METHOD.format("gcp")),
+    "azure_tenant_id": Replaced(_OTHER_METHOD.format("azure")),
+    "azure_resource": Replaced(_OTHER_METHOD.format("azure")),
+    "radius_host": Replaced(_OTHER_METHOD.format("radius")),
+    "radius_secret": Replaced(_OTHER_METHOD.format("radius")),
+    "radius_port": Replaced(_OTHER_METHOD.format("radius")),
+    "verify": Replaced("TLS is always verified; set ca_cert to trust a private CA"),
+    "cert": Replaced("client certificates are not used; " + _POD_LOGIN),
+    "global_secrets_path": Deprecated("kept, as the provider keeps it: list the fallback paths in *_path instead"),
+}
 SA_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
 DEFAULT_MOUNTS = {"kubernetes": "kubernetes", "jwt": "jwt", "aws": "aws", "approle": "approle"}
 DYNAMIC_PREFIX = "dynamic:"
@@ -99,15 +133,20 @@ class DynamicConnection(StrictModel):
 
 
 class VaultConfig(BackendConfig):
+    provider_kwargs = PROVIDER_KWARGS
     type: Literal["vault"]
     url: str = Field(pattern=r"^https?://[^/\s]+/?$")
     namespace: str | None = None
     auth: AuthConfig
+    # null (or ""): as the provider reads it, the mount is the first segment of each id (``secret/db``).
     mount_point: str | None = "secret"
     kv_engine_version: Literal[1, 2] = 2
-    connections_path: str | None = "connections"
-    variables_path: str | None = "variables"
-    config_path: str | None = "config"
+    # One path or a list tried in order (the first found wins); null or [] turns the kind off.
+    connections_path: str | list[str] | None = "connections"
+    variables_path: str | list[str] | None = "variables"
+    config_path: str | list[str] | None = "config"
+    global_secrets_path: str | None = None  # deprecated by the provider: a last entry of every path list
+    use_team_secrets_path: bool = True  # multi-team: a team reads {path}/{team}/{id} instead of {path}/{id}
     dynamic_connections: dict[str, DynamicConnection] = {}
     token_renew_at: float = Field(default=2 / 3, gt=0.1, lt=0.95)
     token_min_ttl: Duration = Field(default=10.0, ge=0)
@@ -169,17 +208,45 @@ class Backend(BaseBackend):
 
     # ------------------------------------------------------------------------------------------ layout
 
-    def locate(self, kind: Kind, name: str) -> str | None:
+    def base_paths(self, kind: Kind) -> list[str]:
+        """The kind's base paths in order, as the provider builds them: trailing '/' stripped, the deprecated
+        ``global_secrets_path`` appended last (even to a kind whose own path is null)."""
+        raw: str | list[str] | None = layout_key(self.config, kind, "path")
+        paths = [] if raw is None else [p.rstrip("/") for p in ([raw] if isinstance(raw, str) else raw)]
+        if self.config.global_secrets_path is not None:
+            paths.append(self.config.global_secrets_path.rstrip("/"))
+        return paths
+
+    def candidates(self, kind: Kind, name: str, team: str | None = None, *, multi_team: bool = False) -> list[str]:
         if kind is Kind.CONNECTION and name in self.config.dynamic_connections:
-            return DYNAMIC_PREFIX + name
-        base: str | None = layout_key(self.config, kind, "path")
-        if base is None:
-            return None
-        return f"{base.rstrip('/')}/{name}" if base.rstrip("/") else name
+            return [DYNAMIC_PREFIX + name]
+        bases = self.base_paths(kind)
+        if not bases:
+            return []
+        mount = ""
+        key = name
+        if not self.config.mount_point:
+            mount, sep, key = name.partition("/")
+            if not sep:
+                return []  # the provider needs "mount/key" here and looks nothing up
+        team_paths = multi_team and self.config.use_team_secrets_path and kind is not Kind.CONFIG
+        if team_paths and team is None and "/" in key:
+            # A key with '/' read with no team could reach into a team's {path}/{team}/... namespace.
+            return []
+        out = []
+        for base in bases:
+            scoped = (f"{base}/{team}" if base else team) if team_paths and team is not None else base
+            path = f"{scoped}/{key}" if scoped else key
+            out.append(f"{mount}/{path}" if mount else path)
+        return out
+
+    def locate(self, kind: Kind, name: str) -> str | None:
+        paths = self.candidates(kind, name)
+        return paths[0] if paths else None
 
     def _kv_url(self, secret_path: str) -> str:
         mount = self.config.mount_point
-        if mount is None:
+        if not mount:
             mount, _, secret_path = secret_path.partition("/")
         mount = mount.strip("/")
         if self.config.kv_engine_version == 2:

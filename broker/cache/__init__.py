@@ -22,15 +22,16 @@ import enum
 import functools
 import heapq
 import itertools
+import json
 import logging
 import random
-from collections.abc import Awaitable, Callable, Iterable
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import cachetools
-
 from broker.backends.base import AccessDenied, BrokerError, Kind, Lease, SecretNotFound, is_transient
+from broker.backoff import Backoff
 from broker.cache.leases import LeaseHolder, LeaseKeeper
 from broker.clock import Clock
 from broker.config import CacheConfig, LeasesConfig
@@ -40,11 +41,12 @@ from broker.resolver import NotFoundAnywhere, Resolved
 
 log = logging.getLogger("broker.cache")
 
-Key = tuple[Kind, str]
-Loader = Callable[[Kind, str], Awaitable[Resolved]]
+# (kind, id, Airflow team or None): a team's answer can differ from the team-agnostic one, so the team is part
+# of every key (entries, negative entries, single-flight) and two teams never share a value.
+Key = tuple[Kind, str, str | None]
+Loader = Callable[[Kind, str, str | None], Awaitable[Resolved]]
 INF = float("inf")
-RETRY_BASE = 1.0
-RETRY_CAP = 30.0
+RETRY_BASE, RETRY_CAP, RETRY_FLOOR = 1.0, 30.0, 0.5  # seconds between failed refreshes or renewals
 
 
 class Status(enum.StrEnum):
@@ -54,8 +56,11 @@ class Status(enum.StrEnum):
     REFRESHED = "refreshed"
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True, eq=False)
 class Entry:
+    """One cached answer. Slotted, built from named fields, and nothing per entry beyond them: no dict,
+    lock or task (memory per entry is paid up to ``max_entries`` times)."""
+
     key: Key
     resolved: Resolved | None  # None: remembered as not found
     fetched_at: float
@@ -63,11 +68,11 @@ class Entry:
     usable_until: float
     refresh_at: float
     last_access: float
-    generation: int
+    generation: int  # unique per stored version: also the scheduler's tie-breaker
     failures: int = 0
     retry_at: float = 0.0
     lease_capped: bool = False
-    body: dict[str, Any] = field(default_factory=dict, repr=False)  # memo for the server hot path
+    head: bytes | None = field(default=None, repr=False)  # the served JSON up to its per-request fields
 
     @property
     def lease(self) -> Lease | None:
@@ -77,23 +82,65 @@ class Entry:
     def lease_holder(self) -> LeaseHolder | None:
         return self.resolved.source if self.resolved is not None and self.resolved.lease is not None else None
 
+    def json_head(self) -> bytes:
+        """The JSON answer's value and metadata, without its closing per-request fields; encoded once per
+        entry (both servers send the same bytes). Only for a found entry (``resolved`` is set)."""
+        head = self.head
+        if head is None:
+            resolved = self.resolved
+            assert resolved is not None
+            head = b'{"value":%s,"backend":%s,"version":%s' % (
+                json.dumps(resolved.value).encode(),
+                json.dumps(resolved.backend).encode(),
+                json.dumps(resolved.version).encode(),
+            )
+            if resolved.provider_value is not None:
+                head += b',"provider_value":' + json.dumps(resolved.provider_value).encode()
+            self.head = head
+        return head
 
-class _LRU(cachetools.LRUCache[Key, Entry]):
+
+class _LRU:
+    """A bounded map in least-recently-used order: one OrderedDict, ``on_evict`` told of each entry
+    pushed out by the bound."""
+
+    __slots__ = ("_data", "_maxsize", "_on_evict")
+
     def __init__(self, maxsize: int, on_evict: Callable[[Entry], None]) -> None:
-        super().__init__(maxsize)
+        self._data: OrderedDict[Key, Entry] = OrderedDict()
+        self._maxsize = maxsize
         self._on_evict = on_evict
 
-    def popitem(self) -> tuple[Key, Entry]:
-        key, entry = super().popitem()
-        self._on_evict(entry)
-        return key, entry
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get(self, key: Key) -> Entry | None:
+        """The entry, marked as just used."""
+        entry = self._data.get(key)
+        if entry is not None:
+            self._data.move_to_end(key)
+        return entry
 
     def peek(self, key: Key) -> Entry | None:
         """Look without touching the LRU order."""
-        try:
-            return cachetools.Cache.__getitem__(self, key)
-        except KeyError:
-            return None
+        return self._data.get(key)
+
+    def __setitem__(self, key: Key, entry: Entry) -> None:
+        data = self._data
+        data[key] = entry
+        data.move_to_end(key)
+        while len(data) > self._maxsize:
+            _, old = data.popitem(last=False)
+            self._on_evict(old)
+
+    def pop(self, key: Key, default: None = None) -> Entry | None:
+        return self._data.pop(key, default)
+
+    def keys(self) -> Iterator[Key]:
+        return iter(self._data.keys())
+
+    def items(self) -> Iterator[tuple[Key, Entry]]:
+        return iter(self._data.items())
 
 
 class SecretCache:
@@ -116,12 +163,12 @@ class SecretCache:
         self._metrics = metrics
         self.leases = LeaseKeeper(clock, metrics)
         self._rng = rng or random.Random()  # noqa: S311 - jitter only
+        self.backoff = Backoff(RETRY_BASE, RETRY_CAP, floor=RETRY_FLOOR, rng=self._rng)
         self._entries = _LRU(config.max_entries, self._evicted)
         self._negatives = _LRU(config.negative_max_entries, self._negative_evicted)
         self._inflight: dict[Key, asyncio.Task[Entry]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._heap: list[tuple[float, int, Key, int]] = []
-        self._seq = itertools.count()
+        self._heap: list[tuple[float, int, Key]] = []  # (due, generation, key): generations are unique
         self._gen = itertools.count(1)
         self._pinned: set[Key] = set()
         self._closed = False
@@ -131,16 +178,16 @@ class SecretCache:
     def __len__(self) -> int:
         return len(self._entries) + len(self._negatives)
 
-    def peek(self, kind: Kind, name: str) -> Entry | None:
-        key = (kind, name)
+    def peek(self, kind: Kind, name: str, team: str | None = None) -> Entry | None:
+        key = (kind, name, team)
         return self._entries.peek(key) or self._negatives.peek(key)
 
-    def hit(self, kind: Kind, name: str) -> Entry | None:
+    def hit(self, kind: Kind, name: str, team: str | None = None) -> Entry | None:
         """The entry when it is a plain fresh hit needing nothing else (no refresh due), else None.
 
         Synchronous, for the server's fast path; touches the LRU order and counts the hit like ``get``.
         """
-        entry = self._entries.get((kind, name))
+        entry = self._entries.get((kind, name, team))
         if entry is None or entry.resolved is None:
             return None
         now = self._clock.now()
@@ -150,13 +197,13 @@ class SecretCache:
         self._metrics.cache_events.labels("hit").inc()
         return entry
 
-    async def get(self, kind: Kind, name: str) -> tuple[Entry, Status]:
+    async def get(self, kind: Kind, name: str, team: str | None = None) -> tuple[Entry, Status]:
         """The entry to serve and how it was obtained.
 
         Raises SecretNotFound (possibly from a negative entry), or the backend's error when nothing
         servable is cached.
         """
-        key = (kind, name)
+        key = (kind, name, team)
         now = self._clock.now()
         entry = self._entries.get(key) or self._negatives.get(key)
         if entry is not None:
@@ -225,16 +272,25 @@ class SecretCache:
         task.add_done_callback(done)
 
     async def _fetch_and_store(self, key: Key) -> Entry:
-        kind, name = key
+        kind, name, team = key
         try:
-            resolved = await self._loader(kind, name)
+            resolved = await self._loader(kind, name, team)
         except SecretNotFound as exc:
             self._drop(key)
             negative_ttl = exc.negative_ttl if isinstance(exc, NotFoundAnywhere) else self.config.negative_ttl
             if negative_ttl > 0:
                 now = self._clock.now()
                 until = now + negative_ttl
-                self._negatives[key] = Entry(key, None, now, until, until, INF, now, next(self._gen))
+                self._negatives[key] = Entry(
+                    key=key,
+                    resolved=None,
+                    fetched_at=now,
+                    fresh_until=until,
+                    usable_until=until,
+                    refresh_at=INF,
+                    last_access=now,
+                    generation=next(self._gen),
+                )
                 self._count()
             raise
         except AccessDenied:
@@ -254,9 +310,7 @@ class SecretCache:
             return
         now = self._clock.now()
         entry.failures += 1
-        delay = min(RETRY_CAP, RETRY_BASE * 2 ** (entry.failures - 1)) * self._rng.uniform(0.5, 1.0)
-        if exc.retry_after:
-            delay = max(delay, exc.retry_after)
+        delay = self.backoff.delay(entry.failures - 1, exc.retry_after)
         entry.retry_at = now + delay
         self._metrics.cache_events.labels("refresh_failed").inc()
         if entry.lease is None or entry.lease_capped:
@@ -277,8 +331,17 @@ class SecretCache:
         lease = resolved.lease
         if lease is not None:
             hard = self._lease_hard_expiry(lease)
-            entry = Entry(key, resolved, now, hard, hard, self._renew_time(lease, now), now, next(self._gen))
-            entry.lease_capped = not lease.renewable
+            entry = Entry(
+                key=key,
+                resolved=resolved,
+                fetched_at=now,
+                fresh_until=hard,
+                usable_until=hard,
+                refresh_at=self._renew_time(lease, now),
+                last_access=now,
+                generation=next(self._gen),
+                lease_capped=not lease.renewable,
+            )
             if resolved.source is not None:
                 self.leases.track(resolved.source, lease)
             return entry
@@ -287,7 +350,16 @@ class SecretCache:
         if self.config.refresh_ahead > 0:
             jitter = 1 - self._rng.uniform(0, self.config.refresh_jitter)
             refresh_at = now + resolved.ttl * self.config.refresh_ahead * jitter
-        return Entry(key, resolved, now, fresh, fresh + resolved.max_stale, refresh_at, now, next(self._gen))
+        return Entry(
+            key=key,
+            resolved=resolved,
+            fetched_at=now,
+            fresh_until=fresh,
+            usable_until=fresh + resolved.max_stale,
+            refresh_at=refresh_at,
+            last_access=now,
+            generation=next(self._gen),
+        )
 
     @staticmethod
     def _lease_hard_expiry(lease: Lease) -> float:
@@ -327,14 +399,15 @@ class SecretCache:
         self._metrics.cache_events.labels("negative_eviction").inc()
 
     def _schedule(self, entry: Entry) -> None:
-        heapq.heappush(self._heap, (entry.refresh_at, next(self._seq), entry.key, entry.generation))
+        heapq.heappush(self._heap, (entry.refresh_at, entry.generation, entry.key))
 
-    def pin(self, keys: Iterable[Key]) -> None:
-        """Keep exactly these keys warm even when nobody reads them (the prefetch list)."""
-        self._pinned = set(keys)
+    def pin(self, keys: Iterable[tuple[Kind, str]], team: str | None = None) -> None:
+        """Keep exactly these ids of ``team`` warm even when nobody reads them (the prefetch list)."""
+        self._pinned = {(kind, name, team) for kind, name in keys}
 
     def invalidate(self, kind: Kind | None = None, name: str | None = None) -> int:
-        """Forget one key, every key of a kind, or everything. Held leases stay valid until they expire."""
+        """Forget one id (for every team), every key of a kind, or everything. Held leases stay valid until
+        they expire."""
         keys = [
             k
             for k in [*self._entries.keys(), *self._negatives.keys()]
@@ -357,7 +430,7 @@ class SecretCache:
         """Do every scheduled refresh, renewal and rotation that is due now. Called by ``maintain``."""
         now = self._clock.now()
         while self._heap and self._heap[0][0] <= now:
-            _, _, key, generation = heapq.heappop(self._heap)
+            _, generation, key = heapq.heappop(self._heap)
             entry = self._entries.peek(key)
             if entry is None or entry.generation != generation or entry.resolved is None:
                 continue
@@ -403,7 +476,10 @@ class SecretCache:
             now = self._clock.now()
             if is_transient(exc) and now < entry.usable_until:
                 self._metrics.lease_renewals.labels(backend, "failed").inc()
-                entry.refresh_at = now + min(RETRY_CAP, max(1.0, (entry.usable_until - now) / 4))
+                # Backed off, but always with a few tries left before the lease runs out.
+                entry.failures += 1
+                wait = self.backoff.delay(entry.failures - 1, exc.retry_after)
+                entry.refresh_at = now + min(wait, max(1.0, (entry.usable_until - now) / 4))
                 self._schedule(entry)
                 log.warning("lease renewal failed; will retry", extra={"backend": backend, "error": exc.code})
                 return
@@ -420,6 +496,7 @@ class SecretCache:
         hard = self._lease_hard_expiry(renewed)
         entry.fresh_until = entry.usable_until = hard
         entry.lease_capped = capped
+        entry.failures = 0
         entry.refresh_at = self._renew_time(renewed, self._clock.now())
         entry.generation = next(self._gen)
         self._schedule(entry)

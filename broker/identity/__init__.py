@@ -12,15 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 from broker.backends.base import BackendContext, BrokerError
+from broker.backoff import Backoff
 
 log = logging.getLogger("broker.identity")
 
-RETRY_CAP = 30.0
+RETRY_BASE, RETRY_CAP, RETRY_FLOOR = 1.0, 30.0, 0.5  # seconds between failed refreshes
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +49,7 @@ class TokenSource(ABC):
         self._lock = asyncio.Lock()
         self._refresher: asyncio.Task[None] | None = None
         self._last_error: str | None = None
-        self._rng = random.Random()  # noqa: S311 - jitter only
+        self.backoff = Backoff(RETRY_BASE, RETRY_CAP, floor=RETRY_FLOOR)
 
     @abstractmethod
     async def _acquire(self) -> tuple[str, float]:
@@ -127,19 +127,19 @@ class TokenSource(ABC):
         token = self._token
         now = self.ctx.clock.now()
         if failures:
-            wait = min(RETRY_CAP, 2.0**failures * 0.5) * (0.5 + self._rng.random() / 2)
+            wait = self.backoff.delay(failures - 1)
             if token is not None:  # never sleep past the point where the old token stops being usable
                 wait = min(wait, max(0.5, (token.expires_at - now) / 2))
             return wait
         if token is None:
             return 1.0
-        target = token.lifetime * self.renew_at * (0.9 + self._rng.random() * 0.1)
+        target = token.lifetime * self.renew_at * (0.9 + self.backoff.rng.random() * 0.1)
         return max(0.5, token.expires_at - token.lifetime + target - now)
 
     async def _refresh_loop(self) -> None:
         failures = 0
         while True:
-            await asyncio.sleep(self._next_wait(failures))
+            await self.backoff.sleep(self._next_wait(failures))
             try:
                 async with self._lock:
                     await self._refresh()

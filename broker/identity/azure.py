@@ -14,7 +14,6 @@ whether Entra accepts it. No environment of the broker's pod is read for it, exc
 from __future__ import annotations
 
 import os
-import time
 from typing import Any, Literal
 
 from broker.backends.base import AccessDenied, BackendContext, BackendError, BackendUnavailable, BrokerError
@@ -131,7 +130,7 @@ class AzureTokenSource(TokenSource):
             access = await self._credential.get_token(self.scope, **kwargs)
         except Exception as exc:  # noqa: BLE001 - mapped in one place
             raise map_azure_error(exc, where) from None
-        return access.token, max(0.0, float(access.expires_on) - time.time())
+        return access.token, max(0.0, float(access.expires_on) - self.ctx.clock.wall())
 
     def describe(self) -> str:
         client = self.client_id or os.environ.get("AZURE_CLIENT_ID") or "system-assigned"

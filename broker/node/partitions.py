@@ -50,7 +50,9 @@ class Partition:
         )
         self.guards = build_guards(identity_chain(identity, config.backends), self.ctx)
         cache = config.cache
-        self.resolver = Resolver(self.guards, cache.ttl, cache.max_stale, cache.negative_ttl)
+        self.resolver = Resolver(
+            self.guards, cache.ttl, cache.max_stale, cache.negative_ttl, multi_team=config.multi_team
+        )
         self.cache = SecretCache(
             self._load, clock=state.clock, config=cache, leases=config.leases, metrics=state.metrics
         )
@@ -71,8 +73,8 @@ class Partition:
         if expires_at >= self._token_exp:
             self._token, self._token_exp = token, expires_at
 
-    async def _load(self, kind: Kind, name: str) -> Resolved:
-        resolved = await self.resolver.resolve(kind, name)
+    async def _load(self, kind: Kind, name: str, team: str | None) -> Resolved:
+        resolved = await self.resolver.resolve(kind, name, team)
         self._remember_secret(kind, resolved)
         return resolved
 

@@ -20,7 +20,6 @@ import weakref
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -29,7 +28,7 @@ from broker.audit import ASSERTED_HEADERS, Caller, outcome_of, token_caller, uni
 from broker.backends.base import BrokerError, Kind
 from broker.cache import Entry, SecretCache, Status
 from broker.logging import request_id
-from broker.resolver import name_problem
+from broker.resolver import decode_name, name_problem, team_problem
 from broker.server.listener import ListenError, with_header_timeout
 
 if TYPE_CHECKING:
@@ -261,11 +260,14 @@ async def _openapi(_request: web.Request) -> web.Response:
 
 
 def _split(raw_path: str) -> tuple[str, str] | None:
-    """('connections', name) from the raw, still percent-encoded path, or None for no such endpoint."""
+    """('connections', raw name) from the raw, still percent-encoded path, or None for no such endpoint.
+
+    The raw name is everything after the collection: a nested id (``team/db``) keeps its slashes.
+    """
     path = raw_path.split("?", 1)[0]
-    parts = path.split("/")
-    # ['', 'v1', '<collection>', '<name>']
-    if len(parts) != 4 or parts[1] != "v1":
+    parts = path.split("/", 3)
+    # ['', 'v1', '<collection>', '<name, maybe with slashes>']
+    if len(parts) != 4 or parts[0] or parts[1] != "v1":
         return None
     return parts[2], parts[3]
 
@@ -275,11 +277,19 @@ def _lookup_target(raw_path: str) -> tuple[Kind, str] | None:
     split = _split(raw_path)
     if split is None or split[0] not in KINDS:
         return None
-    try:
-        name = unquote(split[1], errors="strict")
-    except UnicodeDecodeError:
-        return None
-    return (KINDS[split[0]], name) if name_problem(name) is None else None
+    name, _ = decode_name(split[1])
+    return None if name is None else (KINDS[split[0]], name)
+
+
+def requested_team(request: web.Request) -> tuple[str | None, str | None]:
+    """(team, None) from the optional ``?team=`` query parameter (None when absent), or (None, problem)."""
+    teams = request.rel_url.query.getall("team", [])
+    if not teams:
+        return None, None
+    if len(teams) > 1:
+        return None, "give team at most once"
+    problem = team_problem(teams[0])
+    return (None, problem) if problem else (teams[0], None)
 
 
 async def serve_secret(
@@ -300,21 +310,19 @@ async def serve_secret(
         return error_response(404, "not_found", "no such endpoint")
     if request.method not in ("GET", "HEAD"):
         return error_response(405, "method_not_allowed", "use GET", {"Allow": "GET"})
-    try:
-        name = unquote(raw_name, errors="strict")
-    except UnicodeDecodeError:
+    name, problem = decode_name(raw_name)
+    team, team_error = requested_team(request)
+    if team is not None and kind is Kind.CONFIG:
+        team_error = "config lookups take no team (Airflow reads config with no team)"
+    if name is None or team_error:
         state.metrics.requests.labels(kind.value, "bad_request").inc()
-        return error_response(400, "bad_request", "name is not valid UTF-8")
-    problem = name_problem(name)
-    if problem:
-        state.metrics.requests.labels(kind.value, "bad_request").inc()
-        return error_response(400, "bad_request", problem)
+        return error_response(400, "bad_request", problem or team_error or "bad request")
     asserted = None
     if state.audit is not None:
         headers = request.headers
         asserted = [(field, headers[h]) for h, field in ASSERTED_HEADERS.items() if h in headers]
     rid = request_id.get() or ""
-    return await lookup(state, kind, name, rid=rid, caller=caller, asserted=asserted, cache=cache)
+    return await lookup(state, kind, name, rid=rid, caller=caller, asserted=asserted, cache=cache, team=team)
 
 
 async def lookup(
@@ -326,25 +334,38 @@ async def lookup(
     caller: Caller | None = None,
     asserted: Any = None,
     cache: SecretCache | None = None,
+    team: str | None = None,
 ) -> web.Response:
-    """Answer one secret lookup; with the audit trail on, exactly one audit line records it."""
+    """Answer one secret lookup for ``team`` (None: team-agnostic); with the audit trail on, exactly one audit
+    line records it. A listener bound to a team answers for that team only: no team means the bound one,
+    another team is refused with 403 ``forbidden``."""
     metrics = state.metrics
     audit = state.audit
+    bound = state.config.listen.team
+    if bound is not None:
+        if team is not None and team != bound:
+            metrics.requests.labels(kind.value, "forbidden").inc()
+            metrics.rejected.labels("team_denied").inc()
+            log.warning("request for another team refused", extra={"kind": kind.value, "team": team, "bound": bound})
+            if audit is not None:
+                audit.record(rid, kind.value, name, "denied", team=team, caller=caller, asserted=asserted)
+            return error_response(403, "forbidden", "this listener serves one team only; no other team's secrets")
+        team = bound
     if state.inflight >= state.config.listen.max_concurrency:
         metrics.requests.labels(kind.value, "overloaded").inc()
         if audit is not None:
-            audit.record(rid, kind.value, name, "overloaded", caller=caller, asserted=asserted)
+            audit.record(rid, kind.value, name, "overloaded", team=team, caller=caller, asserted=asserted)
         return error_response(429, "overloaded", "too many requests in flight; retry shortly", {"Retry-After": "1"})
     state.inflight += 1
     metrics.inflight.inc()
     started = time.perf_counter()
     try:
         try:
-            entry, status = await (state.cache if cache is None else cache).get(kind, name)
+            entry, status = await (state.cache if cache is None else cache).get(kind, name, team)
         except BrokerError as exc:
             metrics.requests.labels(kind.value, exc.code).inc()
             if audit is not None:
-                audit.record(rid, kind.value, name, outcome_of(exc.code), caller=caller, asserted=asserted)
+                audit.record(rid, kind.value, name, outcome_of(exc.code), team=team, caller=caller, asserted=asserted)
             if exc.status >= 500:
                 log.warning("lookup failed", extra={"kind": kind.value, "error": exc.code, "detail": exc.message})
             headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after else None
@@ -359,6 +380,7 @@ async def lookup(
                 "found",
                 backend=backend,
                 cache=status.value,
+                team=team,
                 caller=caller,
                 asserted=asserted,
             )
@@ -370,20 +392,9 @@ async def lookup(
 
 
 def _found(entry: Entry, status: Status, now: float) -> web.Response:
-    resolved = entry.resolved
-    assert resolved is not None
-    head = entry.body.get("head")
-    if head is None:
-        # The JSON of the value is encoded once per entry, not once per request.
-        head = '{"value":%s,"backend":%s,"version":%s' % (  # noqa: UP031
-            json.dumps(resolved.value),
-            json.dumps(resolved.backend),
-            json.dumps(resolved.version),
-        )
-        entry.body["head"] = head
-    body = f'{head},"cache":"{status.value}","age":{max(0, int(now - entry.fetched_at))}}}'
+    body = entry.json_head() + b',"cache":"%s","age":%d}' % (status.value.encode(), max(0, int(now - entry.fetched_at)))
     return web.Response(
-        body=body.encode(), content_type="application/json", headers={**NO_STORE, "X-Broker-Cache": status.value}
+        body=body, content_type="application/json", headers={**NO_STORE, "X-Broker-Cache": status.value}
     )
 
 

@@ -17,20 +17,17 @@ from __future__ import annotations
 import asyncio
 import hmac
 import itertools
-import json
 import os
 import socket
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote
 
 import httptools  # type: ignore[import-not-found,unused-ignore]
 
 from broker.audit import ASSERTED_HEADERS_BYTES, Caller, token_caller, unix_caller
 from broker.backends.base import Kind
-from broker.cache import Entry
-from broker.resolver import name_problem
+from broker.resolver import decode_name
 from broker.server import lookup, peer_credentials
 
 if TYPE_CHECKING:
@@ -46,24 +43,6 @@ _HIT_PREFIX = (
     b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nCache-Control: no-store\r\n"
     b"X-Content-Type-Options: nosniff\r\nServer: broker\r\nX-Broker-Cache: hit\r\n"
 )
-
-
-def _body_head(entry: Entry) -> bytes:
-    """The JSON of the value and its metadata, encoded once per entry (the same text the app serves)."""
-    memo = entry.body.get("fast_head")
-    if memo is None:
-        head = entry.body.get("head")
-        if head is None:
-            resolved = entry.resolved
-            assert resolved is not None
-            head = '{"value":%s,"backend":%s,"version":%s' % (  # noqa: UP031
-                json.dumps(resolved.value),
-                json.dumps(resolved.backend),
-                json.dumps(resolved.version),
-            )
-            entry.body["head"] = head
-        memo = entry.body["fast_head"] = head.encode()
-    return bytes(memo)
 
 
 def _serialise(response: web.Response, request_id: bytes) -> bytes:
@@ -108,10 +87,11 @@ class FastFront:
         if kind is None:
             return None
         try:
-            name = unquote(parts[3].decode("ascii"), errors="strict")
+            raw = parts[3].decode("ascii")
         except UnicodeDecodeError:
             return None
-        if name_problem(name) is not None:  # also refuses '?', '#', '/', '%' left after decoding
+        name, _ = decode_name(raw)  # also refuses '?', '#', '%' and an encoded '/' or '\\'
+        if name is None:
             return None
         if len(self.targets) >= 4096:
             self.targets.clear()
@@ -319,7 +299,7 @@ class FastProtocol(asyncio.Protocol):
         if entry is None:
             return None  # a miss, stale, or due for refresh-ahead: the cache's get() decides
         now = state.clock.now()
-        body = _body_head(entry) + b',"cache":"hit","age":%d}' % max(0, int(now - entry.fetched_at))
+        body = entry.json_head() + b',"cache":"hit","age":%d}' % max(0, int(now - entry.fetched_at))
         rid = self._rid()
         answer = b"%s%sContent-Length: %d\r\nX-Request-Id: %s\r\n\r\n%s" % (
             _HIT_PREFIX,

@@ -1,4 +1,5 @@
-"""Real Apache Airflow installs for the end-to-end tests, each in its own venv, cached between runs.
+"""Real Apache Airflow installs (with the provider secrets backends) for tests/e2e and tests/parity, each
+in its own venv, cached between runs.
 
 The cache lives outside the checkout (``$BROKER_E2E_CACHE``, default ``~/.cache/broker-e2e``) and is keyed
 by the Airflow version and the pins below; a fresh machine builds it on first use. The broker goes in with
@@ -14,14 +15,29 @@ import hashlib
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 AIRFLOW_VERSIONS = {"2": "2.10.5", "3": "3.3.2"}
-# Pins that keep an unconstrained resolve of the older release working on current PyPI.
-EXTRA_PINS: dict[str, list[str]] = {"2.10.5": [], "3.3.2": []}
+# Installed with Airflow: the provider backends tests/parity compares against (the hashicorp provider
+# with its deps; boto3 and the Azure SDK for the amazon and microsoft-azure providers, which go in below
+# with --no-deps: their full dependency sets would pull in half of the registry).
+_SDKS = ["boto3>=1.42.93", "asgiref", "inflection", "jmespath", "azure-identity", "azure-keyvault-secrets", "msrest"]
+EXTRA_PINS: dict[str, list[str]] = {
+    "2.10.5": ["apache-airflow-providers-hashicorp==4.3.4", *_SDKS],
+    "3.3.2": ["apache-airflow-providers-hashicorp==4.8.4", *_SDKS],
+}
+NO_DEPS_PINS: dict[str, list[str]] = {
+    "2.10.5": ["apache-airflow-providers-amazon==9.15.0", "apache-airflow-providers-microsoft-azure==12.8.0"],
+    "3.3.2": ["apache-airflow-providers-amazon==9.39.0", "apache-airflow-providers-microsoft-azure==15.2.1"],
+}
+
+
+# Reinstalling the broker builds from the one checkout (its build/ directory): one build at a time.
+_INSTALL = threading.Lock()
 
 
 def cache_root() -> Path:
@@ -29,7 +45,8 @@ def cache_root() -> Path:
 
 
 def venv_path(version: str) -> Path:
-    key = hashlib.sha256(f"{version}|{EXTRA_PINS[version]}|{sys.version_info[:2]}".encode()).hexdigest()[:10]
+    pins = f"{EXTRA_PINS[version]}|{NO_DEPS_PINS[version]}"
+    key = hashlib.sha256(f"{version}|{pins}|{sys.version_info[:2]}".encode()).hexdigest()[:10]
     return cache_root() / f"airflow-{version}-{key}"
 
 
@@ -58,8 +75,10 @@ def ensure_airflow(version: str) -> Path:
                 [str(python), "-m", "pip", "install", "--quiet", f"apache-airflow=={version}", *EXTRA_PINS[version]],
                 log,
             )
+            _run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", *NO_DEPS_PINS[version]], log)
             (venv / ".complete").write_text(f"built in {time.monotonic() - started:.0f}s\n")
-        _run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--force-reinstall", str(REPO)], log)
+        with _INSTALL:
+            _run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--force-reinstall", str(REPO)], log)
     return python
 
 

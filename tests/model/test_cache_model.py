@@ -48,7 +48,7 @@ class CacheModel(RuleBasedStateMachine):
             ttl=TTL, max_stale=MAX_STALE, negative_ttl=NEGATIVE_TTL, refresh_ahead=0, max_entries=MAX_ENTRIES
         )
 
-        async def loader(kind: Kind, name: str) -> Resolved:
+        async def loader(kind: Kind, name: str, team: str | None = None) -> Resolved:
             self.calls += 1
             answer = self.answers[name]
             if answer == "not_found":

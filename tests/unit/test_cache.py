@@ -38,7 +38,7 @@ class ScriptedLoader:
         self.gate: asyncio.Event | None = None
         self.version = 0
 
-    async def __call__(self, kind: Kind, name: str) -> Resolved:
+    async def __call__(self, kind: Kind, name: str, team: str | None = None) -> Resolved:
         self.calls[name] = self.calls.get(name, 0) + 1
         if self.gate is not None:
             await self.gate.wait()
@@ -164,7 +164,7 @@ async def test_hit_within_ttl_and_reload_after(loader: ScriptedLoader, clock: Fa
 
 
 async def test_ttl_is_min_of_configured_and_hint(loader: ScriptedLoader, clock: FakeClock) -> None:
-    async def short(kind: Kind, name: str) -> Resolved:
+    async def short(kind: Kind, name: str, team: str | None = None) -> Resolved:
         loader.calls[name] = loader.calls.get(name, 0) + 1
         return Resolved("v", "b1", None, None, ttl=5.0, max_stale=0.0)
 
@@ -517,7 +517,7 @@ async def test_cold_misses_load_at_miss_priority_and_refreshes_at_refresh(clock:
 
     seen: dict[str, list[Priority]] = {}
 
-    async def load(kind: Kind, name: str) -> Resolved:
+    async def load(kind: Kind, name: str, team: str | None = None) -> Resolved:
         seen.setdefault(name, []).append(PRIORITY.get())
         if name == "absent":
             raise SecretNotFound("no")

@@ -21,10 +21,10 @@ from broker.backends.base import (
     SecretNotFound,
     SecretValue,
 )
-from broker.backends.guard import CircuitBreaker, CircuitOpen, Guard, backoff_delay
+from broker.backends.guard import CircuitBreaker, CircuitOpen, Guard
 from broker.clock import FakeClock
 from broker.metrics import Metrics
-from broker.resolver import NotFoundAnywhere, Resolver, name_problem
+from broker.resolver import NotFoundAnywhere, Resolver, decode_name, name_problem, team_problem
 
 
 class FakeConfig(BackendConfig):
@@ -66,7 +66,7 @@ def guard(backend: Backend, ctx: BackendContext) -> Guard:
     async def no_sleep(_: float) -> None:
         return None
 
-    g._sleep = no_sleep
+    g.backoff.sleep = no_sleep
     return g
 
 
@@ -136,13 +136,6 @@ def test_failed_probe_doubles_cooldown() -> None:
     assert br.open_until == 27  # capped at 12
 
 
-def test_backoff_is_jittered_bounded_and_honours_retry_after() -> None:
-    rng = random.Random(3)
-    delays = [backoff_delay(a, rng) for a in range(10) for _ in range(20)]
-    assert max(delays) <= 2.0 and len(set(delays)) > 100
-    assert backoff_delay(0, rng, retry_after=4.0) == 4.0
-
-
 async def test_chain_order_and_fall_through_on_not_found(ctx: BackendContext) -> None:
     first = Scripted("first", [SecretNotFound("n")], ctx)
     second = Scripted("second", ["from-second"], ctx)
@@ -190,13 +183,115 @@ async def test_per_backend_negative_ttl_the_shortest_of_those_asked(ctx: Backend
     assert found.value.negative_ttl == 30
 
 
-@pytest.mark.parametrize(
-    "name", ["", ".", "..", "a/b", "../x", "a\\b", "a\x00b", "a\nb", "a b", "%2e%2e", "x" * 251, "a?b", "a#b", "\u202e"]
-)
+HOSTILE = [
+    "",
+    ".",
+    "..",
+    "../x",
+    "a/..",
+    "a/./b",
+    "./a",
+    "/a",
+    "a/",
+    "a//b",
+    "/",
+    "a\\b",
+    "a\x00b",
+    "a\nb",
+    "a/\x1fb",
+    "a b",
+    "%2e%2e",
+    "x" * 251,
+    "a?b",
+    "a#b",
+    "\u202e",
+]
+
+
+@pytest.mark.parametrize("name", HOSTILE)
 def test_hostile_names_are_refused(name: str) -> None:
     assert name_problem(name) is not None
 
 
-@pytest.mark.parametrize("name", ["postgres_default", "my-conn.v2", "a:b@c", "Ünïcode_ok", "x" * 250])
+@pytest.mark.parametrize(
+    "name", ["postgres_default", "my-conn.v2", "a:b@c", "Ünïcode_ok", "x" * 250, "team/db", "a/b.c/d", "..a/b.."]
+)
 def test_airflow_ids_are_accepted(name: str) -> None:
     assert name_problem(name) is None
+
+
+@pytest.mark.parametrize(
+    ("raw", "name"),
+    [
+        ("team/db", "team/db"),
+        ("my%20id", None),  # a space
+        ("a%2Fb", None),
+        ("a%2fb", None),
+        ("a%5Cb", None),
+        ("a%5cb", None),
+        ("%2e%2e/x", None),
+        ("x/%2E", None),
+        ("a%252Fb", None),  # decoded once: '%2F' stays text, and '%' is refused
+        ("%c0%ae", None),  # not UTF-8
+        ("caf%C3%A9", "café"),
+        ("a%3Ab", "a:b"),
+    ],
+)
+def test_request_paths_decode_per_segment(raw: str, name: str | None) -> None:
+    decoded, problem = decode_name(raw)
+    assert decoded == name
+    assert (problem is None) == (name is not None)
+
+
+@pytest.mark.parametrize(
+    ("team", "ok"),
+    [
+        ("team_1", True),
+        ("a-b", True),
+        ("ab", False),
+        ("a/b", False),
+        ("a" * 51, False),
+        ("t--x", True),
+        ("", False),
+        ("tëam", False),
+    ],
+)
+def test_team_names_follow_airflow(team: str, ok: bool) -> None:
+    assert (team_problem(team) is None) is ok
+
+
+class Listed(Scripted):
+    """A backend with several candidate paths per id, answering from ``store`` (path -> value)."""
+
+    def __init__(self, name: str, store: dict[str, Any], ctx: BackendContext) -> None:
+        super().__init__(name, [], ctx)
+        self.store = store
+        self.asked: list[str] = []
+
+    def candidates(self, kind: Kind, name: str, team: str | None = None, *, multi_team: bool = False) -> list[str]:
+        return [f"{team}/{name}", name] if team else [name]
+
+    async def fetch(self, kind: Kind, path: str) -> SecretValue:
+        self.asked.append(path)
+        answer = self.store.get(path)
+        if answer is None:
+            raise SecretNotFound(path)
+        if isinstance(answer, BaseException):
+            raise answer
+        return SecretValue(answer)
+
+
+async def test_candidates_are_tried_in_order_and_the_first_found_wins(ctx: BackendContext) -> None:
+    one = Listed("one", {"k": "global", "t1/k": "team"}, ctx)
+    two = Listed("two", {"k": "lower"}, ctx)
+    resolver = Resolver([guard(one, ctx), guard(two, ctx)], 300, 3600, 30)
+    assert (await resolver.resolve(Kind.VARIABLE, "k", "t1")).value == "team"
+    assert (await resolver.resolve(Kind.VARIABLE, "k", "t2")).value == "global"
+    assert one.asked == ["t1/k", "t2/k", "k"] and two.asked == []
+
+
+async def test_an_error_on_a_candidate_stops_the_walk(ctx: BackendContext) -> None:
+    one = Listed("one", {"t1/k": BackendUnavailable("down"), "k": "global"}, ctx)
+    with pytest.raises(BackendUnavailable):
+        await Resolver([guard(one, ctx)], 300, 3600, 30).resolve(Kind.VARIABLE, "k", "t1")
+    assert "k" not in one.asked  # never the global value in place of a team's failing store

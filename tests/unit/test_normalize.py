@@ -87,3 +87,21 @@ def test_normalised_connection_round_trips_through_airflow_rules() -> None:
 def test_variables_pass_through_and_mappings_become_json() -> None:
     assert normalise(Kind.VARIABLE, "plain", "t") == "plain"
     assert json.loads(normalise(Kind.VARIABLE, {"a": 1}, "t")) == {"a": 1}
+
+
+def test_provider_form_is_what_the_provider_hands_airflow() -> None:
+    from broker.backends.base import Kind
+    from broker.normalize import provider_form
+
+    uri = "postgres://u:p%40ss@h:5432/db?ssl=true&timeout=5"
+    assert provider_form(Kind.CONNECTION, uri) == uri  # verbatim: Airflow parses it in its own context
+    stored = '{"conn_type": "http", "host": "", "extra": "{\\"a\\": 1}"}'
+    assert provider_form(Kind.CONNECTION, stored) == stored
+    assert json.loads(provider_form(Kind.CONNECTION, {"conn_type": "x", "port": "5"}) or "") == {
+        "conn_type": "x",
+        "port": "5",
+    }
+    # keys Airflow's Connection refuses (the broker accepts them): the normalised JSON is served
+    assert provider_form(Kind.CONNECTION, {"conn_id": "a", "conn_type": "x"}) is None
+    assert provider_form(Kind.CONNECTION, '{"extra_dejson": {}}') is None
+    assert provider_form(Kind.VARIABLE, "v") is None

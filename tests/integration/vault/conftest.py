@@ -132,6 +132,11 @@ def vault_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VaultEnv]:
         bao.kv2_put("variables/forbidden", {"value": "never-served-denied"})
         bao.kv2_put("config/sql_alchemy_conn", {"value": CONFIG_VALUE})
         bao.kv2_put("outside", {"value": OUTSIDE})
+        # path lists, nested ids and team-scoped paths (provider layouts)
+        bao.kv2_put("variables/extra/only_extra", {"value": "from-the-first-path"})
+        bao.kv2_put("variables/team1/db", {"value": "nested-value"})
+        bao.kv2_put("variables/alpha/scoped", {"value": "alpha-scoped"})
+        bao.kv2_put("variables/beta/scoped", {"value": "beta-scoped"})
         c.sys.enable_secrets_engine("kv", path="kv1", options={"version": "1"})
         c.secrets.kv.v1.create_or_update_secret(
             path="airflow/connections/v1conn", mount_point="kv1", secret={"conn_uri": "mysql://a:b@h:3306/s"}

@@ -51,20 +51,23 @@ def test_check_logs_in_and_reads_nothing(vault_env: VaultEnv, tmp_path: Path) ->
     assert "ok    vault (vault): vault http://127.0.0.1" in result.stdout and "airflow-read" in result.stdout
 
 
-def test_kv1_with_mount_from_the_path(broker_factory: Any, vault_env: VaultEnv) -> None:
+def test_kv1_with_mount_from_the_id(broker_factory: Any, vault_env: VaultEnv) -> None:
+    # mount_point null, as the provider reads it: the first segment of each id names the mount.
     backend = vault_env.backend(
         "approle",
         mount_point=None,
         kv_engine_version=1,
-        connections_path="kv1/airflow/connections",
-        variables_path="kv1/airflow/variables",
+        connections_path="airflow/connections",
+        variables_path="airflow/variables",
         config_path=None,
     )
     broker = broker_factory({"backends": [backend]})
-    assert json.loads(broker.get("connection", "v1conn")[1]["value"])["conn_type"] == "mysql"
-    assert broker.get("variable", "v1var")[1]["value"] == "kv1-value"
+    status, body, _ = broker.request("GET", "/v1/connections/kv1/v1conn")
+    assert status == 200 and json.loads(body["value"])["conn_type"] == "mysql"
+    assert broker.request("GET", "/v1/variables/kv1/v1var")[1]["value"] == "kv1-value"
+    assert broker.get("variable", "v1var")[0] == 404  # no mount segment: not looked up
     assert broker.get("config", "sql_alchemy_conn")[0] == 404  # config kind turned off by a null path
-    assert broker.metric("broker_backend_calls_total", operation="fetch", path="x") == 0
+    assert broker.metric("broker_backend_calls_total", operation="fetch") == 2
 
 
 def test_missing_is_404_and_negatively_cached(broker_factory: Any, vault_env: VaultEnv) -> None:

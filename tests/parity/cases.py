@@ -1,0 +1,250 @@
+"""The differential cases: store layouts (provider kwargs and the equivalent broker backend), the values
+seeded in the real stores, and the lookups asked of both.
+
+Every value is generated here from fixed lists (no randomness: a failure names a case that is the same on
+the next run). Each variant is one provider backend with one set of kwargs and one broker backend with the
+same settings; every variant's ids are its own, so no two variants see each other's secrets.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+# Characters the broker allows in an id besides letters, digits and '_' (broker/resolver.py), and some
+# it refuses (a provider may look them up).
+ID_MARKS = [".", "-", ":", "@", "+", "=", ",", "~"]
+REFUSED_IDS = ["a b", "a%2Fb", "a?b", "a#b", ".."]
+
+PASSWORD = "p@ss/w:rd#?&=+ %"  # every character a URI must percent-encode
+QUOTED_PASSWORD = "p%40ss%2Fw%3Ard%23%3F%26%3D%2B%20%25"
+
+URIS = [
+    "postgres://user:pw@db.example:5432/analytics",
+    f"postgres://user:{QUOTED_PASSWORD}@db.example:5432/analytics",
+    "postgresql://user:pw@db.example/analytics",
+    "mysql://db.example",
+    "mysql://user@db.example",
+    "http://:only-password@api.example",
+    "https://api.example:8443/?verify=false&timeout=5&retries=3&ratio=0.5&name=x",
+    "http://api.example/?ssl=true&timeout=5",
+    "http://api.example/?flag=null&empty=&list=%5B1%2C2%5D",
+    "http://api.example/?__extra__=%7B%22a%22%3A+1%2C+%22b%22%3A+%7B%22c%22%3A+%5Btrue%5D%7D%7D",
+    "aws://?region_name=eu-west-1&role_arn=arn%3Aaws%3Aiam%3A%3A123456789012%3Arole%2Fx",
+    "google-cloud-platform://?extra__google_cloud_platform__project=proj",
+    "sqlite:///relative/path.db",
+    "spark://spark://master.example:7077",
+    "ftp://u%20s:p%20w@ftp.example:21/dir%2Fsub",
+    "http://h%C3%B6st.example/sch%C3%A9ma",
+    "  http://padded.example  ",
+    "http://h.example:0",
+    "http://[::1]:8080/db",
+    "snowflake://user:pw@account/db?warehouse=wh&role=r&insecure_mode=true",
+]
+
+JSONS: list[dict[str, Any]] = [
+    {"conn_type": "postgres", "host": "h", "login": "u", "password": PASSWORD, "port": 5432, "schema": "s"},
+    {"conn_type": "postgres", "host": "h", "port": "5432", "extra": {"sslmode": "require", "n": {"x": [1, 2]}}},
+    {"conn_type": "http", "host": "h", "extra": json.dumps({"timeout": 5, "verify": False})},
+    {"conn_type": "http", "host": "", "login": "", "password": "", "schema": ""},
+    {"conn_type": "http", "description": "the API", "host": "h"},
+    {"conn_type": "aws"},
+    {"conn_type": "http", "extra": "not json"},
+    {"conn_type": "postgres", "host": "h", "port": None, "extra": None},
+    {"conn_type": "postgres", "user": "aliased-user", "database": "aliased-db", "remote_host": "aliased-host"},
+    {"engine": "mysql", "username": "u2", "pass": "p2", "server": "s2", "port": 3306},
+    {"conn_type": "http", "host": "h", "conn_id": "inner-id"},
+    {"conn_type": "http", "host": "h", "unknown_key": "x"},
+    {"conn_type": "http", "host": "ünï.example", "password": "🔑"},
+]
+
+VARIABLES = [
+    "plain",
+    "",
+    " padded ",
+    "multi\nline\n",
+    "ünïcode 🚀",
+    json.dumps({"a": 1, "b": [True, None]}),
+    "[1, 2, 3]",
+    "42",
+    PASSWORD,
+]
+
+
+@dataclass
+class Variant:
+    """One provider backend with kwargs and the equivalent broker backend (``{url}`` etc. filled later)."""
+
+    name: str
+    store: str  # vault_kv2, vault_kv1, secretsmanager, ssm
+    provider: str
+    kwargs: dict[str, Any]
+    broker: dict[str, Any]
+    # (kind, id) -> where the provider reads it: the store path or name; None: this kind is off
+    layout: dict[str, str | None]
+    sep: str = "/"
+    vault_holds_fields: bool = True  # Vault: connection dicts stored as fields (else as conn_uri)
+    extra_cases: list[dict[str, Any]] = field(default_factory=list)
+
+    def path(self, kind: str, key: str) -> str | None:
+        prefix = self.layout.get(kind)
+        if prefix is None:
+            return None
+        return f"{prefix}{self.sep}{key}" if prefix else key
+
+
+VAULT = "airflow.providers.hashicorp.secrets.vault.VaultBackend"
+SM = "airflow.providers.amazon.aws.secrets.secrets_manager.SecretsManagerBackend"
+SSM = "airflow.providers.amazon.aws.secrets.systems_manager.SystemsManagerParameterStoreBackend"
+
+VARIANTS = [
+    Variant(
+        "vault-kv2-defaults",
+        "vault_kv2",
+        VAULT,
+        {"mount_point": "secret"},
+        {},
+        {"connection": "connections", "variable": "variables", "config": "config"},
+    ),
+    Variant(
+        "vault-kv2-paths",
+        "vault_kv2",
+        VAULT,
+        {"mount_point": "secret", "connections_path": "af/conns/", "variables_path": "af/vars", "config_path": None},
+        {"connections_path": "af/conns/", "variables_path": "af/vars", "config_path": None},
+        {"connection": "af/conns", "variable": "af/vars", "config": None},
+    ),
+    Variant(
+        "vault-kv1",
+        "vault_kv1",
+        VAULT,
+        {"mount_point": "kv1", "kv_engine_version": 1, "connections_path": "conns", "variables_path": "vars"},
+        {"mount_point": "kv1", "kv_engine_version": 1, "connections_path": "conns", "variables_path": "vars"},
+        {"connection": "conns", "variable": "vars", "config": "config"},
+    ),
+    Variant(
+        "secretsmanager-defaults",
+        "secretsmanager",
+        SM,
+        {},
+        {},
+        {"connection": "airflow/connections", "variable": "airflow/variables", "config": "airflow/config"},
+    ),
+    Variant(
+        "secretsmanager-dash",
+        "secretsmanager",
+        SM,
+        {
+            "connections_prefix": "af-conn-",
+            "variables_prefix": "af-var",
+            "config_prefix": None,
+            "sep": "-",
+            "variables_lookup_pattern": "^(keep|k)",
+            "extra_conn_words": {"login": ["usr"], "password": ["pwd"]},
+        },
+        {
+            "connections_prefix": "af-conn-",
+            "variables_prefix": "af-var",
+            "config_prefix": None,
+            "sep": "-",
+            "variables_lookup_pattern": "^(keep|k)",
+            "extra_conn_words": {"login": ["usr"], "password": ["pwd"]},
+        },
+        {"connection": "af-conn", "variable": "af-var", "config": None},
+        sep="-",
+    ),
+    Variant(
+        "ssm-defaults",
+        "ssm",
+        SSM,
+        {},
+        {},
+        {"connection": "/airflow/connections", "variable": "/airflow/variables", "config": "/airflow/config"},
+    ),
+    Variant(
+        "ssm-prefixes",
+        "ssm",
+        SSM,
+        {"connections_prefix": "af/conns/", "variables_prefix": "", "connections_lookup_pattern": "^C"},
+        {"connections_prefix": "af/conns/", "variables_prefix": "", "connections_lookup_pattern": "^C"},
+        {"connection": "/af/conns", "variable": "", "config": "/airflow/config"},
+    ),
+]
+
+
+def ids(variant_index: int, count: int, kind: str) -> list[str]:
+    """``count`` distinct ids for one variant and kind, cycling through every allowed mark."""
+    tag = {"connection": "C", "variable": "k", "config": "cfg"}[kind]
+    out = []
+    for i in range(count):
+        mark = ID_MARKS[i % len(ID_MARKS)]
+        out.append(f"{tag}{variant_index}{mark}id_{i}" if i % 3 else f"{tag}{variant_index}_Id{mark}{i}")
+    return out
+
+
+@dataclass
+class Seed:
+    """One secret to write: the store, its path or name, and what it holds (a string, or a Vault dict)."""
+
+    store: str
+    path: str
+    value: Any
+
+
+def shape(value: Any) -> str:
+    """A label for what a store holds, for the documented-difference rules (never the value itself)."""
+    if isinstance(value, dict):
+        if set(value) == {"value"}:
+            inner = value["value"]
+            return "str" if isinstance(inner, str) else f"vault-{type(inner).__name__}"
+        if "conn_uri" in value and len(value) == 1:
+            return "uri"
+        return "json:" + ",".join(sorted(value))
+    if isinstance(value, str) and value.startswith("{"):
+        return "json:" + ",".join(sorted(json.loads(value)))
+    return "uri-or-str"
+
+
+def plan(variant_index: int, variant: Variant) -> tuple[list[Seed], list[dict[str, Any]]]:
+    """What to write in the stores for ``variant`` and the lookups to ask of both backends."""
+    seeds: list[Seed] = []
+    cases: list[dict[str, Any]] = []
+    vault = variant.store.startswith("vault")
+
+    def add(kind: str, key: str, value: Any) -> None:
+        path = variant.path(kind, key)
+        if path is not None:
+            seeds.append(Seed(variant.store, path, value))
+        cases.append({"variant": variant.name, "store": variant.store, "kind": kind, "id": key, "shape": shape(value)})
+
+    conn_values: list[Any] = []
+    for uri in URIS:
+        conn_values.append({"conn_uri": uri} if vault else uri)
+    for fields in JSONS:
+        conn_values.append(fields if vault else json.dumps(fields))
+    if vault:
+        conn_values += [
+            {"conn_uri": URIS[0], "description": "uri beside other keys"},
+            {"conn_uri": ""},
+            {"host": "no-type.example"},
+        ]
+    for key, value in zip(ids(variant_index, len(conn_values), "connection"), conn_values, strict=True):
+        add("connection", key, value)
+    var_values: list[Any] = [{"value": v} for v in VARIABLES] if vault else list(VARIABLES)
+    if vault:
+        var_values += [{"value": 5}, {"value": {"nested": True}}, {"other": "no value key"}]
+    for key, value in zip(ids(variant_index, len(var_values), "variable"), var_values, strict=True):
+        add("variable", key, value)
+    for key, value in zip(ids(variant_index, 3, "config"), ["cfg-value", "", "postgresql://x"], strict=True):
+        add("config", key, {"value": value} if vault else value)
+    for kind in ("connection", "variable", "config"):
+        for key in [f"absent{variant_index}_{kind}", *REFUSED_IDS]:
+            cases.append({"variant": variant.name, "store": variant.store, "kind": kind, "id": key, "shape": "absent"})
+    if variant.path("variable", "up") is not None:
+        # Stored beside the layout: an id that climbs out of it reaches this only through the provider.
+        add("variable", "up", {"value": "outside"} if vault else "outside")
+        cases.append(
+            {"variant": variant.name, "store": variant.store, "kind": "variable", "id": "x/../up", "shape": "traversal"}
+        )
+    return seeds, cases + variant.extra_cases

@@ -1,0 +1,109 @@
+"""Run inside an Airflow venv: every case of a job through the provider backend and BrokerSecretsBackend.
+
+``python runner.py JOB.json OUT.json``. The job lists groups (one provider backend and its kwargs, one
+broker socket, the cases); for each case both backends are asked in this one process, and what Airflow
+builds from each answer is recorded: the server context's ``airflow.models.Connection`` (through the
+backend's own ``get_connection``, as Airflow's server side calls it) and, on Airflow 3, the task SDK's
+``Connection`` (parsed from ``get_conn_value``'s string, as the task runner's backends do). Only the
+standard library and Airflow: this file is not imported by the test process.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+FIELDS = ("conn_type", "host", "login", "password", "schema", "port", "description")
+
+
+def load(path: str) -> type:
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
+
+
+def outcome(call: Any) -> dict[str, Any]:
+    """What Airflow's search sees: a value, nothing, a denial that stops it, or an error it moves past."""
+    denied = None
+    for module in ("airflow.sdk.exceptions", "airflow.exceptions"):
+        try:
+            denied = getattr(importlib.import_module(module), "AirflowSecretsBackendAccessDenied", None)
+        except ImportError:
+            continue
+        if denied is not None:
+            break
+    try:
+        value = call()
+    except Exception as exc:
+        if denied is not None and isinstance(exc, denied):
+            return {"denied": True}
+        return {"error": type(exc).__name__}
+    if value is None:
+        return {"none": True}
+    return {"value": value}
+
+
+def conn_fields(conn: Any) -> dict[str, Any]:
+    out = {name: getattr(conn, name, None) for name in FIELDS}
+    try:
+        out["extra_dejson"] = conn.extra_dejson
+    except Exception as exc:
+        out["extra_dejson"] = f"<{type(exc).__name__}>"
+    return json.loads(json.dumps(out, default=repr))
+
+
+def ask(backend: Any, case: dict[str, Any], airflow3: bool) -> dict[str, Any]:
+    kind, key, team = case["kind"], case["id"], case.get("team")
+    team_kw = {"team_name": team} if airflow3 and team is not None else {}
+    if kind == "variable":
+        return {"server": outcome(lambda: backend.get_variable(key, **team_kw))}
+    if kind == "config":
+        return {"server": outcome(lambda: backend.get_config(key))}
+    server = outcome(lambda: backend.get_connection(key, **team_kw))
+    if "value" in server:
+        server["value"] = conn_fields(server["value"])
+    result = {"server": server}
+    if airflow3:
+        from airflow.sdk.definitions.connection import Connection as SdkConnection
+        from airflow.secrets import BaseSecretsBackend
+
+        raw = outcome(lambda: backend.get_conn_value(key, **team_kw))
+        if "value" in raw:
+            raw = outcome(lambda: BaseSecretsBackend._deserialize_connection_value(SdkConnection, key, raw["value"]))
+            if "value" in raw:
+                raw["value"] = conn_fields(raw["value"])
+        result["sdk"] = raw
+    return result
+
+
+def main() -> None:
+    job = json.loads(open(sys.argv[1], encoding="utf-8").read())
+    logging.disable(logging.CRITICAL)  # provider warnings are not what is compared
+    import airflow
+
+    airflow3 = airflow.__version__.startswith("3")
+    from broker.airflow import BrokerSecretsBackend
+
+    results = []
+    for group in job["groups"]:
+        if group.get("multi_team"):
+            os.environ["AIRFLOW__CORE__MULTI_TEAM"] = "True"
+        else:
+            os.environ.pop("AIRFLOW__CORE__MULTI_TEAM", None)
+        provider = load(group["provider"])(**group["kwargs"])
+        broker = BrokerSecretsBackend(**group["broker_kwargs"])
+        for case in group["cases"]:
+            if case.get("team") is not None and not airflow3:
+                continue
+            results.append(
+                {"case": case, "provider": ask(provider, case, airflow3), "broker": ask(broker, case, airflow3)}
+            )
+    with open(sys.argv[2], "w", encoding="utf-8") as fh:
+        json.dump({"airflow": airflow.__version__, "results": results}, fh)
+
+
+if __name__ == "__main__":
+    main()

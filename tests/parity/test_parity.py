@@ -1,0 +1,200 @@
+"""The broker through BrokerSecretsBackend against the provider backends, side by side, on the same stores.
+
+One OpenBao (KV v2 at ``secret/``, KV v1 at ``kv1/``) and one moto server (Secrets Manager and SSM, reached
+through boto3's real credential chain) hold every case's secret; one broker process per variant serves the
+broker side. One Airflow process per venv asks every case of every variant of both backends and records
+what Airflow builds from each answer (tests/parity/runner.py). Any answer that differs must be a row of
+the parity table in docs/airflow.md (tests/parity/differences.py); anything else fails the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from moto.server import ThreadedMotoServer
+
+from tests.e2e.venvs import AIRFLOW_VERSIONS, ensure_airflow
+from tests.parity.cases import PASSWORD, VARIANTS, Seed, plan
+from tests.parity.differences import DIFFERENCES, explain, view
+from tests.servers.openbao import ROOT_TOKEN, OpenBao
+from tests.support.broker_process import BrokerProcess
+from tests.support.leakcheck import plant
+
+pytestmark = pytest.mark.e2e
+REPO = Path(__file__).resolve().parents[2]
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_EC2_METADATA_DISABLED": "true"}
+REGION = "us-east-1"
+plant("parity", PASSWORD)  # stored in many cases' passwords and variables: it must reach no broker log
+
+
+def seed(seeds: list[Seed], bao: OpenBao, moto_url: str) -> None:
+    """Write every seed in its store (a name a store refuses is left out: both sides then find nothing)."""
+    vault = bao.client()
+    sm = boto3.client("secretsmanager", region_name=REGION, endpoint_url=moto_url, **_keys())
+    ssm = boto3.client("ssm", region_name=REGION, endpoint_url=moto_url, **_keys())
+    for s in seeds:
+        try:
+            if s.store == "vault_kv2":
+                vault.secrets.kv.v2.create_or_update_secret(path=s.path, secret=s.value, mount_point="secret")
+            elif s.store == "vault_kv1":
+                vault.secrets.kv.v1.create_or_update_secret(path=s.path, secret=s.value, mount_point="kv1")
+            elif s.store == "secretsmanager":
+                sm.create_secret(Name=s.path, SecretString=s.value)
+            elif s.value:  # SSM refuses empty values
+                ssm.put_parameter(Name=s.path, Value=s.value, Type="SecureString", Overwrite=True)
+        except Exception as exc:
+            print(f"parity: {s.store} refused {s.path!r}: {type(exc).__name__}")
+    vault.adapter.close()
+
+
+def _keys() -> dict[str, str]:
+    return {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    work = tmp_path_factory.mktemp("parity")
+    bao = OpenBao(work / "bao").start()
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    moto.start()
+    host, port = moto.get_host_and_port()
+    try:
+        bao.client().sys.enable_secrets_engine("kv", path="kv1", options={"version": "1"})
+        token = work / "bao.token"
+        token.write_text(ROOT_TOKEN)
+        yield {"bao": bao, "moto_url": f"http://{host}:{port}", "token": token, "work": work}
+    finally:
+        moto.stop()
+        bao.stop()
+
+
+def broker_backend(store: str, settings: dict[str, Any], stores: dict[str, Any]) -> dict[str, Any]:
+    if store.startswith("vault"):
+        base = {
+            "type": "vault",
+            "url": stores["bao"].url,
+            "auth": {"method": "token", "token_file": str(stores["token"])},
+        }
+    else:
+        kind = "aws_secrets_manager" if store == "secretsmanager" else "aws_ssm"
+        base = {"type": kind, "region_name": REGION, "endpoint_url": stores["moto_url"]}
+    return {"name": "parity", **base, **settings}
+
+
+def provider_kwargs(store: str, kwargs: dict[str, Any], stores: dict[str, Any]) -> dict[str, Any]:
+    if store.startswith("vault"):
+        return {"url": stores["bao"].url, "token": ROOT_TOKEN, **kwargs}
+    return {"region_name": REGION, "endpoint_url": stores["moto_url"], **kwargs}
+
+
+@pytest.fixture(scope="module")
+def job(stores: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Seed the stores, start one broker per variant (in parallel), and build the job the runner reads."""
+    groups, seeds, brokers = [], [], []
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | AWS_ENV
+    for index, variant in enumerate(VARIANTS):
+        variant_seeds, cases = plan(index, variant)
+        seeds += variant_seeds
+        work = stores["work"] / f"broker-{variant.name}"
+        work.mkdir()
+        config = {
+            "cache": {"ttl": 300, "negative_ttl": 0},
+            "backends": [broker_backend(variant.store, variant.broker, stores)],
+        }
+        brokers.append(BrokerProcess(config, work, env=env))
+        groups.append(
+            {
+                "variant": variant.name,
+                "provider": variant.provider,
+                "kwargs": provider_kwargs(variant.store, variant.kwargs, stores),
+                "broker_kwargs": {"socket_path": brokers[-1].socket_path, "timeout": 10},
+                "cases": cases,
+            }
+        )
+    seed(seeds, stores["bao"], stores["moto_url"])
+    for broker in brokers:
+        broker.start(wait_ready=False)
+    try:
+        for broker in brokers:
+            broker.wait_ready(30)
+        yield {"groups": groups}
+    finally:
+        for broker in brokers:
+            broker.stop()
+
+
+def run_in_airflow(python: Path, job: dict[str, Any], work: Path) -> dict[str, Any]:
+    job_file, out_file = work / "job.json", work / "out.json"
+    job_file.write_text(json.dumps(job))
+    home = work / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "AWS_", "VIRTUAL_ENV"))}
+    env |= AWS_ENV | {
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
+        "PYTHONWARNINGS": "ignore",
+    }
+    result = subprocess.run(
+        [str(python), str(REPO / "tests" / "parity" / "runner.py"), str(job_file), str(out_file)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=home,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return dict(json.loads(out_file.read_text()))
+
+
+def test_broker_answers_as_the_provider_backends(job: dict[str, Any], stores: dict[str, Any]) -> None:
+    versions = sorted(AIRFLOW_VERSIONS.values())
+    with ThreadPoolExecutor(len(versions)) as pool:
+        pythons = list(pool.map(ensure_airflow, versions))
+    outputs = []
+    for version, python in zip(versions, pythons, strict=True):
+        work = stores["work"] / f"airflow-{version}"
+        work.mkdir()
+        outputs.append(run_in_airflow(python, job, work))
+    total, agree, documented = 0, 0, Counter[str]()
+    undocumented: list[str] = []
+    for out in outputs:
+        for result in out["results"]:
+            total += 1
+            provider, broker = view(result["provider"]), view(result["broker"])
+            if provider == broker:
+                agree += 1
+                continue
+            row = explain({**result["case"], "airflow": out["airflow"]}, provider, broker)
+            if row is None:
+                undocumented.append(f"airflow {out['airflow']}: {json.dumps(result, sort_keys=True)}")
+            else:
+                documented[row] += 1
+    print(f"\nparity: {total} cases, {agree} agree, {sum(documented.values())} documented differences")
+    for row, count in sorted(documented.items()):
+        print(f"parity:   {count:4d} x {row}")
+    assert total >= 400, total
+    assert not undocumented, f"{len(undocumented)} undocumented differences:\n" + "\n".join(undocumented[:40])
+    assert set(documented) <= {d.id for d in DIFFERENCES}
+
+
+def test_every_documented_difference_is_a_row_of_the_parity_table() -> None:
+    table = (REPO / "docs" / "airflow.md").read_text()
+    assert "## Parity with the provider backends" in table
+    section = table.split("## Parity with the provider backends", 1)[1]
+    missing = [d.id for d in DIFFERENCES if f"`{d.id}`" not in section]
+    assert not missing, f"rows missing from the parity table in docs/airflow.md: {missing}"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q", "-s"]))
