@@ -14,6 +14,7 @@ from broker.backends import EXTRAS, REGISTRY, load_type
 from broker.backends.base import BackendConfig, ConfigurationError
 from broker.configtypes import Duration, StrictModel
 from broker.node.config import NodeConfig, node_errors
+from broker.providerkw import translate
 
 DEFAULT_SOCKET = Path("/run/broker/broker.sock")
 M = TypeVar("M", bound=BaseModel)
@@ -262,10 +263,9 @@ def validate_config(data: Any) -> BrokerConfig:
     if errors or top is None:
         raise ConfigurationError(errors)
     config = top.model_copy(update={"backends": backends})
-    if config.node is not None:
-        errors.extend(node_errors(config))
-        if errors:
-            raise ConfigurationError(errors)
+    errors.extend(node_errors(config))
+    if errors:
+        raise ConfigurationError(errors)
     return config
 
 
@@ -303,6 +303,7 @@ def _validate_backend(i: int, raw: Any, errors: list[str]) -> BackendConfig | No
         hint = f" (install credential-broker[{extra}])" if extra else ""
         errors.append(f"{where}.type: backend type {type_name!r} is not available: {exc.name or exc}{hint}")
         return None
+    raw = translate(raw, model.provider_kwargs, where, errors)
     try:
         return model.model_validate(raw)
     except ValidationError as exc:

@@ -13,6 +13,7 @@ retries are off because the core's guard owns retries, backoff and the time budg
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 from collections.abc import Callable
@@ -35,6 +36,7 @@ from broker.backends.base import (
     SecretNotFound,
     layout_key,
 )
+from broker.providerkw import Ignored, ProviderKwarg, Replaced
 
 # Error codes as AWS services spell them (JSON protocols add "Exception"; the STS query protocol does not).
 THROTTLED = frozenset(
@@ -80,13 +82,39 @@ UNAVAILABLE = frozenset(
 )
 
 
+_POD_IDENTITY = (
+    "the broker uses boto3's default chain (IRSA, EKS Pod Identity, instance profile); role_arn assumes a role"
+)
+# amazon provider 9.39.0: SecretsManagerBackend / SystemsManagerParameterStoreBackend kwargs (and the AWS
+# connection extras they pass on) that are not keys of ours.
+AWS_PROVIDER_KWARGS: dict[str, ProviderKwarg] = {
+    "aws_access_key_id": Replaced(f"a credential in the config; {_POD_IDENTITY}"),
+    "aws_secret_access_key": Replaced(f"a credential in the config; {_POD_IDENTITY}"),
+    "aws_session_token": Replaced(f"a credential in the config; {_POD_IDENTITY}"),
+    "profile_name": Replaced(f"shared-config profiles are not read; {_POD_IDENTITY}"),
+    "assume_role_kwargs": Replaced("use external_id and role_session_name (with role_arn)"),
+    "verify": Replaced("TLS is always verified; set ca_cert to trust a private CA"),
+    "assume_role_method": Ignored(
+        "role_arn is assumed with sts:AssumeRole on top of the default chain, which already does web identity (IRSA)"
+    ),
+    "api_version": Ignored("the client uses the service's current API version"),
+    "use_ssl": Ignored("the scheme of endpoint_url decides (https unless a test endpoint says http://)"),
+    "botocore_config": Ignored("timeouts and retries are the broker's: timeout, retries, circuit_breaker"),
+    "config_kwargs": Ignored("timeouts and retries are the broker's: timeout, retries, circuit_breaker"),
+}
+
+
 class AwsConfig(BackendConfig):
     """Identity keys shared by both AWS backends, and Airflow's lookup patterns."""
+
+    provider_kwargs = AWS_PROVIDER_KWARGS
 
     region_name: str | None = Field(default=None, pattern=r"^[a-z]{2}(-[a-z]+)+-\d+$")
     endpoint_url: str | None = Field(default=None, pattern=r"^https?://")
     role_arn: str | None = Field(default=None, pattern=r"^arn:aws[a-z-]*:iam::\d{12}:role/.+")
-    role_session_name: str = Field(default="airflow-broker", pattern=r"^[\w+=,.@-]{2,64}$")
+    # Lengths as min/max_length, not a {2,64} repeat: pydantic's regex engine expands a bounded repeat of
+    # the Unicode \w class into an automaton of about 5 MiB, built for every model that has the field.
+    role_session_name: str = Field(default="airflow-broker", min_length=2, max_length=64, pattern=r"^[\w+=,.@-]+$")
     external_id: str | None = Field(default=None, min_length=2, max_length=1224, pattern=r"^[\w+=,.@:/-]+$")
     connections_lookup_pattern: str | None = None
     variables_lookup_pattern: str | None = None
@@ -164,6 +192,60 @@ def map_client_error(exc: BaseException, backend: str, what: str) -> BrokerError
     return BackendError(f"{prefix}: {type(exc).__name__}")
 
 
+SERVICES = frozenset({"secretsmanager", "ssm", "sts"})  # every AWS service the broker calls
+_LOADER_LOCK = threading.Lock()
+_ENDPOINTS_LOCK = threading.Lock()
+_LOADER: Any = None
+
+
+def shared_loader(data_path: str | None) -> Any:
+    """The one botocore data loader of the process, shared by every session the AWS backends build.
+
+    botocore's loader caches what it reads (endpoints, partitions, each service model, as parsed JSON);
+    one loader per backend read and held them once per backend. Its endpoints table keeps only the
+    services in ``SERVICES``: the whole table is about 7 MiB once parsed, for some 400 services.
+    """
+    global _LOADER
+    with _LOADER_LOCK:
+        if _LOADER is None:
+            from botocore.loaders import Loader
+
+            class TrimmedLoader(Loader):
+                _endpoints: tuple[Any, str] | None = None
+
+                def load_data_with_path(self, name: str) -> Any:
+                    if name != "endpoints":
+                        return super().load_data_with_path(name)
+                    with _ENDPOINTS_LOCK:
+                        if self._endpoints is None:
+                            full, path = super().load_data_with_path(name)
+                            # drop the full table from the cache botocore's instance_cache keeps
+                            getattr(self, "_cache", {}).pop(("load_data_with_path", name), None)
+                            self._endpoints = (_trimmed_endpoints(full), path)
+                        return self._endpoints
+
+            # AWS_DATA_PATH, read as botocore's own create_loader reads it
+            paths = (
+                None
+                if data_path is None
+                else [os.path.expanduser(os.path.expandvars(p)) for p in data_path.split(os.pathsep)]
+            )
+            _LOADER = TrimmedLoader(extra_search_paths=paths)
+        return _LOADER
+
+
+def _trimmed_endpoints(full: dict[str, Any]) -> dict[str, Any]:
+    """botocore's endpoints table with only ``SERVICES`` in each partition, as freshly allocated objects
+    (a JSON round trip), so the memory of the full table is returned once it is dropped."""
+    import json
+
+    partitions = [
+        {**p, "services": {k: v for k, v in p.get("services", {}).items() if k in SERVICES}}
+        for p in full.get("partitions", [])
+    ]
+    return dict(json.loads(json.dumps({**full, "partitions": partitions})))
+
+
 def _as_refreshed(creds: dict[str, Any]) -> dict[str, str]:
     """STS ``Credentials`` as botocore's refreshable credentials take them."""
     return {
@@ -186,7 +268,8 @@ class AwsBackend(Backend):
         self._generation = 0
         self._credentials: Any = None
         self._client: Any = None
-        self._sts: Any = None
+        self._sts: Any = None  # built on first use (only ``broker check`` calls STS)
+        self._session: Any = None
         self._seen_expiry: datetime | None = None
 
     # ------------------------------------------------------------------------------------ layout
@@ -221,6 +304,7 @@ class AwsBackend(Backend):
 
         def core_session() -> Any:
             core = botocore.session.Session()
+            core.register_component("data_loader", shared_loader(core.get_config_variable("data_path")))
             if self.config.region_name:
                 core.set_config_variable("region", self.config.region_name)
             # Also applies to the STS clients botocore makes inside the chain (web identity, assume role).
@@ -258,7 +342,7 @@ class AwsBackend(Backend):
         client = session.client(
             self.service, endpoint_url=self.config.endpoint_url, verify=verify, config=self._client_config()
         )
-        self._sts = session.client("sts", config=self._client_config())
+        self._session, self._sts = session, None
         self._credentials = core.get_credentials()
         self._client = client
 
@@ -314,13 +398,20 @@ class AwsBackend(Backend):
         generation = self._generation
         try:
             self._resolve_credentials()
-            return getattr(self._sts if sts else self._client, method)(**kwargs)
+            return getattr(self._sts_client() if sts else self._client, method)(**kwargs)
         except Exception as exc:
             if error_code(exc) not in EXPIRED:
                 raise
         self._ensure(stale_generation=generation)
         self._resolve_credentials()
-        return getattr(self._sts if sts else self._client, method)(**kwargs)
+        return getattr(self._sts_client() if sts else self._client, method)(**kwargs)
+
+    def _sts_client(self) -> Any:
+        """The STS client on the backend's session, built on first use (its model is not loaded before)."""
+        with self._lock:
+            if self._sts is None:
+                self._sts = self._session.client("sts", config=self._client_config())
+            return self._sts
 
     async def _call(self, what: str, method: str, *, sts: bool = False, **kwargs: Any) -> Any:
         """One AWS call in the thread pool. Raises the mapped broker error."""

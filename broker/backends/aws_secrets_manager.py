@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from broker.backends.aws_common import AwsBackend, AwsConfig
+from broker.backends.aws_common import AWS_PROVIDER_KWARGS, AwsBackend, AwsConfig
 from broker.backends.base import (
     TEAM_SEP,
     BackendError,
@@ -26,6 +26,7 @@ from broker.backends.base import (
     SecretValue,
     layout_key,
 )
+from broker.providerkw import Ignored
 
 # Airflow's SecretsManagerBackend accepts these key names for each connection field.
 CONN_WORDS: dict[str, tuple[str, ...]] = {
@@ -41,6 +42,15 @@ EXTRA_WORD_FIELDS = frozenset({*CONN_WORDS, "user"})  # "user" means "login", as
 
 
 class SecretsManagerConfig(AwsConfig):
+    provider_kwargs = {
+        **AWS_PROVIDER_KWARGS,
+        "full_url_mode": Ignored(
+            "removed from the provider; a connection secret is read as a URI or as JSON, whichever it holds"
+        ),
+        "are_secret_values_urlencoded": Ignored(
+            "removed from the provider; values are served as stored, never URL-decoded"
+        ),
+    }
     type: Literal["aws_secrets_manager"]
     connections_prefix: str | None = "airflow/connections"
     variables_prefix: str | None = "airflow/variables"

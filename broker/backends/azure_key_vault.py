@@ -36,6 +36,7 @@ from broker.backends.base import (
     layout_key,
 )
 from broker.identity.azure import AzureTokenSource, CredentialKind
+from broker.providerkw import Moves, Replaced
 
 log = logging.getLogger("broker.backend.azure")
 
@@ -44,6 +45,14 @@ _PARAM = re.compile(r'(\w+)="([^"]*)"')
 
 
 class AzureConfig(BackendConfig):
+    # microsoft-azure provider 15.2.1: AzureKeyVaultBackend kwargs that are not keys of ours.
+    provider_kwargs = {
+        "client_secret": Replaced(
+            "a credential in the config; use credential: workload_identity (the default) with client_id and tenant_id"
+        ),
+        "managed_identity_client_id": Replaced("use credential: managed_identity with client_id"),
+        "workload_identity_tenant_id": Moves("tenant_id"),
+    }
     type: Literal["azure_key_vault"]
     vault_url: str = Field(pattern=r"^https://[^/\s?#]+/?$")
     credential: CredentialKind = "workload_identity"

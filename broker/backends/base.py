@@ -25,6 +25,7 @@ from pydantic import Field
 
 from broker.clock import Clock
 from broker.configtypes import Duration, StrictModel
+from broker.providerkw import ProviderKwarg
 
 if TYPE_CHECKING:
     from broker.metrics import Metrics
@@ -234,6 +235,8 @@ class BackendConfig(StrictModel):
     circuit_breaker: CircuitConfig = CircuitConfig()
     # Off unless set; store types with a documented request quota set their own default (docs/rate-limits.md).
     rate_limit: RateLimitConfig | None = None
+    # The provider backend's kwargs that are not keys of ours, and how each is read (broker.providerkw).
+    provider_kwargs: ClassVar[Mapping[str, ProviderKwarg]] = {}
 
 
 # ---------------------------------------------------------------------------------------------- context

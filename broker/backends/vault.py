@@ -43,9 +43,42 @@ from broker.backends.base import (
 )
 from broker.backends.base import Backend as BaseBackend
 from broker.configtypes import Duration, StrictModel
+from broker.providerkw import Deprecated, Moves, ProviderKwarg, Replaced
 
 log = logging.getLogger("broker.backend.vault")
 
+_POD_LOGIN = "log in with the pod's identity: auth.method kubernetes, jwt or aws (docs/vault.md)"
+_OTHER_METHOD = f"the provider's {{}} auth method is not supported; {_POD_LOGIN}"
+# hashicorp provider 4.8.4, VaultBackend and _VaultClient keyword arguments that are not keys of ours.
+PROVIDER_KWARGS: dict[str, ProviderKwarg] = {
+    "auth_type": Moves("auth.method", {"aws_iam": "aws"}),
+    "auth_mount_point": Moves("auth.mount"),
+    "kubernetes_role": Moves("auth.role"),
+    "kubernetes_jwt_path": Moves("auth.token_path"),
+    "jwt_role": Moves("auth.role"),
+    "jwt_token_path": Moves("auth.token_path"),
+    "region": Moves("auth.aws_region"),
+    "token": Replaced(f"a token in the config; {_POD_LOGIN}, or auth.method token with auth.token_file"),
+    "token_path": Replaced(f"use auth.method token with auth.token_file, or better {_POD_LOGIN}"),
+    "jwt_token": Replaced("a token in the config; use auth.token_path (a projected service-account token file)"),
+    "role_id": Replaced(f"use auth.role_id_file (auth.method approle), or better {_POD_LOGIN}"),
+    "secret_id": Replaced(f"use auth.secret_id_file (auth.method approle), or better {_POD_LOGIN}"),
+    "username": Replaced(_OTHER_METHOD.format("ldap/userpass")),
+    "password": Replaced(_OTHER_METHOD.format("ldap/userpass")),
+    "key_id": Replaced("auth.method aws signs sts:GetCallerIdentity with the pod's AWS identity (IRSA, Pod Identity)"),
+    "assume_role_kwargs": Replaced("auth.method aws uses the pod's AWS identity (IRSA, EKS Pod Identity) as is"),
+    "gcp_key_path": Replaced(_OTHER_METHOD.format("gcp")),
+    "gcp_keyfile_dict": Replaced(_OTHER_METHOD.format("gcp")),
+    "gcp_scopes": Replaced(_OTHER_METHOD.format("gcp")),
+    "azure_tenant_id": Replaced(_OTHER_METHOD.format("azure")),
+    "azure_resource": Replaced(_OTHER_METHOD.format("azure")),
+    "radius_host": Replaced(_OTHER_METHOD.format("radius")),
+    "radius_secret": Replaced(_OTHER_METHOD.format("radius")),
+    "radius_port": Replaced(_OTHER_METHOD.format("radius")),
+    "verify": Replaced("TLS is always verified; set ca_cert to trust a private CA"),
+    "cert": Replaced("client certificates are not used; " + _POD_LOGIN),
+    "global_secrets_path": Deprecated("kept, as the provider keeps it: list the fallback paths in *_path instead"),
+}
 SA_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
 DEFAULT_MOUNTS = {"kubernetes": "kubernetes", "jwt": "jwt", "aws": "aws", "approle": "approle"}
 DYNAMIC_PREFIX = "dynamic:"
@@ -100,6 +133,7 @@ class DynamicConnection(StrictModel):
 
 
 class VaultConfig(BackendConfig):
+    provider_kwargs = PROVIDER_KWARGS
     type: Literal["vault"]
     url: str = Field(pattern=r"^https?://[^/\s]+/?$")
     namespace: str | None = None

@@ -33,6 +33,9 @@ AWS_THROTTLE = (
 )
 
 
+NESTED = "team/nested"  # a nested id, planted where the store's provider finds one (Vault, SM, SSM)
+
+
 def value_of(store: str, key: str) -> str:
     return f"fault-{store}-{key}-value-7e1d"
 
@@ -75,6 +78,7 @@ def harnesses(tmp_path_factory: pytest.TempPathFactory, fault_ca: TestCA) -> Ite
             bao.kv2_put(f"variables/{key}", {"value": value_of("vault", key)})
         for path in ("outside", "variables", "config/outside"):
             bao.kv2_put(path, {"value": OUTSIDE})
+        bao.kv2_put(f"variables/{NESTED}", {"value": value_of("vault", NESTED)})
         token_file = work / "vault.token"
         token_file.write_text(ROOT_TOKEN)
         proxy = FaultProxy(bao.url, throttle=(429, {}, b'{"errors": ["rate limit quota exceeded"]}')).start()
@@ -100,6 +104,8 @@ def harnesses(tmp_path_factory: pytest.TempPathFactory, fault_ca: TestCA) -> Ite
         for key in _keys():
             sm.create_secret(Name=f"airflow/variables/{key}", SecretString=value_of("sm", key))
             ssm.put_parameter(Name=f"/airflow/variables/{key}", Value=value_of("ssm", key), Type="SecureString")
+        sm.create_secret(Name=f"airflow/variables/{NESTED}", SecretString=value_of("sm", NESTED))
+        ssm.put_parameter(Name=f"/airflow/variables/{NESTED}", Value=value_of("ssm", NESTED), Type="SecureString")
         for name in ("outside", "airflow/outside", "airflow/variables"):
             sm.create_secret(Name=name, SecretString=OUTSIDE)
             ssm.put_parameter(Name=f"/{name}", Value=OUTSIDE, Type="SecureString")

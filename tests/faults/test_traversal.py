@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.faults.conftest import OUTSIDE, Harness
+from tests.faults.conftest import NESTED, OUTSIDE, Harness, value_of
 from tests.support.figures import report
 
 pytestmark = pytest.mark.integration
@@ -82,3 +82,24 @@ def test_crafted_names_stay_inside_the_layout(brokers: list[Any]) -> None:
 def test_generated_names_stay_inside_the_layout(brokers: list[Any], text: str) -> None:
     for broker in brokers:
         never_outside(broker, quote(text, safe="%./"))
+
+
+def test_nested_ids_are_found_where_the_provider_finds_them(harnesses: dict[str, Harness], brokers: list[Any]) -> None:
+    for name, broker in zip(harnesses, brokers, strict=True):
+        status, body, _ = broker.request("GET", f"/v1/variables/{NESTED}", timeout=30)
+        if name in ("gcp", "azure"):
+            assert status == 404, name  # '/' cannot be part of their secret names: not looked up
+        else:
+            assert (status, body["value"]) == (200, value_of(name, NESTED)), name
+        # the same id spelled with an encoded separator, or with dot or empty segments, never reaches the store
+        for raw in (
+            "team%2Fnested",
+            "team%2fnested",
+            "team%5Cnested",
+            "team/./nested",
+            "x/../team/nested",
+            "team//nested",
+            "/team/nested",
+            "team/nested/",
+        ):
+            assert broker.request("GET", f"/v1/variables/{raw}", timeout=30)[0] == 400, (name, raw)

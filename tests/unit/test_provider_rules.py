@@ -148,3 +148,40 @@ def test_locate_is_the_first_team_agnostic_candidate() -> None:
     vault = backend({**VAULT, "connections_path": ["a", "b"]})
     assert vault.locate(C, "db") == "a/db"
     assert backend({**VAULT, "connections_path": []}).locate(C, "db") is None
+
+
+def test_verbatim_vault_kwargs_load(caplog: pytest.LogCaptureFixture) -> None:
+    from broker.config import validate_config
+
+    kwargs = {
+        "url": "http://127.0.0.1:8200",
+        "auth_type": "kubernetes",
+        "auth_mount_point": "k8s",
+        "kubernetes_role": "airflow",
+        "kubernetes_jwt_path": "/var/run/secrets/vault/token",
+        "mount_point": None,
+        "connections_path": ["connections/team1", "connections"],
+        "global_secrets_path": "common",
+    }
+    with caplog.at_level("WARNING", "broker.config"):
+        config = validate_config({"backends": [{"name": "v", "type": "vault", **kwargs}]})
+    vault: Any = config.backends[0]
+    assert (vault.auth.method, vault.auth.mount, vault.auth.role) == ("kubernetes", "k8s", "airflow")
+    assert str(vault.auth.token_path) == "/var/run/secrets/vault/token"
+    assert vault.mount_point is None and vault.connections_path == ["connections/team1", "connections"]
+    assert [r.key for r in caplog.records] == ["backends[0].global_secrets_path"]  # type: ignore[attr-defined]
+
+
+def test_aws_iam_auth_type_and_ignored_kwargs_warn_once_each(caplog: pytest.LogCaptureFixture) -> None:
+    from broker.config import validate_config
+
+    sm = {"name": "a", "type": "aws_secrets_manager", "full_url_mode": False, "are_secret_values_urlencoded": True}
+    vault = {**VAULT, "auth": None, "auth_type": "aws_iam", "kubernetes_role": "r", "region": "eu-west-1"}
+    del vault["auth"]
+    with caplog.at_level("WARNING", "broker.config"):
+        config = validate_config({"backends": [sm, vault]})
+    keys = [r.key for r in caplog.records]  # type: ignore[attr-defined]
+    assert keys == ["backends[0].full_url_mode", "backends[0].are_secret_values_urlencoded"]
+    assert all("True" not in r.getMessage() for r in caplog.records)  # never the value
+    auth: Any = config.backends[1].auth  # type: ignore[attr-defined]
+    assert (auth.method, auth.aws_region) == ("aws", "eu-west-1")

@@ -127,3 +127,68 @@ async def test_openapi_document_is_served_and_describes_the_api(state: Any) -> N
         } <= set(doc["paths"])
     finally:
         await client.close()
+
+
+class Recorder:
+    """Stands in for the audit trail: keeps what would be written."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str, str, str | None]] = []
+
+    def record(self, rid: Any, kind: str, name: str, outcome: str, *, team: str | None = None, **_: Any) -> None:
+        self.lines.append((kind, name, outcome, team))
+
+
+def team_state(tmp_path: Path, bound: str | None) -> Any:
+    listen: dict[str, Any] = {"socket": str(tmp_path / "s.sock")}
+    if bound:
+        listen["team"] = bound
+    config = validate_config({"multi_team": True, "listen": listen, "backends": [{"name": "env", "type": "env"}]})
+    st = BrokerState(config)
+    st.loads = []
+
+    async def load(kind: Kind, name: str, team: str | None = None) -> Resolved:
+        st.loads.append((name, team))
+        return Resolved(f"{team}:{name}", "env", None, None, 300, 0)
+
+    st.cache._loader = load
+    st.audit = Recorder()
+    return st
+
+
+async def test_the_team_is_part_of_the_key(tmp_path: Path) -> None:
+    st = team_state(tmp_path, None)
+    client = await client_for(build_api_app(st))
+    try:
+        for path, value in [
+            ("k?team=alpha", "alpha:k"),
+            ("k?team=beta", "beta:k"),
+            ("k", "None:k"),
+            ("k?team=alpha", "alpha:k"),
+            ("team/k?team=alpha", "alpha:team/k"),
+        ]:
+            resp = await client.get(f"/v1/variables/{path}")
+            assert (resp.status, (await resp.json())["value"]) == (200, value), path
+        assert st.loads == [("k", "alpha"), ("k", "beta"), ("k", None), ("team/k", "alpha")]
+        for bad in ("k?team=ab", "k?team=alpha&team=beta", "k?team=a%2Fb"):
+            assert (await client.get(f"/v1/variables/{bad}")).status == 400, bad
+        assert (await client.get("/v1/config/k?team=alpha")).status == 400  # config has no team
+    finally:
+        await client.close()
+        st.executor.shutdown(wait=False)
+
+
+async def test_a_bound_listener_serves_its_team_and_refuses_others(tmp_path: Path) -> None:
+    st = team_state(tmp_path, "alpha")
+    client = await client_for(build_api_app(st))
+    try:
+        assert (await (await client.get("/v1/connections/db")).json())["value"] == "alpha:db"
+        assert (await client.get("/v1/connections/db?team=alpha")).status == 200  # the same entry
+        refused = await client.get("/v1/connections/db?team=beta")
+        assert refused.status == 403 and (await refused.json())["error"] == "forbidden"
+        assert st.loads == [("db", "alpha")]  # the other team's secret was never looked up
+        assert ("connection", "db", "denied", "beta") in st.audit.lines
+        assert st.metrics.rejected.labels("team_denied")._value.get() == 1
+    finally:
+        await client.close()
+        st.executor.shutdown(wait=False)

@@ -81,6 +81,11 @@ def moto_proxy() -> Iterator[AwsProxy]:
         Type="SecureString",
     )
     ssm.put_parameter(Name="/bare_param", Value="bare-param-value", Type="String")
+    # multi-team and nested ids, in the providers' layouts
+    sm.create_secret(Name="airflow/variables/alpha--plain", SecretString="alpha-sm")
+    sm.create_secret(Name="airflow/variables/team/nested", SecretString="nested-sm")
+    ssm.put_parameter(Name="/airflow/variables/alpha--ssm_var", Value="alpha-ssm", Type="SecureString")
+    ssm.put_parameter(Name="/airflow/variables/team/ssm_nested", Value="nested-ssm", Type="String")
     proxy.sm = sm  # type: ignore[attr-defined]
     proxy.ssm = ssm  # type: ignore[attr-defined]
     try:

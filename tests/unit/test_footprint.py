@@ -1,0 +1,85 @@
+"""What the process loads: cloud SDKs only for configured backends, and botocore's data held once, trimmed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from broker.config import validate_config
+
+SDKS = ("boto3", "botocore", "google", "azure", "hvac", "s3transfer")
+
+
+def _loaded_after(code: str, cwd: Path) -> list[str]:
+    """The SDK modules in ``sys.modules`` after running ``code`` in a fresh interpreter."""
+    probe = code + (
+        f"\nimport sys, json\ntops = {SDKS!r}\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in tops)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=cwd, check=False
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    loaded: list[str] = json.loads(out.stdout.strip().splitlines()[-1])
+    return loaded
+
+
+def test_cli_and_a_file_only_start_import_no_cloud_sdk(tmp_path: Path) -> None:
+    (tmp_path / "c.json").write_text('{"a": "postgres://u:p@h/db"}')
+    (tmp_path / "broker.yaml").write_text(
+        "backends:\n  - {name: files, type: file, connections_file_path: c.json}\n"
+        f"listen: {{socket: {tmp_path / 'b.sock'}}}\n"
+    )
+    # Everything a file-only `broker serve` builds before it listens: CLI, app, config, state, servers.
+    code = (
+        "import broker.cli, broker.app, broker.server.fast\n"
+        "from pathlib import Path\n"
+        "from broker.config import load_config\n"
+        "from broker.state import BrokerState\n"
+        "state = BrokerState(load_config(Path('broker.yaml')))\n"
+        "assert [g.name for g in state.guards] == ['files']\n"
+    )
+    assert _loaded_after(code, tmp_path) == []
+
+
+def test_aws_backends_share_one_botocore_loader_with_a_trimmed_endpoints_table() -> None:
+    pytest.importorskip("botocore")
+    from broker.backends.aws_common import SERVICES, shared_loader
+
+    loader = shared_loader(None)
+    assert shared_loader(None) is loader
+    endpoints = loader.load_data("endpoints")
+    assert {p["partition"] for p in endpoints["partitions"]} >= {"aws", "aws-cn", "aws-us-gov"}
+    assert set().union(*(p["services"] for p in endpoints["partitions"])) <= SERVICES
+    assert "secretsmanager" in endpoints["partitions"][0]["services"]
+    assert loader.load_data("endpoints") is endpoints  # parsed and trimmed once
+
+
+@pytest.mark.parametrize("region", ["us-east-1", "cn-north-1", "us-gov-west-1"])
+def test_clients_on_the_trimmed_table_resolve_regional_endpoints(region: str) -> None:
+    pytest.importorskip("botocore")
+    import botocore.session
+
+    from broker.backends.aws_common import shared_loader
+
+    session = botocore.session.Session()
+    session.register_component("data_loader", shared_loader(None))
+    suffix = ".amazonaws.com.cn" if region.startswith("cn-") else ".amazonaws.com"
+    for service in ("secretsmanager", "ssm", "sts"):
+        client = session.create_client(
+            service, region_name=region, aws_access_key_id="testing", aws_secret_access_key="testing"
+        )
+        assert client.meta.endpoint_url == f"https://{service}.{region}{suffix}"
+
+
+def test_role_session_name_length_is_bounded() -> None:
+    base = {"name": "sm", "type": "aws_secrets_manager", "region_name": "us-east-1"}
+    for name in ("ab", "x" * 64, "airflow-broker@team.example"):
+        validate_config({"backends": [{**base, "role_session_name": name}]})
+    for bad in ("a", "x" * 65, "has space"):
+        with pytest.raises(Exception, match="role_session_name"):
+            validate_config({"backends": [{**base, "role_session_name": bad}]})
