@@ -4,7 +4,8 @@ Sections: (1) cached lookups over loopback TCP (wrk) and the unix socket (loadge
 (2) OpenBao's caching proxy on the same wrk settings in the same run, cached dynamic secret and KV v2;
 (3) ``get_conn_value`` latency as an Airflow task feels it, broker vs Airflow's provider backends direct;
 (4) a thundering herd on one cold key; (5) the audit trail's cost on the hot path, on vs off; (6) memory
-and start-up. Every figure is the median of repeated
+and start-up; (7) a node running 200 short tasks: sidecar mode vs node mode vs the provider backend direct
+(benchmarks/node_mode.py). Every figure is the median of repeated
 runs, and every ratio compares runs interleaved in the same session (this machine is shared and noisy).
 
 Results: benchmarks/results/<UTC time>.json and results/latest.json; the tables also go to
@@ -37,7 +38,7 @@ AIRFLOW_PACKAGES = [
     "apache-airflow-providers-amazon",
 ]
 AUTH = {"X-Broker-Token": TOKEN}
-SECTIONS = ("throughput", "airflow", "herd", "audit", "memory")
+SECTIONS = ("throughput", "airflow", "herd", "audit", "memory", "node")
 
 tables: list[str] = []
 
@@ -484,6 +485,23 @@ def memory(vault: Vault, args: argparse.Namespace, work: Path) -> dict[str, Any]
 # ---------------------------------------------------------------------------------------------- main
 
 
+def node_tasks(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    import node_mode
+
+    tasks = 20 if args.quick else 200
+    results = node_mode.run(work / "node-mode", tasks=tasks, secrets=3)
+    header, rows = node_mode.table(results)
+    emit(
+        f"Node mode: a node running {tasks} short tasks, each a new pod reading 3 secrets",
+        header,
+        rows,
+        f"{results['service_accounts']} service accounts in turn, one Vault role each; the provider backend direct "
+        "is simulated with the same HTTP calls VaultBackend makes (one kubernetes login and one KV read per "
+        "lookup in each task process). Lookup latency is as the task process sees it, its first lookup included.",
+    )
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one short repeat of everything")
@@ -545,6 +563,8 @@ def main() -> int:
             results["audit"] = audit_cost(vault, args, work)
         if "memory" in only:
             results["memory"] = memory(vault, args, work)
+        if "node" in only:
+            results["node"] = node_tasks(args, work)
     finally:
         for d in daemons:
             d.stop()

@@ -1,4 +1,4 @@
-"""Command line: ``broker serve | get | check | version``."""
+"""Command line: ``broker serve | get | check | migrate | version``."""
 
 from __future__ import annotations
 
@@ -40,6 +40,16 @@ def _parser() -> argparse.ArgumentParser:
         "--strict", action="store_true", help="also fail on warnings, such as a backend that can serve nothing"
     )
 
+    mig = sub.add_parser(
+        "migrate", help="write the broker.yaml equivalent to Airflow's provider secrets backend settings"
+    )
+    mig.add_argument(
+        "--airflow-cfg", help="airflow.cfg to read (the AIRFLOW__SECRETS__*/WORKERS__* env applies over it)"
+    )
+    mig.add_argument("--output", default="broker.yaml", help="where to write the broker config (default: broker.yaml)")
+    mig.add_argument("--socket", default="/run/broker/broker.sock", help="the API socket to configure on both sides")
+    mig.add_argument("--force", action="store_true", help="overwrite --output if it exists")
+
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -53,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         return _get(args)
     if args.command == "check":
         return _check(args)
+    if args.command == "migrate":
+        return _migrate(args)
     return _serve(args)
 
 
@@ -134,6 +146,38 @@ def _get(args: argparse.Namespace) -> int:
         print(f"broker get: {args.kind} {args.name!r} not found", file=sys.stderr)
         return EXIT_NOT_FOUND
     sys.stdout.write(value + "\n")
+    return EXIT_OK
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    import yaml
+
+    from broker.backends.base import ConfigurationError
+    from broker.config import validate_config
+    from broker.migrate import MigrateError, migrate
+
+    output = Path(args.output)
+    if output.exists() and not args.force:
+        print(f"broker migrate: {output} exists (--force to overwrite)", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        result = migrate(Path(args.airflow_cfg) if args.airflow_cfg else None, os.environ, args.socket)
+    except (MigrateError, OSError) as exc:
+        print(f"broker migrate: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        validate_config(result.config)  # what is written is what broker serve accepts
+    except ConfigurationError as exc:
+        print("broker migrate: the equivalent config does not validate:", file=sys.stderr)
+        for error in exc.errors:
+            print(f"  {error}", file=sys.stderr)
+        return EXIT_ERROR
+    output.write_text(yaml.safe_dump(result.config, sort_keys=False), encoding="utf-8")
+    print(f"# wrote {output}; switch Airflow to the broker with:")
+    for key, value in result.airflow_settings.items():
+        print(f"{key}='{value}'")
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -263,10 +263,9 @@ def validate_config(data: Any) -> BrokerConfig:
     if errors or top is None:
         raise ConfigurationError(errors)
     config = top.model_copy(update={"backends": backends})
-    if config.node is not None:
-        errors.extend(node_errors(config))
-        if errors:
-            raise ConfigurationError(errors)
+    errors.extend(node_errors(config))
+    if errors:
+        raise ConfigurationError(errors)
     return config
 
 

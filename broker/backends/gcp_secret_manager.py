@@ -32,11 +32,26 @@ from broker.backends.base import (
     SecretValue,
     layout_key,
 )
+from broker.configtypes import StrictModel
 from broker.identity.gcp import GoogleTokenSource
 from broker.providerkw import Ignored, Moves, Replaced
 
 SECRET_ID = re.compile(r"[A-Za-z0-9_-]{1,255}")
 PREFIX_CHARS = re.compile(r"[A-Za-z0-9_-]*")
+PROVIDER_AUDIENCE = (
+    r"^//iam\.googleapis\.com/projects/[0-9]+/locations/global/workloadIdentityPools/[^/]+/providers/[^/]+$"
+)
+
+
+class GcpFederation(StrictModel):
+    """Node mode: workload identity federation with the calling pod's token (STS exchange, then optionally
+    impersonating a service account). The pool's OIDC provider must trust the cluster's issuer and allow the
+    broker's audience (``node.audience``); its attribute mapping and conditions decide who the pod is."""
+
+    audience: str = Field(pattern=PROVIDER_AUDIENCE)
+    service_account: str | None = Field(default=None, pattern=r"^[^@\s]+@[a-z0-9.-]+\.iam\.gserviceaccount\.com$")
+    token_url: str = Field(default="https://sts.googleapis.com/v1/token", pattern=r"^https?://[^/\s?#]+/\S*$")
+    iam_endpoint: str = Field(default="https://iamcredentials.googleapis.com", pattern=r"^https?://[^/\s?#]+/?$")
 
 
 _GCP_IDENTITY = (
@@ -57,6 +72,7 @@ class GcpConfig(BackendConfig):
     type: Literal["gcp_secret_manager"]
     project_id: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$|^\d{1,20}$")
     credentials_file: Path | None = None
+    federation: GcpFederation | None = None  # node mode only
     endpoint_url: str = Field(default="https://secretmanager.googleapis.com", pattern=r"^https?://[^/\s?#]+/?$")
     sep: str = Field(default="-", max_length=8)  # before the prefixes: their validator reads it
     connections_prefix: str | None = "airflow-connections"
@@ -89,6 +105,7 @@ class Backend(rest.RestBackend):
             credentials_file=self.config.credentials_file,
             project_id=self.config.project_id,
             timeout=self.config.timeout,
+            federation=self.config.federation,
         )
 
     def candidates(self, kind: Kind, name: str, team: str | None = None, *, multi_team: bool = False) -> list[str]:

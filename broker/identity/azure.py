@@ -4,6 +4,11 @@
 ``AZURE_AUTHORITY_HOST`` injected by the webhook), ``managed_identity`` or ``default``
 (``DefaultAzureCredential``). The scope and tenant come from Key Vault's 401 challenge, so the token
 source is told them before the first token is asked for.
+
+Node mode: ``workload_identity`` with the calling pod's own projected token as the client assertion
+(azure-identity's ``ClientAssertionCredential``, handed the freshest verified token of the identity) and the
+identity's ``client_id`` and ``tenant_id``; the app's federated credential (issuer, subject, audience) decides
+whether Entra accepts it. No environment of the broker's pod is read for it, except ``AZURE_AUTHORITY_HOST``.
 """
 
 from __future__ import annotations
@@ -71,9 +76,18 @@ class AzureTokenSource(TokenSource):
             self._token = None
 
     def _build(self) -> Any:
-        from azure.identity.aio import DefaultAzureCredential, ManagedIdentityCredential, WorkloadIdentityCredential
+        from azure.identity.aio import (
+            ClientAssertionCredential,
+            DefaultAzureCredential,
+            ManagedIdentityCredential,
+            WorkloadIdentityCredential,
+        )
 
         where = f"azure {self.backend_name}"
+        if self.ctx.workload_token is not None:
+            if self.credential_kind != "workload_identity" or not (self.client_id and self.tenant_id):
+                raise BackendError(f"{where}: node mode needs workload_identity, client_id and tenant_id")
+            return ClientAssertionCredential(self.tenant_id, self.client_id, self.ctx.pod_token)
         if self.credential_kind == "workload_identity":
             missing = [
                 name

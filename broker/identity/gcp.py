@@ -5,6 +5,11 @@ an ``external_account`` (workload identity federation) file; development may use
 ``credentials_file`` names a file of either kind; otherwise google-auth's ADC chain decides
 (``GOOGLE_APPLICATION_CREDENTIALS``, then the metadata server). google-auth's HTTP calls are blocking, so
 they run in the core's bounded pool, each capped at the backend's timeout.
+
+Node mode (``federation``): workload identity federation with the calling pod's own projected token as the
+subject token (google-auth's ``identity_pool`` credentials with a supplier that hands it the freshest
+verified token of the identity), then impersonation of ``federation.service_account`` when set. No
+credential of the node's is ever read.
 """
 
 from __future__ import annotations
@@ -14,10 +19,13 @@ import datetime as dt
 import json
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broker.backends.base import AccessDenied, BackendContext, BackendError, BackendUnavailable, BrokerError
 from broker.identity import TokenSource
+
+if TYPE_CHECKING:
+    from broker.backends.gcp_secret_manager import GcpFederation
 
 SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 DEFAULT_LIFETIME = 3600.0
@@ -80,9 +88,11 @@ class GoogleTokenSource(TokenSource):
         credentials_file: Path | None,
         project_id: str | None,
         timeout: float,
+        federation: GcpFederation | None = None,
     ) -> None:
         super().__init__(backend_name, ctx)
         self.credentials_file = credentials_file
+        self.federation = federation
         self.timeout = timeout
         self.project_id = project_id  # configured, else what the credentials name
         self._credentials: Any = None
@@ -97,7 +107,9 @@ class GoogleTokenSource(TokenSource):
                 import google.auth
 
                 request = _bounded_request(self.timeout)
-                if self.credentials_file is not None:
+                if self.ctx.workload_token is not None:
+                    credentials, project = self._pod_federation(), self.project_id
+                elif self.credentials_file is not None:
                     credentials, project = self._from_file(self.credentials_file, request)
                 else:
                     credentials, project = google.auth.default(scopes=[SCOPE], request=request)
@@ -105,6 +117,34 @@ class GoogleTokenSource(TokenSource):
                 self._credentials = credentials
                 self.project_id = self.project_id or project
             return self._credentials
+
+    def _pod_federation(self) -> Any:
+        """Node mode: identity-pool credentials whose subject token is the calling identity's pod token."""
+        from google.auth import identity_pool
+
+        federation = self.federation
+        if federation is None:
+            raise BackendError(f"gcp {self.backend_name}: node mode needs federation (checked by the config)")
+        pod_token = self.ctx.pod_token
+
+        class PodToken(identity_pool.SubjectTokenSupplier):
+            def get_subject_token(self, context: Any, request: Any) -> str:
+                return pod_token()  # AccessDenied when no pod of the identity holds a valid token
+
+        kwargs: dict[str, Any] = {}
+        if federation.service_account:
+            base = federation.iam_endpoint.rstrip("/")
+            kwargs["service_account_impersonation_url"] = (
+                f"{base}/v1/projects/-/serviceAccounts/{federation.service_account}:generateAccessToken"
+            )
+        return identity_pool.Credentials(  # type: ignore[no-untyped-call]
+            audience=federation.audience,
+            subject_token_type="urn:ietf:params:oauth:token-type:jwt",  # noqa: S106 - a type name, not a secret
+            token_url=federation.token_url,
+            subject_token_supplier=PodToken(),
+            scopes=[SCOPE],
+            **kwargs,
+        )
 
     def _from_file(self, path: Path, request: Any) -> tuple[Any, str | None]:
         """A key or ``external_account`` file. The project of an external account is looked up (Resource

@@ -17,7 +17,6 @@ if TYPE_CHECKING:
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 # Backends that would answer every pod with the node's own identity, never the caller's.
 NODE_WIDE_TYPES = {"file", "env"}
-NOT_YET = {"gcp_secret_manager", "azure_key_vault"}
 POD_AUTH_METHODS = {"kubernetes", "jwt"}
 AWS_TYPES = {"aws_secrets_manager", "aws_ssm"}
 _DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
@@ -102,16 +101,32 @@ def identity_chain(
         except ValidationError as exc:
             problems.extend(_errors(exc, (f"{where}.overrides.{name}",)) if where else [str(exc)])
             continue
-        if cfg.type in AWS_TYPES and getattr(cfg, "role_arn", None) is None:
-            problems.append(
-                f"{where}.overrides.{name}.role_arn: required in node mode (the role the pod's token assumes)"
-            )
+        problems.extend(f"{where}.overrides.{name}.{p}" for p in _pod_identity_problems(cfg))
         out.append(cfg)
     if problems:
         if errors is None:
             raise ValueError("; ".join(problems))
         errors.extend(problems)
     return out
+
+
+def _pod_identity_problems(cfg: BackendConfig) -> list[str]:
+    """What one identity's merged backend lacks to ask its store with the pod's token ("key: problem")."""
+    problems = []
+    if cfg.type in AWS_TYPES and getattr(cfg, "role_arn", None) is None:
+        problems.append("role_arn: required in node mode (the role the pod's token assumes)")
+    elif cfg.type == "gcp_secret_manager":
+        if getattr(cfg, "federation", None) is None:
+            problems.append("federation: required in node mode (the pool provider the pod's token is exchanged at)")
+        if getattr(cfg, "project_id", None) is None:
+            problems.append("project_id: required in node mode")
+    elif cfg.type == "azure_key_vault":
+        if getattr(cfg, "credential", None) != "workload_identity":
+            problems.append("credential: must be workload_identity in node mode")
+        for key in ("client_id", "tenant_id"):
+            if getattr(cfg, key, None) is None:
+                problems.append(f"{key}: required in node mode (the app whose federated credential trusts the pod)")
+    return problems
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -125,10 +140,18 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 
 def node_errors(config: BrokerConfig) -> list[str]:
-    """What node mode forbids in the rest of the config, and every identity's chain checked."""
+    """What node mode forbids in the rest of the config, and every identity's chain checked; without a
+    ``node:`` section, the keys that only node mode gives an effect."""
     node = config.node
-    assert node is not None
     errors: list[str] = []
+    if node is None:
+        for i, backend in enumerate(config.backends):
+            if getattr(backend, "federation", None) is not None:
+                errors.append(
+                    f"backends[{i}].federation: only in node mode (a sidecar uses credentials_file with an "
+                    "external_account file)"
+                )
+        return errors
     if config.listen.tcp is not None:
         errors.append("listen.tcp: not allowed in node mode: node mode serves its unix socket only")
     if config.listen.socket is None:
@@ -139,8 +162,13 @@ def node_errors(config: BrokerConfig) -> list[str]:
     for i, backend in enumerate(config.backends):
         if backend.type in NODE_WIDE_TYPES:
             errors.append(f"backends[{i}].type: {backend.type} is not allowed in node mode: it has no per-pod identity")
-        elif backend.type in NOT_YET:
-            errors.append(f"backends[{i}].type: {backend.type} is not supported in node mode yet")
+        elif backend.type == "gcp_secret_manager" and getattr(backend, "credentials_file", None) is not None:
+            errors.append(f"backends[{i}].credentials_file: a node-wide identity; node mode uses federation")
+        elif backend.type == "azure_key_vault" and getattr(backend, "credential", None) != "workload_identity":
+            errors.append(
+                f"backends[{i}].credential: {getattr(backend, 'credential', None)} is a node-wide identity; node "
+                "mode uses workload_identity with the pod's token"
+            )
         elif backend.type == "vault":
             method = backend.auth.method  # type: ignore[attr-defined]
             if method not in POD_AUTH_METHODS:

@@ -15,7 +15,12 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 KUSTOMIZE = DEPLOY / "kubernetes"
-OVERLAYS = sorted(p.name for p in (KUSTOMIZE / "overlays").iterdir() if (p / "kustomization.yaml").exists())
+NODE_MODE = "overlays/node-mode"  # a DaemonSet, not the sidecar: tests/deploy/test_node_mode.py checks it
+OVERLAYS = sorted(
+    p.name
+    for p in (KUSTOMIZE / "overlays").iterdir()
+    if (p / "kustomization.yaml").exists() and f"overlays/{p.name}" != NODE_MODE
+)
 VARIANTS = ["base", *(f"overlays/{name}" for name in OVERLAYS)]
 REQUIRED_OVERLAYS = {
     "aws-irsa",

@@ -115,7 +115,8 @@ def test_team_name_is_accepted(stack: tuple[str, Path, Stack]) -> None:
         "from airflow.secrets import BaseSecretsBackend\n"
         f"b = BrokerSecretsBackend(socket_path={st.broker.socket_path!r}, timeout='3')\n"
         "assert isinstance(b, BaseSecretsBackend)\n"
-        "print(json.dumps([b.get_conn_value('e2e_pg', team_name='team_a'), b.get_variable('e2e_plain', team_name='t'),"
+        "print(json.dumps([b.get_conn_value('e2e_pg', team_name='team_a'),"
+        " b.get_variable('e2e_plain', team_name='team_b'),"
         " b.get_conn_value('absent_conn'), b.get_config('fernet_key')]))\n"
     )
     result = subprocess.run(

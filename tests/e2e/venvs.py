@@ -36,7 +36,8 @@ NO_DEPS_PINS: dict[str, list[str]] = {
 }
 
 
-# Reinstalling the broker builds from the one checkout (its build/ directory): one build at a time.
+# Reinstalling the broker builds from the one checkout (its build/ directory): one build at a time, in
+# this process (threads) and across processes (the file lock below).
 _INSTALL = threading.Lock()
 
 
@@ -77,7 +78,8 @@ def ensure_airflow(version: str) -> Path:
             )
             _run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", *NO_DEPS_PINS[version]], log)
             (venv / ".complete").write_text(f"built in {time.monotonic() - started:.0f}s\n")
-        with _INSTALL:
+        with _INSTALL, open(venv.parent / "install.lock", "w") as install:
+            fcntl.flock(install, fcntl.LOCK_EX)  # and across processes (CI builds in the background)
             _run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--force-reinstall", str(REPO)], log)
     return python
 

@@ -84,13 +84,20 @@ class Variant:
     # (kind, id) -> where the provider reads it: the store path or name; None: this kind is off
     layout: dict[str, str | None]
     sep: str = "/"
-    vault_holds_fields: bool = True  # Vault: connection dicts stored as fields (else as conn_uri)
-    extra_cases: list[dict[str, Any]] = field(default_factory=list)
+    multi_team: bool = False  # Airflow's [core] multi_team (and the broker's multi_team) for this variant
+    # path lists: the Vault base paths tried in order (seeded one by one); mount_null: ids carry the mount
+    path_list: list[str] = field(default_factory=list)
+    mount_null: bool = False
 
-    def path(self, kind: str, key: str) -> str | None:
+    def path(self, kind: str, key: str, team: str | None = None) -> str | None:
         prefix = self.layout.get(kind)
         if prefix is None:
             return None
+        if team is not None:
+            if self.store.startswith("vault"):
+                prefix = f"{prefix}/{team}"
+            else:
+                key = f"{team}--{key}"
         return f"{prefix}{self.sep}{key}" if prefix else key
 
 
@@ -173,6 +180,121 @@ VARIANTS = [
 ]
 
 
+TEAM_VARIANTS = [
+    Variant(
+        "vault-kv2-teams",
+        "vault_kv2",
+        VAULT,
+        {"mount_point": "secret", "connections_path": "tconns", "variables_path": "tvars"},
+        {"connections_path": "tconns", "variables_path": "tvars"},
+        {"connection": "tconns", "variable": "tvars", "config": "config"},
+        multi_team=True,
+    ),
+    Variant(
+        "secretsmanager-teams",
+        "secretsmanager",
+        SM,
+        {"connections_prefix": "t/conns", "variables_prefix": "t/vars"},
+        {"connections_prefix": "t/conns", "variables_prefix": "t/vars"},
+        {"connection": "t/conns", "variable": "t/vars", "config": "airflow/config"},
+        multi_team=True,
+    ),
+    Variant(
+        "ssm-teams",
+        "ssm",
+        SSM,
+        {"connections_prefix": "/t/conns", "variables_prefix": "/t/vars"},
+        {"connections_prefix": "/t/conns", "variables_prefix": "/t/vars"},
+        {"connection": "/t/conns", "variable": "/t/vars", "config": "/airflow/config"},
+        multi_team=True,
+    ),
+]
+LAYOUT_VARIANTS = [
+    Variant(
+        "vault-path-list",
+        "vault_kv2",
+        VAULT,
+        {"mount_point": "secret", "connections_path": ["pl/first", "pl/second/"], "variables_path": ["pl/vfirst"]},
+        {"connections_path": ["pl/first", "pl/second/"], "variables_path": ["pl/vfirst"]},
+        {"connection": "pl/first", "variable": "pl/vfirst", "config": "config"},
+        path_list=["pl/first", "pl/second"],
+    ),
+    Variant(
+        "vault-global-secrets-path",
+        "vault_kv2",
+        VAULT,
+        {"mount_point": "secret", "connections_path": "gs/own", "global_secrets_path": "gs/common/"},
+        {"connections_path": "gs/own", "global_secrets_path": "gs/common/"},
+        {"connection": "gs/own", "variable": "variables", "config": "config"},
+        path_list=["gs/own", "gs/common"],
+    ),
+    Variant(
+        "vault-mount-null",
+        "vault_kv2",
+        VAULT,
+        {"mount_point": None, "connections_path": "mn/conns", "variables_path": "mn/vars"},
+        {"mount_point": None, "connections_path": "mn/conns", "variables_path": "mn/vars"},
+        {"connection": "mn/conns", "variable": "mn/vars", "config": "config"},
+        mount_null=True,
+    ),
+]
+
+
+def team_plan(variant_index: int, variant: Variant) -> tuple[list[Seed], list[dict[str, Any]]]:
+    """Team-scoped and global secrets side by side; lookups by two teams and by none, and ambiguous ids."""
+    seeds: list[Seed] = []
+    cases: list[dict[str, Any]] = []
+    vault = variant.store.startswith("vault")
+
+    def put(kind: str, key: str, team: str | None, text: str) -> None:
+        path = variant.path(kind, key, team)
+        assert path is not None
+        if kind == "connection":
+            value: Any = {"conn_uri": f"http://{text}.example"} if vault else f"http://{text}.example"
+        else:
+            value = {"value": text} if vault else text
+        seeds.append(Seed(variant.store, path, value))
+
+    for kind in ("connection", "variable"):
+        keys = ids(variant_index, 8, kind)
+        for i, key in enumerate(keys):
+            put(kind, key, None, f"global-{i}")
+            if i % 2 == 0:
+                put(kind, key, "team1", f"team1-{i}")
+        keys += ["amb--id", "team1/nested", "absent-t"]
+        put(kind, "amb--id", None, "ambiguous")
+        put(kind, "team1/nested", None, "nested-global")
+        for key in keys:
+            for team in (None, "team1", "team2"):
+                cases.append(
+                    {"variant": variant.name, "store": variant.store, "kind": kind, "id": key, "shape": "team"}
+                    | ({"team": team} if team else {})
+                )
+    return seeds, cases
+
+
+def layout_plan(variant_index: int, variant: Variant) -> tuple[list[Seed], list[dict[str, Any]]]:
+    """Path lists (each base path in order, one id in both) and ids that carry their mount."""
+    seeds: list[Seed] = []
+    cases: list[dict[str, Any]] = []
+    for kind in ("connection", "variable"):
+        base = variant.layout[kind]
+        assert base is not None
+        for i, key in enumerate(ids(variant_index, 6, kind)):
+            bases = variant.path_list if kind == "connection" and variant.path_list else [base]
+            chosen = [bases[i % len(bases)]] + ([bases[-1]] if i == 0 and len(bases) > 1 else [])
+            lookup = f"secret/{key}" if variant.mount_null else key
+            for n, where in enumerate(chosen):
+                text = f"{kind[:4]}-{i}-{n}"
+                value = {"conn_uri": f"http://{text}.example"} if kind == "connection" else {"value": text}
+                seeds.append(Seed(variant.store, f"{where}/{key}", value))
+            for asked in {lookup, key, f"{key}/deeper", f"secret/{key}/x"}:
+                cases.append(
+                    {"variant": variant.name, "store": variant.store, "kind": kind, "id": asked, "shape": "layout"}
+                )
+    return seeds, cases
+
+
 def ids(variant_index: int, count: int, kind: str) -> list[str]:
     """``count`` distinct ids for one variant and kind, cycling through every allowed mark."""
     tag = {"connection": "C", "variable": "k", "config": "cfg"}[kind]
@@ -247,4 +369,4 @@ def plan(variant_index: int, variant: Variant) -> tuple[list[Seed], list[dict[st
         cases.append(
             {"variant": variant.name, "store": variant.store, "kind": "variable", "id": "x/../up", "shape": "traversal"}
         )
-    return seeds, cases + variant.extra_cases
+    return seeds, cases

@@ -89,6 +89,8 @@ def main() -> None:
 
     results = []
     for group in job["groups"]:
+        if group.get("airflow3_only") and not airflow3:
+            continue
         if group.get("multi_team"):
             os.environ["AIRFLOW__CORE__MULTI_TEAM"] = "True"
         else:

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +25,16 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from tests.e2e.venvs import AIRFLOW_VERSIONS, ensure_airflow
-from tests.parity.cases import PASSWORD, VARIANTS, Seed, plan
+from tests.parity.cases import (
+    LAYOUT_VARIANTS,
+    PASSWORD,
+    TEAM_VARIANTS,
+    VARIANTS,
+    Seed,
+    layout_plan,
+    plan,
+    team_plan,
+)
 from tests.parity.differences import DIFFERENCES, explain, view
 from tests.servers.openbao import ROOT_TOKEN, OpenBao
 from tests.support.broker_process import BrokerProcess
@@ -102,14 +112,17 @@ def job(stores: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """Seed the stores, start one broker per variant (in parallel), and build the job the runner reads."""
     groups, seeds, brokers = [], [], []
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | AWS_ENV
-    for index, variant in enumerate(VARIANTS):
-        variant_seeds, cases = plan(index, variant)
+    planned = [(v, plan) for v in VARIANTS] + [(v, team_plan) for v in TEAM_VARIANTS]
+    planned += [(v, layout_plan) for v in LAYOUT_VARIANTS]
+    for index, (variant, planner) in enumerate(planned):
+        variant_seeds, cases = planner(index, variant)
         seeds += variant_seeds
         work = stores["work"] / f"broker-{variant.name}"
         work.mkdir()
         config = {
             "cache": {"ttl": 300, "negative_ttl": 0},
             "backends": [broker_backend(variant.store, variant.broker, stores)],
+            "multi_team": variant.multi_team,
         }
         brokers.append(BrokerProcess(config, work, env=env))
         groups.append(
@@ -119,6 +132,9 @@ def job(stores: dict[str, Any]) -> Iterator[dict[str, Any]]:
                 "kwargs": provider_kwargs(variant.store, variant.kwargs, stores),
                 "broker_kwargs": {"socket_path": brokers[-1].socket_path, "timeout": 10},
                 "cases": cases,
+                "multi_team": variant.multi_team,
+                # teams are Airflow 3.2+; path lists and global_secrets_path arrived in hashicorp 4.8
+                "airflow3_only": variant.multi_team or bool(variant.path_list),
             }
         )
     seed(seeds, stores["bao"], stores["moto_url"])
@@ -161,11 +177,14 @@ def test_broker_answers_as_the_provider_backends(job: dict[str, Any], stores: di
     versions = sorted(AIRFLOW_VERSIONS.values())
     with ThreadPoolExecutor(len(versions)) as pool:
         pythons = list(pool.map(ensure_airflow, versions))
-    outputs = []
-    for version, python in zip(versions, pythons, strict=True):
-        work = stores["work"] / f"airflow-{version}"
-        work.mkdir()
-        outputs.append(run_in_airflow(python, job, work))
+    for version in versions:
+        (stores["work"] / f"airflow-{version}").mkdir()
+    started = time.monotonic()
+    with ThreadPoolExecutor(len(versions)) as pool:  # one Airflow process per venv, side by side
+        outputs = list(
+            pool.map(lambda vp: run_in_airflow(vp[1], job, stores["work"] / f"airflow-{vp[0]}"), zip(versions, pythons))
+        )
+    print(f"\nparity: both Airflow processes took {time.monotonic() - started:.1f}s")
     total, agree, documented = 0, 0, Counter[str]()
     undocumented: list[str] = []
     for out in outputs:

@@ -3,8 +3,12 @@
 Entra (``POST /{tenant}/oauth2/v2.0/token``) takes the workload-identity client-credentials grant: the
 ``client_assertion`` must be the federated service-account token registered for the app, the client id and
 tenant must match, and the scope must be a resource's ``/.default``; it issues bearer tokens for that
-resource. Key Vault answers an unauthenticated request with the 401 ``WWW-Authenticate`` challenge naming the
-tenant and resource; with a live token for ``https://vault.azure.net`` it serves
+resource. Apps registered in ``federations`` take a real JWT instead: its RS256 signature (the issuer's
+key), issuer, subject and audience must match the app's federated identity credential, as Entra checks.
+``access`` limits an app to the secret names with a given prefix (Key Vault RBAC on secrets).
+
+Key Vault answers an unauthenticated request with the 401 ``WWW-Authenticate`` challenge naming the tenant
+and resource; with a live token for ``https://vault.azure.net`` it serves
 ``GET /secrets/{name}[/{version}]?api-version=...`` as documented (404 SecretNotFound, 403 for a disabled
 secret or a denied identity, 400 without ``api-version``); tests queue 429 (``Retry-After``) and 5xx faults.
 """
@@ -16,7 +20,10 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+import jwt
 
 from tests.servers.cloud import LoopbackServer, QuietHandler, TestCA, TokenBook
 
@@ -36,6 +43,16 @@ class Secret:
 
 
 @dataclass
+class Federation:
+    """A federated identity credential of an app: the external token it trusts."""
+
+    public_key: Any
+    issuer: str
+    subject: str
+    audience: str = "api://AzureADTokenExchange"
+
+
+@dataclass
 class AzureCloud:
     """State shared by Entra and Key Vault; tests plant secrets and faults and read the counters."""
 
@@ -47,6 +64,8 @@ class AzureCloud:
     token_lifetime: float = 3599.0
     secrets: dict[str, Secret] = field(default_factory=dict)
     denied: set[str] = field(default_factory=set)
+    federations: dict[str, Federation] = field(default_factory=dict)  # by client id
+    access: dict[str, str] = field(default_factory=dict)  # client id -> the secret-name prefix it may read
     faults: list[tuple[int, str | None]] = field(default_factory=list)
     token_faults: list[int] = field(default_factory=list)
     calls: Counter[str] = field(default_factory=Counter)
@@ -58,6 +77,21 @@ class AzureCloud:
         with self.lock:
             version = f"{len(self.secrets) + 1:032x}"
             self.secrets[name] = Secret(value, version, **attrs)  # type: ignore[arg-type]
+
+
+def _matches(federation: Federation, assertion: str) -> bool:
+    try:
+        claims = jwt.decode(
+            assertion,
+            federation.public_key,
+            algorithms=["RS256"],
+            audience=federation.audience,
+            issuer=federation.issuer,
+            options={"require": ["exp", "sub", "iss"]},
+        )
+    except jwt.PyJWTError:
+        return False
+    return bool(claims["sub"] == federation.subject)
 
 
 def entra_handler(cloud: AzureCloud) -> type[QuietHandler]:
@@ -86,10 +120,15 @@ def entra_handler(cloud: AzureCloud) -> type[QuietHandler]:
             if form.get("grant_type") != "client_credentials" or form.get("client_assertion_type") != ASSERTION_TYPE:
                 self._refuse(400, "unsupported_grant_type", 70003, "The app requested an unsupported grant type.")
                 return
-            if form.get("client_id") != cloud.client_id:
+            client_id = form.get("client_id", "")
+            federation = cloud.federations.get(client_id)
+            if federation is None and client_id != cloud.client_id:
                 self._refuse(400, "unauthorized_client", 700016, "Application not found in the directory.")
                 return
-            if form.get("client_assertion") != cloud.federated_token:
+            if federation is not None and not _matches(federation, form.get("client_assertion", "")):
+                self._refuse(401, "invalid_client", 70021, "No matching federated identity record found.")
+                return
+            if federation is None and form.get("client_assertion") != cloud.federated_token:
                 self._refuse(401, "invalid_client", 70021, "No matching federated identity record found.")
                 return
             scope = form.get("scope", "")
@@ -97,7 +136,7 @@ def entra_handler(cloud: AzureCloud) -> type[QuietHandler]:
                 self._refuse(400, "invalid_scope", 1002012, "The provided value for scope is not valid.")
                 return
             resource = scope.removesuffix("/.default")
-            token = cloud.tokens.issue(cloud.token_lifetime, aud=resource, tid=cloud.tenant_id, appid=cloud.client_id)
+            token = cloud.tokens.issue(cloud.token_lifetime, aud=resource, tid=cloud.tenant_id, appid=client_id)
             lifetime = int(cloud.token_lifetime)
             body = {"token_type": "Bearer", "expires_in": lifetime, "ext_expires_in": lifetime, "access_token": token}
             self.send_json(200, body)
@@ -174,7 +213,8 @@ def key_vault_handler(cloud: AzureCloud, base_url: list[str]) -> type[QuietHandl
             if not NAME.fullmatch(name):
                 self._error(400, "BadParameter", "The secret name is invalid.")
                 return
-            if name in cloud.denied:
+            allowed = cloud.access.get(str(grant.claims.get("appid")))
+            if name in cloud.denied or (allowed is not None and not name.startswith(allowed)):
                 self._error(
                     403,
                     "Forbidden",

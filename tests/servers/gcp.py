@@ -5,7 +5,12 @@ issues access tokens; every ``/computeMetadata`` request must carry ``Metadata-F
 ``X-Forwarded-For`` (refused with 403 otherwise, as GCE does). The same server takes the OAuth grants
 google-auth makes from key files: the JWT-bearer grant (``POST /token``, the assertion's RS256 signature,
 issuer, audience and scope checked against a registered service-account key) and the STS token exchange of
-``external_account`` files (``POST /v1/token``, the subject token checked).
+``external_account`` files (``POST /v1/token``, the subject token checked). Workload identity federation
+with OIDC subject tokens: a registered provider (its audience, the issuer's public key and the audience the
+JWT must carry) turns a valid RS256 subject token into a federated token for
+``principal://iam.googleapis.com/{pool}/subject/{sub}``; that principal may impersonate the service accounts
+that name it (``POST /v1/projects/-/serviceAccounts/{email}:generateAccessToken``, the IAM Credentials API).
+``access`` limits a principal or service account to the secret ids with a given prefix (IAM on secrets).
 
 Secret Manager (HTTPS with the test CA) serves ``GET /v1/projects/{p}/secrets/{s}/versions/{v}:access``
 with base64 payloads and their CRC32C, and refuses like the real service: 401 UNAUTHENTICATED for a missing,
@@ -17,6 +22,8 @@ disabled version. Tests queue one-shot faults (429 with ``Retry-After``, 5xx) an
 from __future__ import annotations
 
 import base64
+import datetime as dt
+import json
 import re
 import threading
 from collections import Counter
@@ -32,6 +39,7 @@ from tests.servers.cloud import LoopbackServer, QuietHandler, TestCA, TokenBook
 OAUTH_AUDIENCE = "https://oauth2.googleapis.com/token"  # what Google requires in the assertion, whatever the URI
 CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
 SECRET_ID = re.compile(r"[A-Za-z0-9_-]{1,255}")
+IMPERSONATE = re.compile(r"^/v1/projects/-/serviceAccounts/([^/:]+):generateAccessToken$")
 ACCESS = re.compile(r"^/v1/projects/([^/]+)/secrets/([^/]+)/versions/([^/:]+):access$")
 STATUS_NAME = {
     400: "INVALID_ARGUMENT",
@@ -51,6 +59,18 @@ class Version:
 
 
 @dataclass
+class Provider:
+    """An OIDC provider of a workload identity pool: whose JWTs it trusts, and for which audience."""
+
+    public_key: Any
+    allowed_audience: str
+
+    def principal(self, provider_audience: str, subject: str) -> str:
+        pool = provider_audience.removeprefix("//iam.googleapis.com/").rsplit("/providers/", 1)[0]
+        return f"principal://iam.googleapis.com/{pool}/subject/{subject}"
+
+
+@dataclass
 class GoogleCloud:
     """State shared by the servers; tests plant secrets and faults and read the counters."""
 
@@ -65,6 +85,9 @@ class GoogleCloud:
     token_faults: list[int] = field(default_factory=list)  # one-shot statuses for the metadata token endpoint
     keys: dict[str, Any] = field(default_factory=dict)  # service-account email -> RSA public key
     subject_tokens: set[str] = field(default_factory=set)  # accepted by the STS exchange
+    providers: dict[str, Provider] = field(default_factory=dict)  # by the provider's STS audience
+    impersonation: dict[str, set[str]] = field(default_factory=dict)  # service account -> principals allowed
+    access: dict[str, str] = field(default_factory=dict)  # principal or email -> the secret-id prefix it may read
     calls: Counter[str] = field(default_factory=Counter)
     refused: Counter[str] = field(default_factory=Counter)
     tokens: TokenBook = field(default_factory=TokenBook)
@@ -139,6 +162,10 @@ def metadata_handler(cloud: GoogleCloud) -> type[QuietHandler]:
                 self.send_body(404, b"Not Found\n", "text/html")
 
         def do_POST(self) -> None:
+            impersonate = IMPERSONATE.match(urlsplit(self.path).path)
+            if impersonate:
+                self._generate_access_token(impersonate.group(1))
+                return
             form = {k: v[0] for k, v in parse_qs(self.read_body().decode()).items()}
             if self.path == "/token":
                 self._jwt_bearer(form)
@@ -171,23 +198,40 @@ def metadata_handler(cloud: GoogleCloud) -> type[QuietHandler]:
                 200, {"access_token": token, "expires_in": int(cloud.token_lifetime), "token_type": "Bearer"}
             )
 
+        def _federated_principal(self, form: dict[str, str]) -> str | None:
+            """The principal an OIDC subject token stands for at a registered provider (None: refused)."""
+            provider = cloud.providers.get(form.get("audience", ""))
+            if provider is None or form.get("subject_token_type") != "urn:ietf:params:oauth:token-type:jwt":
+                return None
+            try:
+                claims = jwt.decode(
+                    form.get("subject_token", ""),
+                    provider.public_key,
+                    algorithms=["RS256"],
+                    audience=provider.allowed_audience,
+                    options={"require": ["exp", "sub"]},
+                )
+            except jwt.PyJWTError:
+                return None
+            return provider.principal(form["audience"], str(claims["sub"]))
+
         def _sts_exchange(self, form: dict[str, str]) -> None:
             with cloud.lock:
                 cloud.calls["sts:exchange"] += 1
-            ok = (
+            grant_ok = (
                 form.get("grant_type") == "urn:ietf:params:oauth:grant-type:token-exchange"
-                and form.get("subject_token") in cloud.subject_tokens
                 and form.get("requested_token_type") == "urn:ietf:params:oauth:token-type:access_token"
                 and form.get("audience", "").startswith("//iam.googleapis.com/projects/")
             )
-            if not ok:
+            principal = self._federated_principal(form) if grant_ok else None
+            if principal is None and grant_ok and form.get("subject_token") in cloud.subject_tokens:
+                principal = f"principal:{form['audience']}"
+            if principal is None:
                 with cloud.lock:
                     cloud.refused["sts"] += 1
                 self.send_json(400, {"error": "invalid_grant", "error_description": "The subject token is invalid."})
                 return
-            token = cloud.tokens.issue(
-                cloud.token_lifetime, email=f"principal:{form['audience']}", scopes=form.get("scope", "").split()
-            )
+            token = cloud.tokens.issue(cloud.token_lifetime, email=principal, scopes=form.get("scope", "").split())
             body = {
                 "access_token": token,
                 "issued_token_type": "urn:ietf:params:oauth:token-type:access_token",
@@ -195,6 +239,26 @@ def metadata_handler(cloud: GoogleCloud) -> type[QuietHandler]:
                 "expires_in": int(cloud.token_lifetime),
             }
             self.send_json(200, body)
+
+        def _generate_access_token(self, email: str) -> None:
+            """The IAM Credentials API: a federated principal gets a token for a service account that trusts it."""
+            with cloud.lock:
+                cloud.calls[f"iam:generateAccessToken:{email}"] += 1
+            grant, _ = cloud.tokens.check(self.bearer())
+            raw = self.read_body()
+            if grant is None:
+                self.send_json(401, {"error": {"code": 401, "status": "UNAUTHENTICATED", "message": "bad token"}})
+                return
+            if grant.claims.get("email") not in cloud.impersonation.get(email, set()):
+                with cloud.lock:
+                    cloud.refused["impersonation"] += 1
+                body = {"code": 403, "status": "PERMISSION_DENIED", "message": "iam.serviceAccounts.getAccessToken"}
+                self.send_json(403, {"error": body})
+                return
+            scopes = json.loads(raw or b"{}").get("scope") or []
+            token = cloud.tokens.issue(cloud.token_lifetime, email=email, scopes=list(scopes))
+            expire = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=cloud.token_lifetime)
+            self.send_json(200, {"accessToken": token, "expireTime": expire.strftime("%Y-%m-%dT%H:%M:%SZ")})
 
     return Metadata
 
@@ -235,7 +299,8 @@ def secret_manager_handler(cloud: GoogleCloud) -> type[QuietHandler]:
                 _error(self, 400, "Invalid secret id.")
                 return
             resource = f"projects/{cloud.project_number}/secrets/{secret_id}"
-            if secret_id in cloud.denied:
+            allowed = cloud.access.get(str(grant.claims.get("email")))
+            if secret_id in cloud.denied or (allowed is not None and not secret_id.startswith(allowed)):
                 _error(self, 403, f"Permission 'secretmanager.versions.access' denied for resource '{resource}'.")
                 return
             with cloud.lock:
