@@ -83,7 +83,7 @@ def moto_proxy() -> Iterator[AwsProxy]:
     ssm.put_parameter(Name="/bare_param", Value="bare-param-value", Type="String")
     # multi-team and nested ids, in the providers' layouts
     sm.create_secret(Name="airflow/variables/alpha--plain", SecretString="alpha-sm")
-    sm.create_secret(Name="airflow/variables/team/nested", SecretString="nested-sm")
+    sm.create_secret(Name="airflow/variables/team/sm_nested", SecretString="nested-sm")
     ssm.put_parameter(Name="/airflow/variables/alpha--ssm_var", Value="alpha-ssm", Type="SecureString")
     ssm.put_parameter(Name="/airflow/variables/team/ssm_nested", Value="nested-ssm", Type="String")
     proxy.sm = sm  # type: ignore[attr-defined]

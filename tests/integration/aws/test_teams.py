@@ -26,7 +26,7 @@ def test_team_scoped_names_then_global(broker_factory: Any, proxy: AwsProxy) -> 
     assert value(broker, "/v1/variables/plain") == (200, VARIABLE)
     assert value(broker, "/v1/variables/ssm_var?team=alpha") == (200, "alpha-ssm")
     assert value(broker, "/v1/variables/ssm_var") == (200, SSM_SECRET)
-    assert value(broker, "/v1/variables/team/nested") == (200, "nested-sm")
+    assert value(broker, "/v1/variables/team/sm_nested") == (200, "nested-sm")
     assert value(broker, "/v1/variables/team/ssm_nested") == (200, "nested-ssm")
     calls = sum(proxy.calls.values())
     assert value(broker, "/v1/variables/alpha--plain")[0] == 404  # could name team alpha's secret
