@@ -1,7 +1,8 @@
 """JSON-lines logs on stderr, with the request id of the request being served and a redaction filter.
 
 The code never logs a secret value; the filter is the second line of defence. It scrubs credentials in
-URIs, ``password=``/``token=`` style pairs, bearer tokens, Vault tokens, and every value the cache holds.
+URIs, ``password=``/``token=`` style pairs, bearer tokens, Vault tokens, and every value the cache holds,
+at a cost per record that does not grow with the number of cached values (``SecretRegistry``).
 """
 
 from __future__ import annotations
@@ -29,32 +30,87 @@ _PATTERNS = [
     (re.compile(r"\b(hv[sbr]|s|b|r)\.[A-Za-z0-9_-]{20,}"), "***"),
 ]
 MIN_SECRET_LEN = 4
+_LONG = 8  # values this long are filed under a piece this long (far more distinct pieces than of 4)
+_ANCHOR_SCAN = 512  # positions of a value looked at for its anchor (a long value needs only one)
+# Every piece of a text is cut by C-level map() over prepared slices (several times faster than a loop).
+_SLICES = {size: tuple(slice(i, i + size) for i in range(2048)) for size in (MIN_SECRET_LEN, _LONG)}
 
 
 class SecretRegistry:
     """Values that must never appear in a log line. The resolver registers every value it serves.
 
+    A record is checked at a cost that does not depend on how many values are registered: each value is
+    filed under one anchor, one of its own 8-character pieces (4 for values shorter than 8), chosen as the
+    piece the fewest other values are filed under (so values sharing a shape, like connection JSON, still spread
+    out). A text can contain a value only if it contains that value's anchor, so scrubbing a text looks up
+    each of the text's pieces once and compares only the few values filed under the pieces it finds.
+
     Bounded: past ``limit`` values the oldest are forgotten (they are usually long rotated away).
     """
 
     def __init__(self, limit: int = 100_000) -> None:
-        self._values: dict[str, None] = {}
+        self._values: dict[str, str] = {}  # value -> its anchor, oldest first
+        self._anchors: dict[str, list[str]] = {}  # anchor -> the values filed under it
+        self._sizes = {MIN_SECRET_LEN: 0, _LONG: 0}  # anchors of each length (a length with none is not cut)
         self._limit = limit
 
+    def __len__(self) -> int:
+        return len(self._values)
+
     def add(self, value: str) -> None:
-        if len(value) >= MIN_SECRET_LEN:
-            self._values.pop(value, None)
-            self._values[value] = None
-            while len(self._values) > self._limit:
-                del self._values[next(iter(self._values))]
+        if len(value) < MIN_SECRET_LEN:
+            return
+        anchor = self._values.pop(value, None)
+        if anchor is None:
+            anchor = self._anchor_for(value)
+            filed = self._anchors.setdefault(anchor, [])
+            if not filed:
+                self._sizes[len(anchor)] += 1
+            filed.append(value)
+        self._values[value] = anchor  # (re)inserted last: the newest
+        while len(self._values) > self._limit:
+            self.discard(next(iter(self._values)))
+
+    def _anchor_for(self, value: str) -> str:
+        size = _LONG if len(value) >= _LONG else MIN_SECRET_LEN
+        best, load = value[:size], None
+        for i in range(min(len(value) - size + 1, _ANCHOR_SCAN)):
+            piece = value[i : i + size]
+            filed = self._anchors.get(piece)
+            if filed is None:
+                return piece
+            if load is None or len(filed) < load:
+                best, load = piece, len(filed)
+        return best
 
     def discard(self, value: str) -> None:
-        self._values.pop(value, None)
+        anchor = self._values.pop(value, None)
+        if anchor is None:
+            return
+        filed = self._anchors[anchor]
+        filed.remove(value)
+        if not filed:
+            del self._anchors[anchor]
+            self._sizes[len(anchor)] -= 1
+
+    def candidates(self, text: str) -> list[str]:
+        """The registered values filed under a piece of ``text``: the only ones that can occur in it."""
+        anchors = self._anchors
+        pieces: set[str] = set()
+        for size, count in self._sizes.items():
+            n = len(text) - size + 1
+            if count and n > 0:
+                cuts = _SLICES[size]
+                pieces.update(
+                    map(text.__getitem__, cuts[:n] if n <= len(cuts) else (slice(i, i + size) for i in range(n)))
+                )
+        return [value for piece in filter(anchors.__contains__, pieces) for value in anchors[piece]]
 
     def scrub(self, text: str) -> str:
-        for value in self._values:
-            if value in text:
-                text = text.replace(value, "***")
+        found = [value for value in self.candidates(text) if value in text]
+        # Longest first: a value that contains another is scrubbed whole.
+        for value in sorted(found, key=len, reverse=True):
+            text = text.replace(value, "***")
         return text
 
 
