@@ -134,6 +134,8 @@ class Backend(AwsBackend):
                 raise BackendError(f"aws {self.name}: {path}: binary secret is not UTF-8 text") from None
         if value is None:
             raise BackendError(f"aws {self.name}: {path}: secret has no value")
+        if not isinstance(value, str):  # botocore passes a mistyped field through as it came
+            raise BackendError(f"aws {self.name}: {path}: SecretString is not a string")
         version = response.get("VersionId")
         if kind is Kind.CONNECTION and value.lstrip().startswith("{"):
             try:

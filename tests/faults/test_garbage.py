@@ -1,7 +1,7 @@
 """A store, or a proxy in front of it, answering 200 with something that is not the store's answer: an HTML
-page, or a body larger than any secret. On every networked store (Vault KV v1 and v2, Secrets Manager, SSM,
-GCP, Azure) that is a failure (502/503), never "not found", and never remembered as one: the key is served as
-soon as the store answers properly again."""
+page, a body larger than any secret, or a JSON object of the wrong shape. On every networked store (Vault KV v1
+and v2, Secrets Manager, SSM, GCP, Azure) that is a failure (502/503), never "not found", and never remembered
+as one: the key is served as soon as the store answers properly again."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def harness(request: pytest.FixtureRequest, harnesses: dict[str, Harness], kv1_h
     return kv1_harness if request.param == "vault-kv1" else harnesses[request.param]
 
 
-@pytest.mark.parametrize("mode", ["garbage", "oversize"])
+@pytest.mark.parametrize("mode", ["garbage", "oversize", "shape"])
 def test_unreadable_success_is_a_failure_never_not_found(broker_factory: Any, harness: Harness, mode: str) -> None:
     store = harness.name
     config = {

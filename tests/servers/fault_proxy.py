@@ -3,8 +3,10 @@
 Modes: ``pass`` (forward), ``refuse`` (the listening socket is closed: connections are refused), ``reset``
 (the connection is aborted as soon as a request arrives), ``stall`` (the request is held, never answered,
 until the mode changes), ``cut`` (the upstream answer is sent with its full ``Content-Length`` but only half
-its body, then the connection is closed), ``error`` (a 503 from the proxy) and ``throttle`` (the store's own
-throttling answer, given by the caller). It listens with TLS when given a server context and reaches a TLS
+its body, then the connection is closed), ``error`` (a 503 from the proxy), ``throttle`` (the store's own
+throttling answer, given by the caller), and three 200 answers that are not the store's: ``garbage`` (an HTML
+page), ``oversize`` (a JSON body over the broker's bound) and ``shape`` (a JSON object whose fields carry each
+store's names with the wrong types). It listens with TLS when given a server context and reaches a TLS
 upstream with a client context, so it sits in front of any of the test stores. It runs its own event loop in
 a thread; counters say how many requests arrived and how many reached the upstream.
 """
@@ -31,9 +33,11 @@ HOP_BY_HOP = {
     "upgrade",
     "content-length",
 }
-MODES = ("pass", "refuse", "reset", "stall", "cut", "error", "throttle", "garbage", "oversize")
+MODES = ("pass", "refuse", "reset", "stall", "cut", "error", "throttle", "garbage", "oversize", "shape")
 GARBAGE = b"<html><head><title>Sign in</title></head><body>Please sign in to continue.</body></html>"
 OVERSIZE = b'{"data": {"data": {"value": "' + b"x" * (2 << 20) + b'"}}}'
+# Vault (data), GCP (payload), Azure (value), Secrets Manager (ARN, SecretString), SSM (Parameter): all mistyped.
+SHAPE = b'{"data": ["value"], "payload": "data", "value": 7, "ARN": 1, "SecretString": 7, "Parameter": "Value"}'
 
 
 class FaultProxy:
@@ -163,6 +167,8 @@ class FaultProxy:
             return web.Response(status=200, body=GARBAGE, content_type="text/html")
         if mode == "oversize":
             return web.Response(status=200, body=OVERSIZE, content_type="application/json")
+        if mode == "shape":
+            return web.Response(status=200, body=SHAPE, content_type="application/json")
         if mode == "throttle":
             status, headers, payload = self.throttle
             return web.Response(status=status, headers=headers, body=payload, content_type=None)
