@@ -112,7 +112,6 @@ def test_broker_config_env_is_used(tmp_path: Path) -> None:
 def test_relative_paths_in_a_file_resolve_against_its_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pytest.importorskip("hvac")
     conf = tmp_path / "conf"
     conf.mkdir()
     (conf / "broker.yaml").write_text(
