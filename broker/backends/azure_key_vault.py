@@ -143,8 +143,9 @@ class Backend(rest.RestBackend):
             raise BackendError(f"{what}: Key Vault answered an unauthenticated request with HTTP {answer.status}")
         self._accept_challenge(answer.www_authenticate, what)
 
-    async def _on_unauthorized(self, answer: rest.Answer, what: str) -> None:
+    async def _on_unauthorized(self, answer: rest.Answer, what: str, token: str) -> bool:
         self._accept_challenge(answer.www_authenticate, what)  # the vault may have moved tenant or resource
+        return True
 
     # ------------------------------------------------------------------------------------------ reads
 

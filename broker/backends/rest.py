@@ -1,5 +1,7 @@
-"""What the HTTP stores share: one pooled aiohttp session per backend; for the REST stores (GCP Secret Manager,
-Azure Key Vault) also a base class, bearer GETs and the status map.
+"""The one HTTP layer of the stores spoken to over HTTP (Vault, GCP Secret Manager, Azure Key Vault): one pooled
+aiohttp session per backend, answers read up to a size bound, one status-to-error table (a store adds its own
+entries), ``Retry-After``, and a base class whose requests carry the identity's token and get one fresh token
+when the store refuses it.
 
 Bodies of error answers are parsed for the store's error code only; they are never quoted in messages
 (a store may echo the request, and nothing a store says is trusted to be free of secrets).
@@ -9,8 +11,9 @@ from __future__ import annotations
 
 import email.utils
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import aiohttp
 
@@ -117,61 +120,90 @@ async def get(session: aiohttp.ClientSession, url: str, headers: dict[str, str],
     return await request(session, "GET", url, headers, what)
 
 
-def raise_for_status(answer: Answer, what: str, code: str | None = None) -> None:
-    """The status map both REST stores share. ``code`` is the store's own error code, named in the message."""
-    status = answer.status
-    if status < 400:
-        return
-    message = f"{what}: HTTP {status}" + (f" {code}" if code else "")
-    error: BrokerError
-    if status == 404:
-        error = SecretNotFound(message)
-    elif status in (401, 403):
-        error = AccessDenied(message)
-    elif status == 429:
-        error = RateLimited(message, retry_after=parse_retry_after(answer.retry_after))
-    elif status >= 500 or status == 408:
-        error = BackendUnavailable(message, retry_after=parse_retry_after(answer.retry_after))
-    else:
-        error = BackendError(message)
-    raise error
+# The status map the stores share; a store passes its own copy with entries added or changed.
+STATUS_ERRORS: Mapping[int, type[BrokerError]] = {
+    401: AccessDenied,
+    403: AccessDenied,
+    404: SecretNotFound,
+    408: BackendUnavailable,
+    429: RateLimited,
+}
+
+
+def error_for(
+    status: int,
+    message: str,
+    retry_after: str | None = None,
+    table: Mapping[int, type[BrokerError]] = STATUS_ERRORS,
+) -> BrokerError:
+    """The error for an HTTP error status: ``table``'s entry, else BackendUnavailable for 5xx, else BackendError."""
+    kind = table.get(status) or (BackendUnavailable if status >= 500 else BackendError)
+    if kind in (RateLimited, BackendUnavailable):
+        return kind(message, retry_after=parse_retry_after(retry_after))
+    return kind(message)
+
+
+def raise_for_status(
+    answer: Answer, what: str, code: str | None = None, table: Mapping[int, type[BrokerError]] = STATUS_ERRORS
+) -> None:
+    """Raise the error ``table`` gives an error answer (nothing for a success). ``code`` is the store's own
+    error code, named in the message."""
+    if answer.status >= 400:
+        message = f"{what}: HTTP {answer.status}" + (f" {code}" if code else "")
+        raise error_for(answer.status, message, answer.retry_after, table)
 
 
 class RestBackend(Backend):
-    """A store read with bearer-token GETs: the session, the token source and their lifecycle.
+    """A store read with requests that carry the identity's token: the session, the token source and their
+    lifecycle.
 
-    A plug-in sets ``identity`` in its constructor and writes ``locate``, ``fetch`` (with ``authorized_get``)
-    and ``check``.
+    A plug-in sets ``identity`` in its constructor and writes ``locate``, ``fetch`` (with ``authorized``)
+    and ``check``; it may change the session's headers, how a token is sent, and which status means
+    "this token is refused".
     """
 
     identity: TokenSource
+    refused_status: ClassVar[int] = 401  # the store's answer to a token it does not accept
 
     def __init__(self, config: BackendConfig, ctx: BackendContext, base_url: str) -> None:
         super().__init__(config, ctx)
         self._base = base_url.rstrip("/")
         self._session: aiohttp.ClientSession | None = None
 
+    def session_headers(self) -> dict[str, str]:
+        """Headers on every request of this backend."""
+        return {"User-Agent": USER_AGENT, "Accept": "application/json"}
+
+    def token_headers(self, token: str) -> dict[str, str]:
+        """How a request carries the token."""
+        return {"Authorization": f"Bearer {token}"}
+
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
-            self._session = make_session(self._base, self.config.ca_cert, headers)
+            self._session = make_session(self._base, self.config.ca_cert, self.session_headers())
         return self._session
 
-    async def _on_unauthorized(self, answer: Answer, what: str) -> None:
-        """Called when the store refused a token with 401, before one retry with a fresh token."""
+    async def _on_unauthorized(self, answer: Answer, what: str, token: str) -> bool:
+        """Called when the store answered ``refused_status`` to ``token``: True to get a fresh token and try
+        once more, False to let the answer stand."""
+        return True
 
-    async def authorized_get(self, url: str, what: str) -> Answer:
-        """A GET with the current token; a 401 gets one fresh token and one more try, then the answer stands.
+    async def authorized(self, method: str, url: str, what: str, *, body: Any = None) -> Answer:
+        """A request with the current token; a refused token gets one fresh token and one more try, then the
+        answer stands.
 
-        Raises what ``get`` and the token source raise.
+        Raises what ``request`` and the token source raise.
         """
         token = await self.identity.token()
-        answer = await get(self._http(), url, {"Authorization": f"Bearer {token}"}, what)
-        if answer.status == 401:  # revoked or expired early, or (Azure) a new challenge
-            await self._on_unauthorized(answer, what)
-            token = await self.identity.token(refused=token)
-            answer = await get(self._http(), url, {"Authorization": f"Bearer {token}"}, what)
+        answer = await request(self._http(), method, url, self.token_headers(token), what, body=body)
+        if answer.status == self.refused_status and await self._on_unauthorized(answer, what, token):
+            token = await self.identity.token(refused=token)  # revoked or expired early, or a new challenge
+            answer = await request(self._http(), method, url, self.token_headers(token), what, body=body)
         return answer
+
+    async def authorized_get(self, url: str, what: str) -> Answer:
+        """A GET with the token (see ``authorized``)."""
+        return await self.authorized("GET", url, what)
 
     def not_ready_reason(self) -> str | None:
         return self.identity.not_ready_reason()

@@ -1,4 +1,4 @@
-"""``type: vault``: HashiCorp Vault and OpenBao over their HTTP API (aiohttp; nothing blocks the loop).
+"""``type: vault``: HashiCorp Vault and OpenBao over their HTTP API, through the one HTTP layer (``rest``).
 
 Layout exactly as Airflow's ``VaultBackend``: ``{mount_point}/{connections_path}/{conn_id}`` on KV v1 or v2, each
 path a string or a list tried in order, ``mount_point: null`` taking the mount from the first segment of the id,
@@ -6,28 +6,21 @@ team-scoped ``{path}/{team}/{id}`` under ``use_team_secrets_path`` in multi-team
 ``conn_uri`` or the separate fields; variables and config from key ``value``. ``dynamic_connections`` turn a leased
 secret (e.g. ``database/creds/airflow``) into an Airflow connection through a small field template.
 
-One token per backend, obtained with the pod's identity, renewed at about 2/3 of its TTL and replaced by a new login
-when it cannot be renewed or is refused; concurrent requests share one login.
+This module builds Vault's requests and parses its answers; the token (login with the pod's identity, renewal,
+a fresh login when it is refused) is ``broker.identity.vault``'s.
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import contextlib
 import json
-import logging
-import random
 import re
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Literal
 
-import aiohttp
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from broker.backends import rest
 from broker.backends.base import (
-    AccessDenied,
     BackendConfig,
     BackendContext,
     BackendError,
@@ -35,17 +28,13 @@ from broker.backends.base import (
     BrokerError,
     Kind,
     Lease,
-    RateLimited,
     SecretNotFound,
     SecretValue,
-    is_transient,
     layout_key,
 )
-from broker.backends.base import Backend as BaseBackend
 from broker.configtypes import Duration, StrictModel
+from broker.identity.vault import AuthConfig, VaultTokenSource, seconds
 from broker.providerkw import Deprecated, Moves, ProviderKwarg, Replaced
-
-log = logging.getLogger("broker.backend.vault")
 
 _POD_LOGIN = "log in with the pod's identity: auth.method kubernetes, jwt or aws (docs/vault.md)"
 _OTHER_METHOD = f"the provider's {{}} auth method is not supported; {_POD_LOGIN}"
@@ -79,43 +68,10 @@ PROVIDER_KWARGS: dict[str, ProviderKwarg] = {
     "cert": Replaced("client certificates are not used; " + _POD_LOGIN),
     "global_secrets_path": Deprecated("kept, as the provider keeps it: list the fallback paths in *_path instead"),
 }
-SA_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
-DEFAULT_MOUNTS = {"kubernetes": "kubernetes", "jwt": "jwt", "aws": "aws", "approle": "approle"}
 DYNAMIC_PREFIX = "dynamic:"
 _TEMPLATE = re.compile(r"\{\{\s*([A-Za-z0-9_]+)\s*\}\}")
-LOGIN_BACKOFF_CAP = 30.0
-
-
-class AuthConfig(StrictModel):
-    method: Literal["kubernetes", "jwt", "aws", "approle", "token"]
-    role: str | None = None
-    mount: str | None = None
-    token_path: Path = SA_TOKEN
-    role_id_file: Path | None = None
-    secret_id_file: Path | None = None
-    token_file: Path | None = None
-    # aws (IAM) method: the STS request signed with the pod's AWS credentials
-    aws_region: str = "us-east-1"
-    aws_sts_url: str = "https://sts.amazonaws.com/"
-    aws_server_id: str | None = None
-
-    @model_validator(mode="after")
-    def _per_method(self) -> AuthConfig:
-        needed = {
-            "kubernetes": ["role"],
-            "jwt": ["role"],
-            "aws": ["role"],
-            "approle": ["role_id_file", "secret_id_file"],
-            "token": ["token_file"],
-        }[self.method]
-        missing = [key for key in needed if getattr(self, key) is None]
-        if missing:
-            raise ValueError(f"{', '.join(missing)}: required for auth method {self.method}")
-        return self
-
-    @property
-    def mount_path(self) -> str:
-        return (self.mount or DEFAULT_MOUNTS.get(self.method, self.method)).strip("/")
+# Vault's status map: the shared one, and 412 (Enterprise: this node has not caught up yet) worth a retry.
+STATUS_ERRORS: Mapping[int, type[BrokerError]] = {**rest.STATUS_ERRORS, 412: BackendUnavailable}
 
 
 class DynamicConnection(StrictModel):
@@ -177,34 +133,80 @@ def render(fields: dict[str, Any], data: dict[str, Any], where: str) -> dict[str
     return {key: fill(value) for key, value in fields.items()}
 
 
-class _Token:
-    """The current Vault token and its lifetime on the monotonic clock."""
+def parse_kv(kind: Kind, engine: int, data: dict[str, Any], what: str) -> SecretValue:
+    """A KV v1 or v2 read answer as the kind's value (a connection's fields or ``conn_uri``; ``value`` for the
+    others, JSON-encoded when it is not a string) with the v2 version number.
 
-    __slots__ = ("expires_at", "renewable", "ttl", "value")
+    Raises SecretNotFound only for Vault's own word (a v2 current version deleted or destroyed), BackendError for
+    any other answer without the data the kind needs.
+    """
+    payload = data.get("data")
+    version = None
+    if engine == 2:
+        if not isinstance(payload, dict):
+            raise BackendError(f"{what}: unexpected KV v2 answer")
+        meta = payload.get("metadata")
+        meta = meta if isinstance(meta, dict) else {}
+        number = meta.get("version")
+        version = str(number) if isinstance(number, int) and not isinstance(number, bool) else None
+        payload = payload.get("data")
+        if payload is None and (meta.get("deletion_time") or meta.get("destroyed")):
+            raise SecretNotFound(f"{what}: the current version is deleted")
+    if not isinstance(payload, dict):
+        raise BackendError(f"{what}: answer has no data object")
+    if kind is Kind.CONNECTION:
+        if "conn_uri" in payload:
+            uri = payload["conn_uri"]
+            if not isinstance(uri, str):
+                raise BackendError(f"{what}: conn_uri is not a string")
+            return SecretValue(uri, version=version)
+        return SecretValue(payload, version=version)
+    if "value" not in payload:
+        raise BackendError(f"{what}: the secret has no key 'value'")
+    value = payload["value"]
+    return SecretValue(value if isinstance(value, str) else json.dumps(value), version=version)
 
-    def __init__(self, value: str, ttl: float, renewable: bool, now: float) -> None:
-        self.value = value
-        self.ttl = ttl
-        self.renewable = renewable
-        self.expires_at = now + ttl if ttl > 0 else float("inf")
 
-    def __repr__(self) -> str:
-        return f"_Token(<redacted>, ttl={self.ttl}, renewable={self.renewable})"
+def parse_lease(data: dict[str, Any], now: float, what: str, *, lease_id: str | None = None) -> Lease | None:
+    """The lease of a dynamic read or a renewal answer (``lease_id`` names the renewed one when the answer
+    does not), or None when the answer carries no lease. Raises BackendError for a malformed lease."""
+    given = data.get("lease_id")
+    if given is not None and not isinstance(given, str):
+        raise BackendError(f"{what}: lease_id is not a string")
+    given = given or lease_id
+    if not given:
+        return None
+    return Lease(given, seconds(data.get("lease_duration"), what), data.get("renewable") is True, now)
 
 
-class Backend(BaseBackend):
+def parse_dynamic(spec: DynamicConnection, data: dict[str, Any], now: float, what: str) -> SecretValue:
+    """A dynamic secret's answer as the connection ``spec`` describes, with its lease. A secret with a TTL but
+    no lease (KV v1 with a ``ttl`` key) bounds the cache entry instead. Raises BackendError."""
+    secret = data.get("data")
+    if not isinstance(secret, dict):
+        raise BackendError(f"{what}: answer has no data")
+    lease = parse_lease(data, now, what)
+    ttl = seconds(data.get("lease_duration"), what)
+    return SecretValue(render(spec.fields, secret, what), lease=lease, ttl_hint=ttl if ttl and not lease else None)
+
+
+class Backend(rest.RestBackend):
     config_model = VaultConfig
     config: VaultConfig
+    identity: VaultTokenSource
+    refused_status = 403  # Vault's answer to a token it does not take (and to a path the policy denies)
 
     def __init__(self, config: BackendConfig, ctx: BackendContext) -> None:
-        super().__init__(config, ctx)
-        self._base = self.config.url.rstrip("/")
-        self._session: aiohttp.ClientSession | None = None
-        self._token: _Token | None = None
-        self._login_lock = asyncio.Lock()
-        self._renewer: asyncio.Task[None] | None = None
-        self._rng = random.Random()  # noqa: S311 - jitter only
-        self.login_count = 0
+        assert isinstance(config, VaultConfig)
+        super().__init__(config, ctx, config.url)
+        self.identity = VaultTokenSource(
+            self.name,
+            ctx,
+            config.auth,
+            self._call,
+            renew_at=config.token_renew_at,
+            min_ttl=config.token_min_ttl,
+        )
 
     # ------------------------------------------------------------------------------------------ layout
 
@@ -244,338 +246,89 @@ class Backend(BaseBackend):
         paths = self.candidates(kind, name)
         return paths[0] if paths else None
 
-    def _kv_url(self, secret_path: str) -> str:
+    def kv_path(self, secret_path: str) -> str:
+        """The API path (under ``/v1/``) that reads a secret of the layout."""
         mount = self.config.mount_point
         if not mount:
             mount, _, secret_path = secret_path.partition("/")
         mount = mount.strip("/")
         if self.config.kv_engine_version == 2:
-            return f"{self._base}/v1/{mount}/data/{secret_path}"
-        return f"{self._base}/v1/{mount}/{secret_path}"
+            return f"{mount}/data/{secret_path}"
+        return f"{mount}/{secret_path}"
 
-    # ------------------------------------------------------------------------------------------ HTTP
+    # ------------------------------------------------------------------------------------------ requests
 
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            headers = {"X-Vault-Request": "true", "User-Agent": rest.USER_AGENT}
-            if self.config.namespace:
-                headers["X-Vault-Namespace"] = self.config.namespace
-            self._session = rest.make_session(self._base, self.config.ca_cert, headers)
-        return self._session
+    def session_headers(self) -> dict[str, str]:
+        headers = {**super().session_headers(), "X-Vault-Request": "true"}
+        if self.config.namespace:
+            headers["X-Vault-Namespace"] = self.config.namespace
+        return headers
 
-    async def _request(
-        self, method: str, url: str, *, token: str | None, body: Any = None, what: str
-    ) -> tuple[int, dict[str, Any]]:
-        headers = {"X-Vault-Token": token} if token else {}
-        answer = await rest.request(self._http(), method, url, headers, f"vault {self.name}: {what}", body=body)
-        if answer.status >= 400:
-            self._raise_for(answer.status, what, answer.retry_after)
-        return answer.status, answer.data
+    def token_headers(self, token: str) -> dict[str, str]:
+        return {"X-Vault-Token": token}
 
-    def _raise_for(self, status: int, what: str, retry_after: str | None) -> None:
-        """The one map from Vault's HTTP status to the error tree (bodies are never quoted: they may echo input)."""
-        message = f"vault {self.name}: {what}: HTTP {status}"
-        if status == 404:
-            raise SecretNotFound(message)
-        if status in (401, 403):
-            raise AccessDenied(message)
-        if status == 429:
-            raise RateLimited(message, retry_after=rest.parse_retry_after(retry_after))
-        if status >= 500 or status == 412:  # 503 sealed/standby, 412 Enterprise consistency
-            raise BackendUnavailable(message)
-        raise BackendError(message)
+    def _url(self, path: str) -> str:
+        return f"{self._base}/v1/{path.strip('/')}"
 
-    # ------------------------------------------------------------------------------------------ login
+    async def _call(
+        self, method: str, path: str, what: str, *, token: str | None = None, body: Any = None
+    ) -> dict[str, Any]:
+        """One request to ``/v1/{path}``, with ``token`` when given (the identity's logins and renewals).
+        Raises by Vault's status map, and what ``rest.request`` raises."""
+        what = f"vault {self.name}: {what}"
+        headers = self.token_headers(token) if token else {}
+        answer = await rest.request(self._http(), method, self._url(path), headers, what, body=body)
+        rest.raise_for_status(answer, what, table=STATUS_ERRORS)
+        return answer.data
 
-    async def _login_payload(self) -> tuple[str, dict[str, Any]] | None:
-        """(login path, body) for the method, or None for the token method. Files are re-read each time."""
-        auth = self.config.auth
-        if auth.method == "token":
-            return None
-        if auth.method in ("kubernetes", "jwt"):
-            if self.ctx.workload_token is not None:  # node mode: the calling pod's own token
-                return f"auth/{auth.mount_path}/login", {"role": auth.role, "jwt": self.ctx.pod_token()}
-            jwt = await self.ctx.run_blocking(_read_secret_file, auth.token_path, "auth.token_path")
-            return f"auth/{auth.mount_path}/login", {"role": auth.role, "jwt": jwt}
-        if auth.method == "approle":
-            assert auth.role_id_file is not None and auth.secret_id_file is not None
-            role_id = await self.ctx.run_blocking(_read_secret_file, auth.role_id_file, "auth.role_id_file")
-            secret_id = await self.ctx.run_blocking(_read_secret_file, auth.secret_id_file, "auth.secret_id_file")
-            return f"auth/{auth.mount_path}/login", {"role_id": role_id, "secret_id": secret_id}
-        body = await self.ctx.run_blocking(_signed_sts_request, auth.aws_sts_url, auth.aws_region, auth.aws_server_id)
-        return f"auth/{auth.mount_path}/login", {"role": auth.role, **body}
+    async def _authed(self, method: str, path: str, what: str, body: Any = None) -> dict[str, Any]:
+        """A request with the backend's token; a refused token gets one fresh login and one more try."""
+        what = f"vault {self.name}: {what}"
+        answer = await self.authorized(method, self._url(path), what, body=body)
+        rest.raise_for_status(answer, what, table=STATUS_ERRORS)
+        return answer.data
 
-    async def _login(self) -> _Token:
-        """Log in once with the pod's identity. Raises AccessDenied, BackendUnavailable, BackendError."""
-        payload = await self._login_payload()
-        try:
-            if payload is None:
-                assert self.config.auth.token_file is not None
-                value = await self.ctx.run_blocking(_read_secret_file, self.config.auth.token_file, "auth.token_file")
-                _, data = await self._request(
-                    "GET", f"{self._base}/v1/auth/token/lookup-self", token=value, what="token lookup"
-                )
-                info = data.get("data") or {}
-                token = _Token(value, float(info.get("ttl") or 0), bool(info.get("renewable")), self.ctx.clock.now())
-            else:
-                path, body = payload
-                _, data = await self._request("POST", f"{self._base}/v1/{path}", token=None, body=body, what="login")
-                auth = data.get("auth") or {}
-                if not auth.get("client_token"):
-                    raise BackendError(f"vault {self.name}: login answered without a token")
-                token = _Token(
-                    auth["client_token"],
-                    float(auth.get("lease_duration") or 0),
-                    bool(auth.get("renewable")),
-                    self.ctx.clock.now(),
-                )
-        except BrokerError as exc:
-            self.ctx.metrics.logins.labels(self.name, "failed").inc()
-            log.warning(
-                "vault login failed",
-                extra={
-                    "backend": self.name,
-                    "method": self.config.auth.method,
-                    "error": exc.code,
-                    "detail": exc.message,
-                },
-            )
-            raise
-        self.login_count += 1
-        self.ctx.metrics.logins.labels(self.name, "ok").inc()
-        self._set_token(token)
-        log.info(
-            "vault login",
-            extra={
-                "backend": self.name,
-                "method": self.config.auth.method,
-                "ttl": token.ttl,
-                "renewable": token.renewable,
-            },
-        )
-        return token
-
-    def _set_token(self, token: _Token) -> None:
-        self._token = token
-        remaining = token.expires_at - self.ctx.clock.now()
-        self.ctx.metrics.identity_expiry.labels(self.name).set(-1 if token.ttl <= 0 else remaining)
-
-    def _valid(self, token: _Token | None) -> bool:
-        return token is not None and token.expires_at - self.ctx.clock.now() > self.config.token_min_ttl
-
-    async def _current_token(self, refused: _Token | None = None) -> _Token:
-        """A valid token; one login is shared by every concurrent caller (second look after the lock)."""
-        token = self._token
-        if self._valid(token) and token is not refused:
-            assert token is not None
-            return token
-        async with self._login_lock:
-            token = self._token
-            if self._valid(token) and token is not refused:
-                assert token is not None
-                return token
-            return await self._login()
-
-    async def _authed(self, method: str, url: str, what: str, body: Any = None) -> dict[str, Any]:
-        """A request with the token; a 403 with a token we believed valid triggers one fresh login and retry."""
-        token = await self._current_token()
-        try:
-            return (await self._request(method, url, token=token.value, body=body, what=what))[1]
-        except AccessDenied:
-            if self.config.auth.method == "token" and self._token is token:
-                raise
-            fresh = await self._current_token(refused=token)
-            return (await self._request(method, url, token=fresh.value, body=body, what=what))[1]
+    async def _on_unauthorized(self, answer: rest.Answer, what: str, token: str) -> bool:
+        # A 403 is both "bad token" and "the policy denies this path": only the first is worth a new login.
+        return not await self.identity.accepts(token)
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        await self._current_token()
-        if self._renewer is None or self._renewer.done():
-            self._renewer = asyncio.get_running_loop().create_task(self._renew_loop(), name=f"vault-token-{self.name}")
-
-    async def _renew_loop(self) -> None:
-        """Renew the token at ~2/3 of its TTL (jittered); log in again when renewal cannot keep it alive."""
-        delay = 1.0
-        while True:
-            token = self._token
-            now = self.ctx.clock.now()
-            if token is None:
-                wait = delay
-            elif token.ttl <= 0:
-                wait = 3600.0  # a token that never expires: nothing to do but look again later
-            else:
-                due = token.expires_at - token.ttl * (1 - self.config.token_renew_at * self._rng.uniform(0.9, 1.0))
-                wait = max(0.0, due - now)
-            await asyncio.sleep(wait)
-            try:
-                await self._renew_or_login()
-                delay = 1.0
-            except BrokerError as exc:
-                log.warning(
-                    "vault token upkeep failed; retrying",
-                    extra={"backend": self.name, "error": exc.code, "retry_in": round(delay, 1)},
-                )
-                if not is_transient(exc) and self._token is not None and not self._valid(self._token):
-                    self._token = None
-                await asyncio.sleep(delay * self._rng.uniform(0.5, 1.0))
-                delay = min(delay * 2, LOGIN_BACKOFF_CAP)
-
-    async def _renew_or_login(self) -> None:
-        token = self._token
-        if token is None or not token.renewable:
-            async with self._login_lock:
-                await self._login()
-            return
-        try:
-            _, data = await self._request(
-                "POST",
-                f"{self._base}/v1/auth/token/renew-self",
-                token=token.value,
-                body={"increment": f"{int(token.ttl)}s"},
-                what="token renew",
-            )
-        except AccessDenied:
-            async with self._login_lock:
-                await self._login()  # revoked or expired: a fresh login
-            return
-        auth = data.get("auth") or {}
-        granted = float(auth.get("lease_duration") or 0)
-        self.ctx.metrics.logins.labels(self.name, "renewed").inc()
-        renewed = _Token(token.value, granted, bool(auth.get("renewable")), self.ctx.clock.now())
-        if granted < token.ttl * 0.5 or granted <= self.config.token_min_ttl * 2:
-            # Near the token's max TTL: renewals no longer buy time, so log in again now.
-            async with self._login_lock:
-                await self._login()
-            return
-        self._set_token(_Token(token.value, granted, renewed.renewable, self.ctx.clock.now()))
-        # keep the original TTL as the renewal increment for the next round
-        assert self._token is not None
-        self._token.ttl = granted
-
-    def not_ready_reason(self) -> str | None:
-        if not self._valid(self._token):
-            return "no valid Vault token"
-        return None
+        await self.identity.start()
 
     async def check(self) -> str:
-        await self._current_token()
-        data = await self._authed("GET", f"{self._base}/v1/auth/token/lookup-self", "token lookup")
-        info = data.get("data") or {}
-        policies = ",".join(sorted(info.get("policies") or []))
-        auth = self.config.auth
-        role = f" role={auth.role}" if auth.role else ""
-        return f"vault {self._base} auth={auth.method}{role} policies=[{policies}] ttl={info.get('ttl')}s"
-
-    async def aclose(self) -> None:
-        if self._renewer is not None:
-            self._renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewer
-        token, self._token = self._token, None
-        if self.ctx.workload_token is not None and token is not None:
-            # Node mode: an identity closed for idleness logs out, so its token outlives no pod.
-            with contextlib.suppress(BrokerError):
-                await self._request("POST", f"{self._base}/v1/auth/token/revoke-self", token=token.value, what="logout")
-        if self._session is not None:
-            await self._session.close()
+        data = await self._authed("GET", "auth/token/lookup-self", "token lookup")
+        info = data.get("data")
+        info = info if isinstance(info, dict) else {}
+        policies = info.get("policies")
+        names = ",".join(sorted(str(p) for p in policies)) if isinstance(policies, list) else ""
+        ttl = seconds(info.get("ttl"), f"vault {self.name}: token lookup")
+        return f"vault {self._base} {self.identity.describe()} policies=[{names}] ttl={ttl:.0f}s"
 
     # ------------------------------------------------------------------------------------------ reads
 
     async def fetch(self, kind: Kind, path: str) -> SecretValue:
-        if path.startswith(DYNAMIC_PREFIX):
-            return await self._fetch_dynamic(path.removeprefix(DYNAMIC_PREFIX))
-        data = await self._authed("GET", self._kv_url(path), f"read {path}")
-        payload = data.get("data")
-        version = None
-        if self.config.kv_engine_version == 2:
-            if not isinstance(payload, dict):
-                raise BackendError(f"vault {self.name}: read {path}: unexpected KV v2 answer")
-            meta = payload.get("metadata") or {}
-            version = str(meta["version"]) if meta.get("version") is not None else None
-            payload = payload.get("data")
-            if payload is None and isinstance(meta, dict) and (meta.get("deletion_time") or meta.get("destroyed")):
-                raise SecretNotFound(f"vault {self.name}: {path}: the current version is deleted")
-        if not isinstance(payload, dict):
-            # Only Vault's own word (404, a deleted version) means "not found"; anything else is a failure.
-            raise BackendError(f"vault {self.name}: read {path}: answer has no data object")
-        if kind is Kind.CONNECTION:
-            if "conn_uri" in payload:
-                uri = payload["conn_uri"]
-                if not isinstance(uri, str):
-                    raise BackendError(f"vault {self.name}: {path}: conn_uri is not a string")
-                return SecretValue(uri, version=version)
-            return SecretValue(payload, version=version)
-        if "value" not in payload:
-            raise BackendError(f"vault {self.name}: {path} has no key 'value'")
-        value = payload["value"]
-        return SecretValue(value if isinstance(value, str) else json.dumps(value), version=version)
+        """One read of a KV secret or a dynamic connection.
 
-    async def _fetch_dynamic(self, conn_id: str) -> SecretValue:
-        spec = self.config.dynamic_connections[conn_id]
-        data = await self._authed("GET", f"{self._base}/v1/{spec.path.strip('/')}", f"read {spec.path}")
-        secret = data.get("data")
-        if not isinstance(secret, dict):
-            raise BackendError(f"vault {self.name}: {spec.path}: answer has no data")
-        lease = None
-        if data.get("lease_id"):
-            lease = Lease(
-                str(data["lease_id"]),
-                float(data.get("lease_duration") or 0),
-                bool(data.get("renewable")),
-                self.ctx.clock.now(),
-            )
-        fields = render(spec.fields, secret, f"vault {self.name}: {spec.path}")
-        ttl_hint = float(data["lease_duration"]) if data.get("lease_duration") and not lease else None
-        return SecretValue(fields, lease=lease, ttl_hint=ttl_hint)
+        Raises SecretNotFound, AccessDenied, RateLimited, BackendUnavailable (unreachable, sealed, an answer
+        that is not Vault's), BackendError.
+        """
+        if path.startswith(DYNAMIC_PREFIX):
+            spec = self.config.dynamic_connections[path.removeprefix(DYNAMIC_PREFIX)]
+            data = await self._authed("GET", spec.path, f"read {spec.path}")
+            return parse_dynamic(spec, data, self.ctx.clock.now(), f"vault {self.name}: {spec.path}")
+        data = await self._authed("GET", self.kv_path(path), f"read {path}")
+        return parse_kv(kind, self.config.kv_engine_version, data, f"vault {self.name}: read {path}")
 
     async def renew(self, lease: Lease, increment: float | None = None) -> Lease:
         body: dict[str, Any] = {"lease_id": lease.lease_id}
         if increment:
             body["increment"] = int(increment)
-        data = await self._authed("PUT", f"{self._base}/v1/sys/leases/renew", "lease renew", body)
-        return Lease(
-            str(data.get("lease_id") or lease.lease_id),
-            float(data.get("lease_duration") or 0),
-            bool(data.get("renewable")),
-            self.ctx.clock.now(),
-        )
+        data = await self._authed("PUT", "sys/leases/renew", "lease renew", body)
+        renewed = parse_lease(data, self.ctx.clock.now(), f"vault {self.name}: lease renew", lease_id=lease.lease_id)
+        assert renewed is not None
+        return renewed
 
     async def revoke(self, lease: Lease) -> None:
-        await self._authed("PUT", f"{self._base}/v1/sys/leases/revoke", "lease revoke", {"lease_id": lease.lease_id})
-
-
-def _read_secret_file(path: Path, key: str) -> str:
-    """A credential file's content. Raises BackendError naming the config key and the path."""
-    try:
-        value = path.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise BackendError(f"{key}: cannot read {path}: {exc.strerror or type(exc).__name__}") from None
-    if not value:
-        raise BackendError(f"{key}: {path} is empty")
-    return value
-
-
-def _signed_sts_request(url: str, region: str, server_id: str | None) -> dict[str, str]:
-    """A SigV4-signed sts:GetCallerIdentity for Vault's IAM login, with boto3's default credential chain
-    (IRSA web identity, EKS Pod Identity, instance profile). Runs in the thread pool."""
-    import boto3
-    from botocore.auth import SigV4Auth
-    from botocore.awsrequest import AWSRequest
-
-    credentials = boto3.session.Session().get_credentials()
-    if credentials is None:
-        raise AccessDenied("auth.method aws: no AWS credentials found in the default chain")
-    body = "Action=GetCallerIdentity&Version=2011-06-15"
-    headers = {"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"}
-    if server_id:
-        headers["X-Vault-AWS-IAM-Server-ID"] = server_id
-    request = AWSRequest(method="POST", url=url, data=body, headers=headers)
-    SigV4Auth(credentials.get_frozen_credentials(), "sts", region).add_auth(request)
-    signed = {k: [v] for k, v in request.headers.items()}
-    return {
-        "iam_http_request_method": "POST",
-        "iam_request_url": base64.b64encode(url.encode()).decode(),
-        "iam_request_body": base64.b64encode(body.encode()).decode(),
-        "iam_request_headers": base64.b64encode(json.dumps(signed).encode()).decode(),
-    }
+        await self._authed("PUT", "sys/leases/revoke", "lease revoke", {"lease_id": lease.lease_id})

@@ -4,7 +4,9 @@ A ``TokenSource`` holds one bearer token for one backend. Every concurrent calle
 (a second look after the lock); a background task refreshes the token at about 2/3 of its lifetime
 (jittered) so requests do not wait for a login; a failed refresh keeps serving the old token while it is
 still valid and retries with capped backoff. Plug-ins implement ``_acquire`` (one attempt, mapped onto the
-backend error tree) and ``describe``.
+backend error tree) and ``describe``; a store whose tokens can be extended (Vault) also writes ``_renew``,
+which the background refresh tries before a new acquisition. A token that never expires (lifetime ``inf``)
+is looked at again every ``NEVER_EXPIRES_RECHECK`` seconds.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -21,11 +24,13 @@ from broker.backoff import Backoff
 log = logging.getLogger("broker.identity")
 
 RETRY_BASE, RETRY_CAP, RETRY_FLOOR = 1.0, 30.0, 0.5  # seconds between failed refreshes
+NEVER_EXPIRES_RECHECK = 3600.0  # a token file may have been rotated meanwhile
 
 
 @dataclass(frozen=True, slots=True)
 class Token:
-    """A bearer token; ``expires_at`` is on the broker's monotonic clock."""
+    """A bearer token; ``expires_at`` is on the broker's monotonic clock (``inf`` with ``lifetime`` when it
+    never expires)."""
 
     value: str = field(repr=False)
     expires_at: float
@@ -53,7 +58,13 @@ class TokenSource(ABC):
 
     @abstractmethod
     async def _acquire(self) -> tuple[str, float]:
-        """One attempt at a new token: (value, seconds until it expires). Raises a BrokerError."""
+        """One attempt at a new token: (value, seconds until it expires, ``inf`` for never). Raises a BrokerError."""
+
+    async def _renew(self, current: Token) -> float | None:
+        """Extend ``current`` at the store: its new lifetime in seconds, or None when it cannot be extended
+        (the refresh then acquires a new token). Called under the lock by the background refresh only.
+        Raises a BrokerError (the refresh retries with backoff; the old token serves while it is usable)."""
+        return None
 
     @abstractmethod
     def describe(self) -> str:
@@ -89,10 +100,16 @@ class TokenSource(ABC):
     async def _discard(self) -> None:  # noqa: B027 - optional hook
         """Forget any copy of a token the store refused that the plug-in's SDK keeps (called under the lock)."""
 
-    async def _refresh(self) -> Token:
-        """Acquire a new token (caller holds the lock), with metrics and one log line; never logs the value."""
+    async def _refresh(self, *, renew: bool = False) -> Token:
+        """A new token, or with ``renew`` the current one extended when the plug-in can (caller holds the lock);
+        with metrics and one log line, never the value."""
+        current = self._token
         try:
-            value, ttl = await self._acquire()
+            if renew and current is not None and self._usable(current):
+                extended = await self._renew(current)
+                if extended is not None:
+                    return self._install(current.value, extended, "renewed")
+            value, lifetime = await self._acquire()
         except BrokerError as exc:
             self._last_error = exc.code
             self.ctx.metrics.logins.labels(backend=self.backend_name, outcome="failed").inc()
@@ -101,18 +118,26 @@ class TokenSource(ABC):
                 extra={"backend": self.backend_name, "identity": self.kind, "error": exc.code, "detail": exc.message},
             )
             raise
-        now = self.ctx.clock.now()
-        token = Token(value, now + ttl, ttl)
+        self.acquisitions += 1
+        return self._install(value, lifetime, "ok")
+
+    def _install(self, value: str, lifetime: float, outcome: str) -> Token:
+        token = Token(value, self.ctx.clock.now() + lifetime, lifetime)
         self._token = token
         self._last_error = None
-        self.acquisitions += 1
-        self.ctx.metrics.logins.labels(backend=self.backend_name, outcome="ok").inc()
-        self.ctx.metrics.identity_expiry.labels(backend=self.backend_name).set(ttl)
+        self.ctx.metrics.logins.labels(backend=self.backend_name, outcome=outcome).inc()
+        self._show_expiry()
         log.info(
-            "credential refreshed",
-            extra={"backend": self.backend_name, "identity": self.kind, "ttl": round(ttl, 1)},
+            "credential refreshed" if outcome == "ok" else "credential renewed",
+            extra={"backend": self.backend_name, "identity": self.kind, "ttl": round(lifetime, 1)},
         )
         return token
+
+    def _show_expiry(self) -> None:
+        token = self._token
+        if token is not None:
+            left = -1.0 if math.isinf(token.expires_at) else max(0.0, token.expires_at - self.ctx.clock.now())
+            self.ctx.metrics.identity_expiry.labels(backend=self.backend_name).set(left)
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -133,6 +158,8 @@ class TokenSource(ABC):
             return wait
         if token is None:
             return 1.0
+        if math.isinf(token.lifetime):
+            return NEVER_EXPIRES_RECHECK
         target = token.lifetime * self.renew_at * (0.9 + self.backoff.rng.random() * 0.1)
         return max(0.5, token.expires_at - token.lifetime + target - now)
 
@@ -142,17 +169,14 @@ class TokenSource(ABC):
             await self.backoff.sleep(self._next_wait(failures))
             try:
                 async with self._lock:
-                    await self._refresh()
+                    await self._refresh(renew=True)
                 failures = 0
             except BrokerError:
                 failures += 1  # the old token keeps serving while it is valid; _refresh logged why
             except Exception:
                 failures += 1
                 log.exception("credential refresh crashed", extra={"backend": self.backend_name})
-            if self._token is not None:
-                self.ctx.metrics.identity_expiry.labels(backend=self.backend_name).set(
-                    max(0.0, self._token.expires_at - self.ctx.clock.now())
-                )
+            self._show_expiry()
 
     async def aclose(self) -> None:
         if self._refresher is not None:
