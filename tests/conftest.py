@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from tests.servers.stores import fault_ca, harnesses, kv1_harness  # noqa: F401 - session fixtures, shared
 from tests.support.broker_process import BrokerProcess
 
 # Tests never reach outside loopback: scrub proxies that could route test traffic elsewhere.

@@ -38,6 +38,10 @@ log = logging.getLogger("broker.server")
 
 KINDS = {"connections": Kind.CONNECTION, "variables": Kind.VARIABLE, "config": Kind.CONFIG}
 NO_STORE = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff", "Server": "broker"}
+# Routes match the decoded path: ``[\s\S]`` (not ``.``) so a name with an encoded newline still reaches the
+# handler and is refused 400 by the name rules, instead of missing the route and answering 404 not_found.
+ANY_UNDER_V1 = r"/v1/{tail:[\s\S]*}"
+ANY_PATH = r"/{tail:[\s\S]*}"
 _RID_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 STATE: web.AppKey[BrokerState] = web.AppKey("state")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -208,12 +212,12 @@ def build_api_app(state: BrokerState, *, tcp_token: bytes | None = None) -> web.
             partition.active -= 1
             partition.last_used = state.clock.now()
 
-    app.router.add_route("*", "/v1/{tail:.*}", secret, expect_handler=expect_handler)
+    app.router.add_route("*", ANY_UNDER_V1, secret, expect_handler=expect_handler)
     app.router.add_get("/healthz", _healthz, expect_handler=expect_handler)
     app.router.add_get("/readyz", _readyz, expect_handler=expect_handler)
     app.router.add_get("/openapi.json", _openapi, expect_handler=expect_handler)
     app.router.add_route(
-        "*", "/{tail:.*}", _no_route(frozenset({"/healthz", "/readyz", "/openapi.json"})), expect_handler=expect_handler
+        "*", ANY_PATH, _no_route(frozenset({"/healthz", "/readyz", "/openapi.json"})), expect_handler=expect_handler
     )
     return with_header_timeout(app)
 
@@ -445,7 +449,7 @@ def build_metrics_app(state: BrokerState) -> web.Application:
     app.router.add_get("/healthz", _healthz, expect_handler=expect_handler)
     app.router.add_get("/readyz", _readyz, expect_handler=expect_handler)
     app.router.add_route(
-        "*", "/{tail:.*}", _no_route(frozenset({"/metrics", "/healthz", "/readyz"})), expect_handler=expect_handler
+        "*", ANY_PATH, _no_route(frozenset({"/metrics", "/healthz", "/readyz"})), expect_handler=expect_handler
     )
     return with_header_timeout(app)
 

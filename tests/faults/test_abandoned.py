@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from broker.backends.rest import POOL_LIMIT
-from tests.faults.conftest import Harness, value_of
 from tests.load.conftest import fd_kinds
+from tests.servers.stores import Harness, value_of
 from tests.support.broker_process import BrokerProcess, wait_for
 
 pytestmark = pytest.mark.integration

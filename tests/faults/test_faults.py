@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.faults.conftest import Harness, planted_values, value_of
+from tests.servers.stores import Harness, planted_values, value_of
 from tests.support.broker_process import wait_for
 from tests.support.figures import report
 

@@ -128,6 +128,12 @@ class TokenBook:
             return None, "expired"
         return grant, ""
 
+    def expire_all(self) -> None:
+        """Every token issued so far is past its lifetime from now on (refused as expired, as the service does)."""
+        with self.lock:
+            for grant in self.issued.values():
+                grant.expires_at = min(grant.expires_at, time.time() - 1)
+
     def revoke_all(self) -> None:
         with self.lock:
             for grant in self.issued.values():

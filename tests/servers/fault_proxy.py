@@ -4,9 +4,12 @@ Modes: ``pass`` (forward), ``refuse`` (the listening socket is closed: connectio
 (the connection is aborted as soon as a request arrives), ``stall`` (the request is held, never answered,
 until the mode changes), ``cut`` (the upstream answer is sent with its full ``Content-Length`` but only half
 its body, then the connection is closed), ``error`` (a 503 from the proxy), ``throttle`` (the store's own
-throttling answer, given by the caller), and three 200 answers that are not the store's: ``garbage`` (an HTML
+throttling answer, given by the caller), ``deny`` and ``expired`` (the store's own answers to a caller
+without the permission, and to a caller whose credential has expired, when the caller gives them), and three
+200 answers that are not the store's: ``garbage`` (an HTML
 page), ``oversize`` (a JSON body over the broker's bound) and ``shape`` (a JSON object whose fields carry each
-store's names with the wrong types). It listens with TLS when given a server context and reaches a TLS
+store's names with the wrong types). ``set(mode, times=N)`` applies a fault to the next N requests only,
+then forwards again. It listens with TLS when given a server context and reaches a TLS
 upstream with a client context, so it sits in front of any of the test stores. It runs its own event loop in
 a thread; counters say how many requests arrived and how many reached the upstream.
 """
@@ -33,7 +36,20 @@ HOP_BY_HOP = {
     "upgrade",
     "content-length",
 }
-MODES = ("pass", "refuse", "reset", "stall", "cut", "error", "throttle", "garbage", "oversize", "shape")
+MODES = (
+    "pass",
+    "refuse",
+    "reset",
+    "stall",
+    "cut",
+    "error",
+    "throttle",
+    "deny",
+    "expired",
+    "garbage",
+    "oversize",
+    "shape",
+)
 GARBAGE = b"<html><head><title>Sign in</title></head><body>Please sign in to continue.</body></html>"
 OVERSIZE = b'{"data": {"data": {"value": "' + b"x" * (2 << 20) + b'"}}}'
 # Vault (data), GCP (payload), Azure (value), Secrets Manager (ARN, SecretString), SSM (Parameter): all mistyped.
@@ -48,12 +64,15 @@ class FaultProxy:
         listen_tls: ssl.SSLContext | None = None,
         upstream_tls: ssl.SSLContext | None = None,
         throttle: tuple[int, dict[str, str], bytes] = (429, {"Retry-After": "1"}, b'{"error": "throttled"}'),
+        deny: tuple[int, dict[str, str], bytes] | None = None,
+        expired: tuple[int, dict[str, str], bytes] | None = None,
     ) -> None:
         self.upstream = upstream.rstrip("/")
         self.listen_tls = listen_tls
         self.upstream_tls = upstream_tls
-        self.throttle = throttle
+        self.answers = {"throttle": throttle, "deny": deny, "expired": expired}
         self.mode = "pass"
+        self.left: int | None = None  # requests the current fault still applies to (None: until changed)
         self.requests = 0
         self.forwarded = 0
         self.by_mode: Counter[str] = Counter()
@@ -79,10 +98,15 @@ class FaultProxy:
         self.url = f"{scheme}://127.0.0.1:{self.port}"
         return self
 
-    def set(self, mode: str) -> None:
-        """Switch the fault; leaving ``stall`` releases held requests, ``refuse`` closes/reopens the listener."""
+    def set(self, mode: str, times: int | None = None) -> None:
+        """Switch the fault (for the next ``times`` requests only, when given); leaving ``stall`` releases
+        held requests, ``refuse`` closes/reopens the listener."""
         assert mode in MODES, mode
-        self._run(self._set(mode))
+        assert mode in ("pass", "throttle", "deny", "expired", "error", "garbage", "oversize", "shape") or (
+            times is None
+        ), f"{mode} cannot be counted"
+        assert mode not in self.answers or self.answers[mode] is not None, f"no {mode} answer for this store"
+        self._run(self._set(mode, times))
 
     def counts(self) -> tuple[int, int]:
         with self._lock:
@@ -116,8 +140,9 @@ class FaultProxy:
             server: Any = self._site._server  # the bound port of a site started on port 0
             self.port = int(server.sockets[0].getsockname()[1])
 
-    async def _set(self, mode: str) -> None:
+    async def _set(self, mode: str, times: int | None = None) -> None:
         previous, self.mode = self.mode, mode
+        self.left = times
         if previous == "stall" and self._release is not None:
             self._release.set()
             self._release = asyncio.Event()
@@ -143,6 +168,10 @@ class FaultProxy:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         mode = self.mode
+        if self.left is not None:  # a counted fault: this request uses one, the last one restores "pass"
+            self.left -= 1
+            if self.left <= 0:
+                self.mode, self.left = "pass", None
         with self._lock:
             self.requests += 1
             self.by_mode[mode] += 1
@@ -169,8 +198,9 @@ class FaultProxy:
             return web.Response(status=200, body=OVERSIZE, content_type="application/json")
         if mode == "shape":
             return web.Response(status=200, body=SHAPE, content_type="application/json")
-        if mode == "throttle":
-            status, headers, payload = self.throttle
+        answer = self.answers.get(mode)
+        if answer is not None:
+            status, headers, payload = answer
             return web.Response(status=status, headers=headers, body=payload, content_type=None)
         assert self._session is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}

@@ -69,7 +69,6 @@ def moto_proxy() -> Iterator[AwsProxy]:
     sm.create_secret(Name="airflow/variables/binary", SecretBinary=b"binary-variable")
     sm.create_secret(Name="airflow/variables/rotating", SecretString="version-one")
     sm.create_secret(Name="airflow/config/sql_alchemy_conn", SecretString=CONFIG_VALUE)
-    sm.create_secret(Name="outside/variables/plain", SecretString="outside-prefix-value")
     sm.create_secret(Name="airflow/variables/not_utf8", SecretBinary=b"\xff\xfe\x00binary")
     sm.create_secret(Name="bare_id", SecretString="empty-prefix-value")
     ssm.put_parameter(Name="/airflow/connections/ssm_conn", Value="mysql://a:b@h:3306/s", Type="SecureString")

@@ -75,14 +75,6 @@ def test_lookup_patterns_and_null_prefixes_make_no_call(broker_factory: Any, pro
     assert proxy.calls[GET] == 1
 
 
-def test_crafted_names_stay_inside_the_prefix(broker_factory: Any, proxy: AwsProxy) -> None:
-    broker = broker_factory({"backends": [sm_backend()]}, env=static_env(proxy))
-    for raw in ("..%2F..%2Foutside%2Fvariables%2Fplain", "%2e%2e", "a%2Fb"):
-        status, body, _ = broker.request("GET", f"/v1/variables/{raw}")
-        assert status == 400 and "outside-prefix-value" not in json.dumps(body)
-    assert proxy.calls[GET] == 0
-
-
 def test_throttling_retries_then_stale_then_recovery(broker_factory: Any, proxy: AwsProxy) -> None:
     broker = broker_factory(
         {"cache": {"ttl": 1, "max_stale": 60, "refresh_ahead": 0}, "backends": [sm_backend()]}, env=static_env(proxy)
@@ -132,7 +124,6 @@ def test_thousand_concurrent_misses_make_one_aws_call(broker_factory: Any, proxy
 @pytest.mark.parametrize(
     ("code", "status", "error"),
     [
-        ("AccessDeniedException", 403, "forbidden"),
         ("DecryptionFailure", 502, "backend_error"),
         ("InternalServiceError", 503, "backend_unavailable"),
     ],

@@ -25,13 +25,11 @@ from tests.support.leakcheck import plant
 PASSWORD = "p@ss/w:rd#-vault-7c1e"
 VARIABLE = "vault-variable-value-5d2a"
 CONFIG_VALUE = "vault-config-value-8e3b"
-OUTSIDE = "outside-the-configured-path-91aa"
 
 POLICY = """
 path "secret/data/connections/*" { capabilities = ["read"] }
 path "secret/data/variables/*" { capabilities = ["read"] }
 path "secret/data/config/*" { capabilities = ["read"] }
-path "secret/data/variables/forbidden" { capabilities = ["deny"] }
 path "kv1/*" { capabilities = ["read"] }
 path "database/creds/airflow" { capabilities = ["read"] }
 path "sys/leases/renew" { capabilities = ["update"] }
@@ -129,9 +127,7 @@ def vault_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VaultEnv]:
         )
         bao.kv2_put("connections/pg_uri", {"conn_uri": "postgres://u:p%40ss%2Fw%3Ard%23@db.vault:5432/airflow"})
         bao.kv2_put("variables/plain", {"value": VARIABLE})
-        bao.kv2_put("variables/forbidden", {"value": "never-served-denied"})
         bao.kv2_put("config/sql_alchemy_conn", {"value": CONFIG_VALUE})
-        bao.kv2_put("outside", {"value": OUTSIDE})
         # path lists, nested ids and team-scoped paths (provider layouts)
         bao.kv2_put("variables/extra/only_extra", {"value": "from-the-first-path"})
         bao.kv2_put("variables/team1/db", {"value": "nested-value"})

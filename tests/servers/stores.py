@@ -1,13 +1,17 @@
-"""Every networked backend type behind its own fault proxy: OpenBao (KV v2), moto (Secrets Manager and SSM),
-the local GCP Secret Manager and Azure Key Vault. A ``Harness`` says how to point a broker at its proxy,
-which keys are planted, and what the store's own throttling answer looks like."""
+"""Every networked backend type behind its own fault proxy: OpenBao (KV v2, and KV v1 on a server of its own),
+moto (Secrets Manager and SSM), the local GCP Secret Manager and Azure Key Vault. A ``Harness`` says how to
+point a broker at its proxy, which keys are planted, how to plant more in the store's own layout, and what
+the store's own throttling (and, for AWS, denial and expired-token) answers look like.
+
+The servers are session-wide (``tests/conftest.py`` registers these fixtures): the fault, garbage, traversal
+and acceptance suites share one set."""
 
 from __future__ import annotations
 
 import json
 import os
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,11 +30,19 @@ from tests.support.leakcheck import plant
 OUTSIDE = "outside-every-prefix-value-9c2f"  # planted in each store outside the variables layout
 KEYS = 12  # uncached keys planted per store
 REGION = "eu-west-1"
-AWS_THROTTLE = (
+AWS_JSON = {"Content-Type": "application/x-amz-json-1.1"}
+AWS_THROTTLE = (400, AWS_JSON, b'{"__type": "ThrottlingException", "message": "Rate exceeded"}')
+AWS_DENY = (
     400,
-    {"Content-Type": "application/x-amz-json-1.1"},
-    b'{"__type": "ThrottlingException", "message": "Rate exceeded"}',
+    AWS_JSON,
+    b'{"__type": "AccessDeniedException", "message": "User is not authorized to perform this action"}',
 )
+AWS_EXPIRED = (
+    400,
+    AWS_JSON,
+    b'{"__type": "ExpiredTokenException", "message": "The security token included in the request is expired"}',
+)
+KIND_PATH = {"connection": "connections", "variable": "variables", "config": "config"}
 
 
 NESTED = "team/nested"  # a nested id, planted where the store's provider finds one (Vault, SM, SSM)
@@ -47,6 +59,8 @@ class Harness:
     backend: dict[str, Any]
     env: dict[str, str] = field(default_factory=dict)
     keys: list[str] = field(default_factory=list)  # variable names planted in the store
+    admin: Any = None  # the store's own handle (OpenBao, boto3 clients, GcpServers, AzureServers)
+    put: Callable[[str, str, str], None] | None = None  # plant (kind, Airflow id, value) in the default layout
 
     def config(self, **overrides: Any) -> dict[str, Any]:
         return {**self.backend, **overrides}
@@ -93,6 +107,8 @@ def harnesses(tmp_path_factory: pytest.TempPathFactory, fault_ca: TestCA) -> Ite
                 "auth": {"method": "token", "token_file": str(token_file)},
             },
             keys=_keys(),
+            admin=bao,
+            put=lambda kind, name, value: bao.kv2_put(f"{KIND_PATH[kind]}/{name}", _vault_data(kind, value)),
         )
 
         # AWS: one moto server, a proxy per service so each backend has its own faults
@@ -118,11 +134,20 @@ def harnesses(tmp_path_factory: pytest.TempPathFactory, fault_ca: TestCA) -> Ite
             "AWS_CONFIG_FILE": "/dev/null",
             "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
         }
+        puts = {
+            "sm": lambda kind, name, value: _ignore(
+                sm.create_secret(Name=f"airflow/{KIND_PATH[kind]}/{name}", SecretString=value)
+            ),
+            "ssm": lambda kind, name, value: _ignore(
+                ssm.put_parameter(Name=f"/airflow/{KIND_PATH[kind]}/{name}", Value=value, Type="SecureString")
+            ),
+        }
         for store, type_ in (("sm", "aws_secrets_manager"), ("ssm", "aws_ssm")):
-            proxy = FaultProxy(moto.url, throttle=AWS_THROTTLE).start()
+            proxy = FaultProxy(moto.url, throttle=AWS_THROTTLE, deny=AWS_DENY, expired=AWS_EXPIRED).start()
             stops.append(proxy.stop)
             backend = {"name": store, "type": type_, "region_name": REGION, "endpoint_url": proxy.url}
-            out[store] = Harness(store, proxy, backend, env=aws_env, keys=_keys())
+            admin = {"sm": sm, "ssm": ssm, "moto": moto}
+            out[store] = Harness(store, proxy, backend, env=aws_env, keys=_keys(), admin=admin, put=puts[store])
 
         # GCP: Secret Manager over TLS; the proxy terminates and re-opens TLS with the test CA
         gcp = GcpServers(fault_ca)
@@ -150,7 +175,15 @@ def harnesses(tmp_path_factory: pytest.TempPathFactory, fault_ca: TestCA) -> Ite
             "endpoint_url": proxy.url,
             "ca_cert": str(fault_ca.ca_path),
         }
-        out["gcp"] = Harness("gcp", proxy, backend, env=gcp_env, keys=_keys())
+        out["gcp"] = Harness(
+            "gcp",
+            proxy,
+            backend,
+            env=gcp_env,
+            keys=_keys(),
+            admin=gcp,
+            put=lambda kind, name, value: _ignore(gcp.cloud.add(f"airflow-{KIND_PATH[kind]}-{name}", value)),
+        )
 
         # Azure: Key Vault over TLS behind the proxy; Entra reached directly
         azure = AzureServers(fault_ca)
@@ -177,7 +210,16 @@ def harnesses(tmp_path_factory: pytest.TempPathFactory, fault_ca: TestCA) -> Ite
             "ca_cert": str(fault_ca.ca_path),
             "verify_challenge_resource": False,
         }
-        out["azure"] = Harness("azure", proxy, backend, env=azure_env, keys=_keys())
+        out["azure"] = Harness(
+            "azure",
+            proxy,
+            backend,
+            env=azure_env,
+            keys=_keys(),
+            admin=azure,
+            # Key Vault names allow no '_': the broker asks for them with '-', as the provider does
+            put=lambda kind, name, value: azure.cloud.add(f"airflow-{KIND_PATH[kind]}-{name}".replace("_", "-"), value),
+        )
         yield out
     finally:
         for stop in reversed(stops):
@@ -208,11 +250,26 @@ def kv1_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
             "kv_engine_version": 1,
             "auth": {"method": "token", "token_file": str(token_file)},
         }
-        yield Harness("vault-kv1", proxy, backend, keys=_keys())
+
+        def put(kind: str, name: str, value: str) -> None:
+            client.secrets.kv.v1.create_or_update_secret(
+                path=f"{KIND_PATH[kind]}/{name}", mount_point="kv1", secret=_vault_data(kind, value)
+            )
+
+        yield Harness("vault-kv1", proxy, backend, keys=_keys(), admin=bao, put=put)
     finally:
         if proxy is not None:
             proxy.stop()
         bao.stop()
+
+
+def _ignore(_: object) -> None:
+    return None
+
+
+def _vault_data(kind: str, value: str) -> dict[str, str]:
+    """A secret's data in Airflow's VaultBackend layout: connections under ``conn_uri``, the rest ``value``."""
+    return {"conn_uri": value} if kind == "connection" else {"value": value}
 
 
 def planted_values() -> list[str]:
