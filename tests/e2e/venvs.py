@@ -31,7 +31,7 @@ EXTRA_PINS: dict[str, list[str]] = {
     "3.3.2": ["apache-airflow-providers-hashicorp==4.8.4", *_SDKS],
 }
 NO_DEPS_PINS: dict[str, list[str]] = {
-    "2.10.5": ["apache-airflow-providers-amazon==9.15.0", "apache-airflow-providers-microsoft-azure==12.8.0"],
+    "2.10.5": ["apache-airflow-providers-amazon==9.15.0", "apache-airflow-providers-microsoft-azure==12.8.1"],
     "3.3.2": ["apache-airflow-providers-amazon==9.39.0", "apache-airflow-providers-microsoft-azure==15.2.1"],
 }
 

@@ -15,6 +15,9 @@ from typing import Any
 # Characters the broker allows in an id besides letters, digits and '_' (broker/resolver.py), and some
 # it refuses (a provider may look them up).
 ID_MARKS = [".", "-", ":", "@", "+", "=", ",", "~"]
+# Key Vault names hold only letters, digits and '-' ('_' becomes the separator): most Azure ids use those,
+# one in three a mark that no Key Vault name can hold (both sides then find nothing).
+AZURE_MARKS = ["-", "_", "."]
 REFUSED_IDS = ["a b", "a%2Fb", "a?b", "a#b", ".."]
 
 PASSWORD = "p@ss/w:rd#?&=+ %"  # every character a URI must percent-encode
@@ -77,7 +80,7 @@ class Variant:
     """One provider backend with kwargs and the equivalent broker backend (``{url}`` etc. filled later)."""
 
     name: str
-    store: str  # vault_kv2, vault_kv1, secretsmanager, ssm
+    store: str  # vault_kv2, vault_kv1, secretsmanager, ssm, azure
     provider: str
     kwargs: dict[str, Any]
     broker: dict[str, Any]
@@ -89,10 +92,20 @@ class Variant:
     path_list: list[str] = field(default_factory=list)
     mount_null: bool = False
 
+    @property
+    def marks(self) -> list[str]:
+        return AZURE_MARKS if self.store == "azure" else ID_MARKS
+
     def path(self, kind: str, key: str, team: str | None = None) -> str | None:
         prefix = self.layout.get(kind)
         if prefix is None:
             return None
+        if self.store == "azure":
+            # AzureKeyVaultBackend: a trailing sep is stripped from the prefix, an empty prefix means the id
+            # alone, a team reads {team}--{id}, and every '_' of the whole name becomes sep.
+            prefix = prefix.rstrip(self.sep)
+            key = f"{team}--{key}" if team is not None else key
+            return (f"{prefix}{self.sep}{key}" if prefix else key).replace("_", self.sep)
         if team is not None:
             if self.store.startswith("vault"):
                 prefix = f"{prefix}/{team}"
@@ -104,6 +117,8 @@ class Variant:
 VAULT = "airflow.providers.hashicorp.secrets.vault.VaultBackend"
 SM = "airflow.providers.amazon.aws.secrets.secrets_manager.SecretsManagerBackend"
 SSM = "airflow.providers.amazon.aws.secrets.systems_manager.SystemsManagerParameterStoreBackend"
+AKV = "airflow.providers.microsoft.azure.secrets.key_vault.AzureKeyVaultBackend"
+AZURE_DEFAULTS = {"connection": "airflow-connections", "variable": "airflow-variables", "config": "airflow-config"}
 
 VARIANTS = [
     Variant(
@@ -177,8 +192,30 @@ VARIANTS = [
         {"connections_prefix": "af/conns/", "variables_prefix": "", "connections_lookup_pattern": "^C"},
         {"connection": "/af/conns", "variable": "", "config": "/airflow/config"},
     ),
+    Variant("azure-defaults", "azure", AKV, {}, {}, AZURE_DEFAULTS, sep="-"),
 ]
 
+# Layouts whose names alone are compared (naming_plan).
+NAMING_VARIANTS = [
+    Variant(
+        "azure-prefixes",
+        "azure",
+        AKV,
+        {"connections_prefix": "af-conns--", "variables_prefix": "", "config_prefix": None},
+        {"connections_prefix": "af-conns--", "variables_prefix": "", "config_prefix": None},
+        {"connection": "af-conns--", "variable": "", "config": None},
+        sep="-",
+    ),
+    Variant(
+        "azure-sep",
+        "azure",
+        AKV,
+        {"connections_prefix": "afxconnsx", "variables_prefix": "afvars", "sep": "x"},
+        {"connections_prefix": "afxconnsx", "variables_prefix": "afvars", "sep": "x"},
+        {"connection": "afxconnsx", "variable": "afvars", "config": "airflow-config"},
+        sep="x",
+    ),
+]
 
 TEAM_VARIANTS = [
     Variant(
@@ -206,6 +243,16 @@ TEAM_VARIANTS = [
         {"connections_prefix": "/t/conns", "variables_prefix": "/t/vars"},
         {"connections_prefix": "/t/conns", "variables_prefix": "/t/vars"},
         {"connection": "/t/conns", "variable": "/t/vars", "config": "/airflow/config"},
+        multi_team=True,
+    ),
+    Variant(
+        "azure-teams",
+        "azure",
+        AKV,
+        {"connections_prefix": "t-conns", "variables_prefix": "t-vars"},
+        {"connections_prefix": "t-conns", "variables_prefix": "t-vars"},
+        {"connection": "t-conns", "variable": "t-vars", "config": "airflow-config"},
+        sep="-",
         multi_team=True,
     ),
 ]
@@ -256,13 +303,15 @@ def team_plan(variant_index: int, variant: Variant) -> tuple[list[Seed], list[di
         seeds.append(Seed(variant.store, path, value))
 
     for kind in ("connection", "variable"):
-        keys = ids(variant_index, 8, kind)
+        keys = ids(variant_index, 8, kind, variant.marks)
         for i, key in enumerate(keys):
             put(kind, key, None, f"global-{i}")
             if i % 2 == 0:
                 put(kind, key, "team1", f"team1-{i}")
-        keys += ["amb--id", "team1/nested", "absent-t"]
+        # amb__id: '_' becomes '-' in a Key Vault name, so it spells the team separator there
+        keys += ["amb--id", "amb__id", "team1/nested", "absent-t"]
         put(kind, "amb--id", None, "ambiguous")
+        put(kind, "amb__id", None, "ambiguous-underscores")
         put(kind, "team1/nested", None, "nested-global")
         for key in keys:
             for team in (None, "team1", "team2"):
@@ -295,12 +344,29 @@ def layout_plan(variant_index: int, variant: Variant) -> tuple[list[Seed], list[
     return seeds, cases
 
 
-def ids(variant_index: int, count: int, kind: str) -> list[str]:
-    """``count`` distinct ids for one variant and kind, cycling through every allowed mark."""
+def naming_plan(variant_index: int, variant: Variant) -> tuple[list[Seed], list[dict[str, Any]]]:
+    """Only the names a layout builds (prefixes, separators, every id shape), with one plain value each: the
+    shapes of the values themselves are the full plan's, on the store's default layout."""
+    seeds: list[Seed] = []
+    cases: list[dict[str, Any]] = []
+    for kind in ("connection", "variable", "config"):
+        keys = ids(variant_index, 6, kind, variant.marks)
+        for i, key in enumerate(keys):
+            path = variant.path(kind, key)
+            if path is not None:
+                text = f"{kind[:4]}-{variant_index}-{i}"
+                seeds.append(Seed(variant.store, path, f"http://{text}.example" if kind == "connection" else text))
+        for key in [*keys, f"absent{variant_index}_{kind}", "a b", ".."]:
+            cases.append({"variant": variant.name, "store": variant.store, "kind": kind, "id": key, "shape": "name"})
+    return seeds, cases
+
+
+def ids(variant_index: int, count: int, kind: str, marks: list[str] = ID_MARKS) -> list[str]:
+    """``count`` distinct ids for one variant and kind, cycling through ``marks`` (every allowed one)."""
     tag = {"connection": "C", "variable": "k", "config": "cfg"}[kind]
     out = []
     for i in range(count):
-        mark = ID_MARKS[i % len(ID_MARKS)]
+        mark = marks[i % len(marks)]
         out.append(f"{tag}{variant_index}{mark}id_{i}" if i % 3 else f"{tag}{variant_index}_Id{mark}{i}")
     return out
 
@@ -351,14 +417,16 @@ def plan(variant_index: int, variant: Variant) -> tuple[list[Seed], list[dict[st
             {"conn_uri": ""},
             {"host": "no-type.example"},
         ]
-    for key, value in zip(ids(variant_index, len(conn_values), "connection"), conn_values, strict=True):
+    marks = variant.marks
+    for key, value in zip(ids(variant_index, len(conn_values), "connection", marks), conn_values, strict=True):
         add("connection", key, value)
     var_values: list[Any] = [{"value": v} for v in VARIABLES] if vault else list(VARIABLES)
     if vault:
         var_values += [{"value": 5}, {"value": {"nested": True}}, {"other": "no value key"}]
-    for key, value in zip(ids(variant_index, len(var_values), "variable"), var_values, strict=True):
+    for key, value in zip(ids(variant_index, len(var_values), "variable", marks), var_values, strict=True):
         add("variable", key, value)
-    for key, value in zip(ids(variant_index, 3, "config"), ["cfg-value", "", "postgresql://x"], strict=True):
+    configs = ["cfg-value", "", "postgresql://x"]
+    for key, value in zip(ids(variant_index, 3, "config", marks), configs, strict=True):
         add("config", key, {"value": value} if vault else value)
     for kind in ("connection", "variable", "config"):
         for key in [f"absent{variant_index}_{kind}", *REFUSED_IDS]:

@@ -83,6 +83,15 @@ DIFFERENCES: list[Difference] = [
         _airflow2_vault_build,
     ),
     Difference(
+        "azure-invalid-name",
+        "Airflow 2 with microsoft-azure 12.8 (the last for Airflow 2.10): a name Key Vault cannot hold is sent and "
+        "Key Vault's 400 raises (Airflow logs an ERROR and moves on); the broker does not look it up, as the "
+        "current provider does not",
+        lambda c, p, b: (
+            c["store"] == "azure" and c["airflow"].startswith("2.") and _all(p, "error") and _all(b, "none")
+        ),
+    ),
+    Difference(
         "id-leaves-the-layout",
         "an id that climbs out of the configured path (x/../up): the provider's HTTP client resolves it to a "
         "secret outside the layout; the broker refuses the id",

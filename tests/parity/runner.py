@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+import time
 from typing import Any
 
 FIELDS = ("conn_type", "host", "login", "password", "schema", "port", "description")
@@ -88,7 +89,9 @@ def main() -> None:
     from broker.airflow import BrokerSecretsBackend
 
     results = []
+    seconds: dict[str, float] = {}
     for group in job["groups"]:
+        started = time.monotonic()
         if group.get("airflow3_only") and not airflow3:
             continue
         if group.get("multi_team"):
@@ -103,8 +106,9 @@ def main() -> None:
             results.append(
                 {"case": case, "provider": ask(provider, case, airflow3), "broker": ask(broker, case, airflow3)}
             )
+        seconds[group["variant"]] = round(time.monotonic() - started, 2)
     with open(sys.argv[2], "w", encoding="utf-8") as fh:
-        json.dump({"airflow": airflow.__version__, "results": results}, fh)
+        json.dump({"airflow": airflow.__version__, "results": results, "seconds": seconds}, fh)
 
 
 if __name__ == "__main__":
