@@ -36,7 +36,7 @@ from broker.backends.base import (
     layout_key,
 )
 from broker.identity.azure import AzureTokenSource, CredentialKind
-from broker.providerkw import Moves, Replaced
+from broker.providerkw import Ignored, Moves, Replaced
 
 log = logging.getLogger("broker.backend.azure")
 
@@ -52,6 +52,15 @@ class AzureConfig(BackendConfig):
         ),
         "managed_identity_client_id": Replaced("use credential: managed_identity with client_id"),
         "workload_identity_tenant_id": Moves("tenant_id"),
+        # The provider hands any other kwarg to the SDK's SecretClient; these are its transport settings.
+        "connection_verify": Replaced("use ca_cert: PATH (TLS is always verified)"),
+        "logging_enable": Ignored("the broker logs its own requests (logging.level), never a secret"),
+        **dict.fromkeys(
+            ("retry_total", "retry_mode", "retry_backoff_factor", "retry_backoff_max", "retry_connect", "retry_read"),
+            Ignored("the broker's retries and backoff apply (retries)"),
+        ),
+        **dict.fromkeys(("connection_timeout", "read_timeout"), Ignored("the broker's timeout applies (timeout)")),
+        "user_agent": Ignored("the broker sends its own User-Agent"),
     }
     type: Literal["azure_key_vault"]
     vault_url: str = Field(pattern=r"^https://[^/\s?#]+/?$")

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from broker.backends import rest
 from broker.backends.base import (
@@ -35,6 +36,8 @@ from broker.backends.base import (
 from broker.configtypes import StrictModel
 from broker.identity.gcp import GoogleTokenSource
 from broker.providerkw import Ignored, Moves, Replaced
+
+log = logging.getLogger("broker.backend.gcp")
 
 SECRET_ID = re.compile(r"[A-Za-z0-9_-]{1,255}")
 PREFIX_CHARS = re.compile(r"[A-Za-z0-9_-]*")
@@ -70,7 +73,10 @@ class GcpConfig(BackendConfig):
         "gcp_scopes": Ignored("the broker asks for the cloud-platform scope, which Secret Manager needs"),
     }
     type: Literal["gcp_secret_manager"]
-    project_id: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$|^\d{1,20}$")
+    # A project id, a domain-scoped one (example.com:my-project), or a project number.
+    project_id: str | None = Field(
+        default=None, pattern=r"^([a-z0-9][a-z0-9.-]{0,62}[a-z0-9]:)?[a-z][a-z0-9-]{4,28}[a-z0-9]$|^\d{1,20}$"
+    )
     credentials_file: Path | None = None
     federation: GcpFederation | None = None  # node mode only
     endpoint_url: str = Field(default="https://secretmanager.googleapis.com", pattern=r"^https?://[^/\s?#]+/?$")
@@ -82,13 +88,26 @@ class GcpConfig(BackendConfig):
     # Access requests are allowed 90,000 per minute per project (1,500/s), shared by every client.
     rate_limit: RateLimitConfig | None = RateLimitConfig(per_second=250, burst=500)
 
-    @field_validator("connections_prefix", "variables_prefix", "config_prefix")
+    @field_validator("connections_prefix")
     @classmethod
     def _secret_id_chars(cls, prefix: str | None, info: ValidationInfo) -> str | None:
+        # As the provider, which refuses to start on this prefix only: a variables or config prefix that cannot
+        # form a secret id is accepted, and nothing of that kind is ever looked up (its ids are all invalid).
         sep = info.data.get("sep", "-")
         if prefix is not None and not PREFIX_CHARS.fullmatch(prefix + sep):
             raise ValueError("with sep, must use only letters, digits, '-' and '_' (Secret Manager secret ids)")
         return prefix
+
+    @model_validator(mode="after")
+    def _unusable_prefixes(self) -> GcpConfig:
+        for kind in ("variables", "config"):
+            prefix = getattr(self, f"{kind}_prefix")
+            if prefix is not None and not PREFIX_CHARS.fullmatch(prefix + self.sep):
+                log.warning(
+                    "prefix cannot form a Secret Manager secret id: nothing of this kind is looked up here",
+                    extra={"backend": self.name, "key": f"{kind}_prefix"},
+                )
+        return self
 
 
 class Backend(rest.RestBackend):

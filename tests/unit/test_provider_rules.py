@@ -185,3 +185,22 @@ def test_aws_iam_auth_type_and_ignored_kwargs_warn_once_each(caplog: pytest.LogC
     assert all("True" not in r.getMessage() for r in caplog.records)  # never the value
     auth: Any = config.backends[1].auth  # type: ignore[attr-defined]
     assert (auth.method, auth.aws_region) == ("aws", "eu-west-1")
+
+
+def test_azure_secret_client_kwargs(caplog: pytest.LogCaptureFixture) -> None:
+    """The provider hands unknown kwargs to the SDK's SecretClient: its transport settings load with a
+    warning each, and connection_verify (TLS verification off, or a CA) names ca_cert instead."""
+    from broker.backends.base import ConfigurationError
+    from broker.config import validate_config
+
+    kwargs = {"retry_total": 3, "logging_enable": True, "connection_timeout": 10, "api_version": "7.4"}
+    with caplog.at_level("WARNING", "broker.config"):
+        config = validate_config({"backends": [{**AZURE, **kwargs}]})
+    keys = [r.key for r in caplog.records]  # type: ignore[attr-defined]
+    assert keys == ["backends[0].retry_total", "backends[0].logging_enable", "backends[0].connection_timeout"]
+    assert config.backends[0].api_version == "7.4"  # type: ignore[attr-defined]
+    with pytest.raises(ConfigurationError) as info:
+        validate_config({"backends": [{**AZURE, "connection_verify": False}]})
+    assert info.value.errors == [
+        "backends[0].connection_verify: not read by the broker: use ca_cert: PATH (TLS is always verified)"
+    ]
