@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from broker.clock import Clock
 from broker.configtypes import Duration, StrictModel
@@ -237,6 +237,15 @@ class BackendConfig(StrictModel):
     rate_limit: RateLimitConfig | None = None
     # The provider backend's kwargs that are not keys of ours, and how each is read (broker.providerkw).
     provider_kwargs: ClassVar[Mapping[str, ProviderKwarg]] = {}
+    # Store types that open no network connection (file, env) set this False: ``ca_cert`` would do nothing.
+    uses_tls: ClassVar[bool] = True
+
+    @field_validator("ca_cert")
+    @classmethod
+    def _ca_cert_needs_tls(cls, value: Path | None) -> Path | None:
+        if value is not None and not cls.uses_tls:
+            raise ValueError("this backend type makes no network connection: ca_cert has no effect; remove it")
+        return value
 
 
 # ---------------------------------------------------------------------------------------------- context

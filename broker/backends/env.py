@@ -13,6 +13,7 @@ from broker.backends.base import BackendConfig, Kind, SecretNotFound, SecretValu
 
 
 class EnvConfig(BackendConfig):
+    uses_tls = False
     type: Literal["env"]
     connections_prefix: str | None = "AIRFLOW_CONN_"
     variables_prefix: str | None = "AIRFLOW_VAR_"

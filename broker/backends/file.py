@@ -29,6 +29,7 @@ SUFFIXES = (".json", ".yaml", ".yml", ".env")
 
 
 class FileConfig(BackendConfig):
+    uses_tls = False
     type: Literal["file"]
     connections_file_path: Path | None = None
     variables_file_path: Path | None = None
