@@ -50,7 +50,9 @@ class SecretRegistry:
 
     def __init__(self, limit: int = 100_000) -> None:
         self._values: dict[str, str] = {}  # value -> its anchor, oldest first
-        self._anchors: dict[str, list[str]] = {}  # anchor -> the values filed under it
+        # anchor -> the value filed under it, or the values when more than one (most anchors hold one:
+        # no list for them, which halves what the registry keeps per value)
+        self._anchors: dict[str, str | list[str]] = {}
         self._sizes = {MIN_SECRET_LEN: 0, _LONG: 0}  # anchors of each length (a length with none is not cut)
         self._limit = limit
 
@@ -63,10 +65,14 @@ class SecretRegistry:
         anchor = self._values.pop(value, None)
         if anchor is None:
             anchor = self._anchor_for(value)
-            filed = self._anchors.setdefault(anchor, [])
-            if not filed:
+            filed = self._anchors.get(anchor)
+            if filed is None:
+                self._anchors[anchor] = value
                 self._sizes[len(anchor)] += 1
-            filed.append(value)
+            elif isinstance(filed, str):
+                self._anchors[anchor] = [filed, value]
+            else:
+                filed.append(value)
         self._values[value] = anchor  # (re)inserted last: the newest
         while len(self._values) > self._limit:
             self.discard(next(iter(self._values)))
@@ -79,8 +85,9 @@ class SecretRegistry:
             filed = self._anchors.get(piece)
             if filed is None:
                 return piece
-            if load is None or len(filed) < load:
-                best, load = piece, len(filed)
+            count = 1 if isinstance(filed, str) else len(filed)
+            if load is None or count < load:
+                best, load = piece, count
         return best
 
     def discard(self, value: str) -> None:
@@ -88,10 +95,13 @@ class SecretRegistry:
         if anchor is None:
             return
         filed = self._anchors[anchor]
-        filed.remove(value)
-        if not filed:
+        if isinstance(filed, str):
             del self._anchors[anchor]
             self._sizes[len(anchor)] -= 1
+            return
+        filed.remove(value)
+        if len(filed) == 1:
+            self._anchors[anchor] = filed[0]
 
     def candidates(self, text: str) -> list[str]:
         """The registered values filed under a piece of ``text``: the only ones that can occur in it."""
@@ -104,7 +114,14 @@ class SecretRegistry:
                 pieces.update(
                     map(text.__getitem__, cuts[:n] if n <= len(cuts) else (slice(i, i + size) for i in range(n)))
                 )
-        return [value for piece in filter(anchors.__contains__, pieces) for value in anchors[piece]]
+        found: list[str] = []
+        for piece in filter(anchors.__contains__, pieces):
+            filed = anchors[piece]
+            if isinstance(filed, str):
+                found.append(filed)
+            else:
+                found.extend(filed)
+        return found
 
     def scrub(self, text: str) -> str:
         found = [value for value in self.candidates(text) if value in text]

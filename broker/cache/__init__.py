@@ -21,13 +21,13 @@ import asyncio
 import enum
 import functools
 import heapq
-import itertools
 import json
 import logging
+import math
 import random
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from broker.backends.base import AccessDenied, BrokerError, Kind, Lease, SecretNotFound, is_transient
@@ -46,6 +46,7 @@ log = logging.getLogger("broker.cache")
 Key = tuple[Kind, str, str | None]
 Loader = Callable[[Kind, str, str | None], Awaitable[Resolved]]
 INF = float("inf")
+BUCKET = 1.0  # seconds per scheduler bucket (entries are looked at again until they are due)
 RETRY_BASE, RETRY_CAP, RETRY_FLOOR = 1.0, 30.0, 0.5  # seconds between failed refreshes or renewals
 
 
@@ -56,48 +57,89 @@ class Status(enum.StrEnum):
     REFRESHED = "refreshed"
 
 
-@dataclass(slots=True, kw_only=True, eq=False)
+def encode_head(resolved: Resolved) -> bytes:
+    """The JSON answer's value and metadata, without its closing per-request fields (both servers send the
+    same bytes)."""
+    head = b'{"value":%s,"backend":%s,"version":%s' % (
+        json.dumps(resolved.value).encode(),
+        json.dumps(resolved.backend).encode(),
+        json.dumps(resolved.version).encode(),
+    )
+    if resolved.provider_value is not None:
+        head += b',"provider_value":' + json.dumps(resolved.provider_value).encode()
+    return head
+
+
+@dataclass(slots=True, kw_only=True, eq=False, repr=False)
 class Entry:
-    """One cached answer. Slotted, built from named fields, and nothing per entry beyond them: no dict,
-    lock or task (memory per entry is paid up to ``max_entries`` times)."""
+    """One cached answer, paid up to ``max_entries`` times: slotted, no dict, lock or task per entry. The value
+    is kept once, as the encoded answer (``head``); the resolver's record is not kept. Times are kept as
+    spans from ``fetched_at`` whose floats are shared with the config (``ttl``, ``stale``), so a fresh entry
+    holds two floats of its own (``fetched_at``, ``refresh_at``)."""
 
     key: Key
-    resolved: Resolved | None  # None: remembered as not found
+    head: bytes | None  # the served JSON up to its per-request fields; None: remembered as not found
+    backend: str | None  # the backend that answered (the guard's own name object)
     fetched_at: float
-    fresh_until: float
-    usable_until: float
+    ttl: float  # fresh until fetched_at + ttl
+    stale: float  # then servable for this long while refreshes fail
     refresh_at: float
     last_access: float
-    generation: int  # unique per stored version: also the scheduler's tie-breaker
+    lease: Lease | None = None
+    source: LeaseHolder | None = None  # the guarded backend that granted ``lease``
     failures: int = 0
     retry_at: float = 0.0
     lease_capped: bool = False
-    head: bytes | None = field(default=None, repr=False)  # the served JSON up to its per-request fields
 
     @property
-    def lease(self) -> Lease | None:
-        return self.resolved.lease if self.resolved else None
+    def fresh_until(self) -> float:
+        return self.fetched_at + self.ttl
+
+    @property
+    def usable_until(self) -> float:
+        return self.fetched_at + self.ttl + self.stale
+
+    @property
+    def resolved(self) -> Entry | None:
+        """The found answer (this entry: ``value``, ``backend``, ``version``, ``lease``), or None when the entry
+        remembers "not found"."""
+        return self if self.head is not None else None
 
     @property
     def lease_holder(self) -> LeaseHolder | None:
-        return self.resolved.source if self.resolved is not None and self.resolved.lease is not None else None
+        return self.source if self.lease is not None else None
+
+    def _answer(self) -> dict[str, Any]:
+        assert self.head is not None
+        answer: dict[str, Any] = json.loads(self.head + b"}")
+        return answer
+
+    @property
+    def value(self) -> str:
+        """The value served (decoded from the answer: not for the hot path)."""
+        value: str = self._answer()["value"]
+        return value
+
+    @property
+    def version(self) -> str | None:
+        version: str | None = self._answer()["version"]
+        return version
+
+    @property
+    def provider_value(self) -> str | None:
+        provided: str | None = self._answer().get("provider_value")
+        return provided
 
     def json_head(self) -> bytes:
-        """The JSON answer's value and metadata, without its closing per-request fields; encoded once per
-        entry (both servers send the same bytes). Only for a found entry (``resolved`` is set)."""
+        """The JSON answer's value and metadata, without its closing per-request fields. Only for a found
+        entry (``resolved`` is set)."""
         head = self.head
-        if head is None:
-            resolved = self.resolved
-            assert resolved is not None
-            head = b'{"value":%s,"backend":%s,"version":%s' % (
-                json.dumps(resolved.value).encode(),
-                json.dumps(resolved.backend).encode(),
-                json.dumps(resolved.version).encode(),
-            )
-            if resolved.provider_value is not None:
-                head += b',"provider_value":' + json.dumps(resolved.provider_value).encode()
-            self.head = head
+        assert head is not None
         return head
+
+    def __repr__(self) -> str:
+        found = "found" if self.head is not None else "not found"
+        return f"Entry({self.key[0]}, <redacted>, {found}, backend={self.backend!r}, lease={self.lease!r})"
 
 
 class _LRU:
@@ -168,8 +210,10 @@ class SecretCache:
         self._negatives = _LRU(config.negative_max_entries, self._negative_evicted)
         self._inflight: dict[Key, asyncio.Task[Entry]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._heap: list[tuple[float, int, Key]] = []  # (due, generation, key): generations are unique
-        self._gen = itertools.count(1)
+        # Refreshes and renewals due, by second: bucket -> entries (a list slot per entry, no tuple or
+        # sequence number each); the bucket numbers in a heap, each once.
+        self._due: dict[int, list[Entry]] = {}
+        self._buckets: list[int] = []
         self._pinned: set[Key] = set()
         self._closed = False
 
@@ -188,10 +232,10 @@ class SecretCache:
         Synchronous, for the server's fast path; touches the LRU order and counts the hit like ``get``.
         """
         entry = self._entries.get((kind, name, team))
-        if entry is None or entry.resolved is None:
+        if entry is None or entry.head is None:
             return None
         now = self._clock.now()
-        if now >= entry.fresh_until or (now >= entry.refresh_at and entry.lease is None):
+        if now >= entry.fetched_at + entry.ttl or (now >= entry.refresh_at and entry.lease is None):
             return None
         entry.last_access = now
         self._metrics.cache_events.labels("hit").inc()
@@ -208,20 +252,20 @@ class SecretCache:
         entry = self._entries.get(key) or self._negatives.get(key)
         if entry is not None:
             entry.last_access = now
-            if now < entry.fresh_until:
-                if entry.resolved is None:
+            if now < entry.fetched_at + entry.ttl:
+                if entry.head is None:
                     self._metrics.cache_events.labels("negative_hit").inc()
                     raise SecretNotFound(f"{kind} not found in any backend")
                 self._metrics.cache_events.labels("hit").inc()
                 if now >= entry.refresh_at and entry.lease is None and key not in self._inflight:
                     self._spawn_load(key)
                 return entry, Status.HIT
-            if entry.resolved is not None and now < entry.usable_until and now < entry.retry_at:
+            if entry.head is not None and now < entry.usable_until and now < entry.retry_at:
                 # A refresh failed moments ago: answer from stale at once instead of making every
                 # client wait out the same outage; the scheduler keeps retrying in the background.
                 return self._stale(entry)
         self._metrics.cache_events.labels("miss").inc()
-        in_use = entry is not None and entry.resolved is not None
+        in_use = entry is not None and entry.head is not None
         try:
             with priority(Priority.REFRESH if in_use else Priority.MISS):
                 load = self._load(key)
@@ -232,7 +276,7 @@ class SecretCache:
             raise
         except BrokerError:
             current = self._entries.peek(key)
-            if current is not None and current.resolved is not None and self._clock.now() < current.usable_until:
+            if current is not None and current.head is not None and self._clock.now() < current.usable_until:
                 return self._stale(current)
             raise
         return fresh, Status.REFRESHED if in_use else Status.MISS
@@ -280,16 +324,15 @@ class SecretCache:
             negative_ttl = exc.negative_ttl if isinstance(exc, NotFoundAnywhere) else self.config.negative_ttl
             if negative_ttl > 0:
                 now = self._clock.now()
-                until = now + negative_ttl
                 self._negatives[key] = Entry(
                     key=key,
-                    resolved=None,
+                    head=None,
+                    backend=None,
                     fetched_at=now,
-                    fresh_until=until,
-                    usable_until=until,
+                    ttl=negative_ttl,
+                    stale=0.0,
                     refresh_at=INF,
                     last_access=now,
-                    generation=next(self._gen),
                 )
                 self._count()
             raise
@@ -306,7 +349,7 @@ class SecretCache:
 
     def _record_failure(self, key: Key, exc: BrokerError) -> None:
         entry = self._entries.peek(key)
-        if entry is None or entry.resolved is None:
+        if entry is None or entry.head is None:
             return
         now = self._clock.now()
         entry.failures += 1
@@ -329,36 +372,37 @@ class SecretCache:
     def _entry_for(self, key: Key, resolved: Resolved) -> Entry:
         now = self._clock.now()
         lease = resolved.lease
+        head = encode_head(resolved)
         if lease is not None:
-            hard = self._lease_hard_expiry(lease)
             entry = Entry(
                 key=key,
-                resolved=resolved,
+                head=head,
+                backend=resolved.backend,
                 fetched_at=now,
-                fresh_until=hard,
-                usable_until=hard,
+                ttl=self._lease_hard_expiry(lease) - now,
+                stale=0.0,
                 refresh_at=self._renew_time(lease, now),
                 last_access=now,
-                generation=next(self._gen),
+                lease=lease,
+                source=resolved.source,
                 lease_capped=not lease.renewable,
             )
             if resolved.source is not None:
                 self.leases.track(resolved.source, lease)
             return entry
-        fresh = now + resolved.ttl
         refresh_at = INF
         if self.config.refresh_ahead > 0:
             jitter = 1 - self._rng.uniform(0, self.config.refresh_jitter)
             refresh_at = now + resolved.ttl * self.config.refresh_ahead * jitter
         return Entry(
             key=key,
-            resolved=resolved,
+            head=head,
+            backend=resolved.backend,
             fetched_at=now,
-            fresh_until=fresh,
-            usable_until=fresh + resolved.max_stale,
+            ttl=resolved.ttl,
+            stale=resolved.max_stale,
             refresh_at=refresh_at,
             last_access=now,
-            generation=next(self._gen),
         )
 
     @staticmethod
@@ -399,7 +443,13 @@ class SecretCache:
         self._metrics.cache_events.labels("negative_eviction").inc()
 
     def _schedule(self, entry: Entry) -> None:
-        heapq.heappush(self._heap, (entry.refresh_at, entry.generation, entry.key))
+        bucket = math.floor(entry.refresh_at / BUCKET)
+        due = self._due.get(bucket)
+        if due is None:
+            self._due[bucket] = [entry]
+            heapq.heappush(self._buckets, bucket)
+        else:
+            due.append(entry)
 
     def pin(self, keys: Iterable[tuple[Kind, str]], team: str | None = None) -> None:
         """Keep exactly these ids of ``team`` warm even when nobody reads them (the prefetch list)."""
@@ -429,17 +479,34 @@ class SecretCache:
     async def run_due(self) -> None:
         """Do every scheduled refresh, renewal and rotation that is due now. Called by ``maintain``."""
         now = self._clock.now()
-        while self._heap and self._heap[0][0] <= now:
-            _, generation, key = heapq.heappop(self._heap)
-            entry = self._entries.peek(key)
-            if entry is None or entry.generation != generation or entry.resolved is None:
-                continue
-            if key in self._inflight:
-                continue
-            if entry.lease is not None:
-                self._maintain_lease(entry, now)
-            elif key in self._pinned or entry.last_access > entry.fetched_at or entry.failures:
-                self._spawn_load(key)
+        current = math.floor(now / BUCKET)
+        while self._buckets and self._buckets[0] <= current:
+            bucket = self._buckets[0]
+            later: list[Entry] = []
+            seen: set[int] = set()
+            for entry in self._due[bucket]:
+                if id(entry) in seen:
+                    continue  # scheduled twice within one bucket
+                seen.add(id(entry))
+                if entry.refresh_at > now:
+                    # Rescheduled: the item in its new bucket is the live one, unless that is this one.
+                    if math.floor(entry.refresh_at / BUCKET) == bucket:
+                        later.append(entry)
+                    continue
+                key = entry.key
+                if self._entries.peek(key) is not entry or entry.head is None:
+                    continue  # replaced or dropped since it was scheduled
+                if key in self._inflight:
+                    continue
+                if entry.lease is not None:
+                    self._maintain_lease(entry, now)
+                elif key in self._pinned or entry.last_access > entry.fetched_at or entry.failures:
+                    self._spawn_load(key)
+            if later:  # only the current bucket can hold entries due later
+                self._due[bucket] = later
+                break
+            heapq.heappop(self._buckets)
+            del self._due[bucket]
         self.leases.prune(now)
 
     async def maintain(self, interval: float = 0.25) -> None:
@@ -460,7 +527,7 @@ class SecretCache:
             self._retire_lease(entry, revoke=True)
             return
         if entry.lease_capped:
-            self._metrics.lease_renewals.labels(entry.resolved.backend if entry.resolved else "", "rotated").inc()
+            self._metrics.lease_renewals.labels(entry.backend or "", "rotated").inc()
             self._spawn_load(entry.key)
             return
         task = asyncio.get_running_loop().create_task(self._renew(entry), name="lease-renew")
@@ -468,8 +535,8 @@ class SecretCache:
 
     async def _renew(self, entry: Entry) -> None:
         holder = entry.lease_holder
-        assert entry.resolved is not None and entry.resolved.lease is not None and holder is not None
-        backend, lease = holder.name, entry.resolved.lease
+        assert entry.lease is not None and holder is not None
+        backend, lease = holder.name, entry.lease
         try:
             renewed = await self.leases.renew(holder, lease, lease.duration)
         except BrokerError as exc:
@@ -492,13 +559,12 @@ class SecretCache:
             return  # replaced while we renewed
         capped = (not renewed.renewable) or renewed.duration < lease.duration * 0.9
         self._metrics.lease_renewals.labels(backend, "capped" if capped else "ok").inc()
-        entry.resolved.lease = renewed
-        hard = self._lease_hard_expiry(renewed)
-        entry.fresh_until = entry.usable_until = hard
+        entry.lease = renewed
+        entry.ttl = self._lease_hard_expiry(renewed) - entry.fetched_at
+        entry.stale = 0.0
         entry.lease_capped = capped
         entry.failures = 0
         entry.refresh_at = self._renew_time(renewed, self._clock.now())
-        entry.generation = next(self._gen)
         self._schedule(entry)
 
     def _retire_lease(self, entry: Entry, *, revoke: bool = False) -> None:
