@@ -167,6 +167,7 @@ def test_malformed_grants_are_backend_errors(data: dict[str, Any], lookup: bool)
 
 def test_seconds() -> None:
     assert (seconds(None, "w"), seconds(0, "w"), seconds(12, "w"), seconds(1.5, "w")) == (0.0, 0.0, 12.0, 1.5)
+    bad: Any
     for bad in ("12", -3, False, [], float("nan")):
         with pytest.raises(BackendError):
             seconds(bad, "w")
