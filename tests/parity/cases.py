@@ -80,7 +80,7 @@ class Variant:
     """One provider backend with kwargs and the equivalent broker backend (``{url}`` etc. filled later)."""
 
     name: str
-    store: str  # vault_kv2, vault_kv1, secretsmanager, ssm, azure
+    store: str  # vault_kv2, vault_kv1, secretsmanager, ssm, azure, env
     provider: str
     kwargs: dict[str, Any]
     broker: dict[str, Any]
@@ -100,6 +100,9 @@ class Variant:
         prefix = self.layout.get(kind)
         if prefix is None:
             return None
+        if self.store == "env":  # EnvironmentVariablesBackend: upper-cased; a team's is {prefix}_{TEAM}___{ID}
+            team_part = f"_{team.upper()}___" if team is not None else ""
+            return f"{prefix}{team_part}{key.upper()}"
         if self.store == "azure":
             # AzureKeyVaultBackend: a trailing sep is stripped from the prefix, an empty prefix means the id
             # alone, a team reads {team}--{id}, and every '_' of the whole name becomes sep.
@@ -118,6 +121,8 @@ VAULT = "airflow.providers.hashicorp.secrets.vault.VaultBackend"
 SM = "airflow.providers.amazon.aws.secrets.secrets_manager.SecretsManagerBackend"
 SSM = "airflow.providers.amazon.aws.secrets.systems_manager.SystemsManagerParameterStoreBackend"
 AKV = "airflow.providers.microsoft.azure.secrets.key_vault.AzureKeyVaultBackend"
+ENV = "airflow.secrets.environment_variables.EnvironmentVariablesBackend"
+ENV_DEFAULTS = {"connection": "AIRFLOW_CONN_", "variable": "AIRFLOW_VAR_", "config": None}
 AZURE_DEFAULTS = {"connection": "airflow-connections", "variable": "airflow-variables", "config": "airflow-config"}
 
 VARIANTS = [
@@ -193,6 +198,7 @@ VARIANTS = [
         {"connection": "/af/conns", "variable": "", "config": "/airflow/config"},
     ),
     Variant("azure-defaults", "azure", AKV, {}, {}, AZURE_DEFAULTS, sep="-"),
+    Variant("env-defaults", "env", ENV, {}, {}, ENV_DEFAULTS, sep=""),
 ]
 
 # Layouts whose names alone are compared (naming_plan).
@@ -255,6 +261,7 @@ TEAM_VARIANTS = [
         sep="-",
         multi_team=True,
     ),
+    Variant("env-teams", "env", ENV, {}, {}, ENV_DEFAULTS, sep="", multi_team=True),
 ]
 LAYOUT_VARIANTS = [
     Variant(
@@ -308,10 +315,12 @@ def team_plan(variant_index: int, variant: Variant) -> tuple[list[Seed], list[di
             put(kind, key, None, f"global-{i}")
             if i % 2 == 0:
                 put(kind, key, "team1", f"team1-{i}")
-        # amb__id: '_' becomes '-' in a Key Vault name, so it spells the team separator there
-        keys += ["amb--id", "amb__id", "team1/nested", "absent-t"]
+        # amb__id: '_' becomes '-' in a Key Vault name, so it spells the team separator there; amb___id
+        # spells the environment variables' one
+        keys += ["amb--id", "amb__id", "amb___id", "team1/nested", "absent-t"]
         put(kind, "amb--id", None, "ambiguous")
         put(kind, "amb__id", None, "ambiguous-underscores")
+        put(kind, "amb___id", None, "ambiguous-env")
         put(kind, "team1/nested", None, "nested-global")
         for key in keys:
             for team in (None, "team1", "team2"):

@@ -60,6 +60,8 @@ def seed(seeds: list[Seed], bao: OpenBao, moto_url: str, azure: AzureServers) ->
     ssm = boto3.client("ssm", region_name=REGION, endpoint_url=moto_url, **_keys())
     for s in seeds:
         try:
+            if s.store == "env":
+                continue  # set in the environment of both sides (job, run_in_airflow)
             if s.store == "azure":
                 azure.cloud.add(s.path, s.value)  # a name Key Vault refuses is never asked for by either side
             elif s.store == "vault_kv2":
@@ -110,6 +112,8 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
 
 
 def broker_backend(store: str, settings: dict[str, Any], stores: dict[str, Any]) -> dict[str, Any]:
+    if store == "env":
+        return {"name": "parity", "type": "env", **settings}
     if store == "azure":
         base = {
             "type": "azure_key_vault",
@@ -130,6 +134,8 @@ def broker_backend(store: str, settings: dict[str, Any], stores: dict[str, Any])
 
 
 def provider_kwargs(store: str, kwargs: dict[str, Any], stores: dict[str, Any]) -> dict[str, Any]:
+    if store == "env":
+        return dict(kwargs)
     if store == "azure":  # extra kwargs go to the provider's SecretClient
         return {"vault_url": stores["azure"].key_vault.url, "verify_challenge_resource": False, **kwargs}
     if store.startswith("vault"):
@@ -169,12 +175,16 @@ def job(stores: dict[str, Any]) -> Iterator[dict[str, Any]]:
             }
         )
     seed(seeds, stores["bao"], stores["moto_url"], stores["azure"])
+    # The environment backends' seeds: in every broker's environment and the Airflow processes' (not in
+    # this process's: the other tests' brokers inherit it).
+    env_seeds = {s.path: s.value for s in seeds if s.store == "env" and "=" not in s.path}  # '=' cannot be in one
     for broker in brokers:
+        broker.env = env | env_seeds
         broker.start(wait_ready=False)
     try:
         for broker in brokers:
             broker.wait_ready(30)
-        yield {"groups": groups}
+        yield {"groups": groups, "env": env_seeds}
     finally:
         for broker in brokers:
             broker.stop()
@@ -182,13 +192,14 @@ def job(stores: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 def run_in_airflow(python: Path, job: dict[str, Any], work: Path, azure_env: dict[str, str]) -> dict[str, Any]:
     job_file, out_file = work / "job.json", work / "out.json"
-    job_file.write_text(json.dumps(job))
+    job_file.write_text(json.dumps({"groups": job["groups"]}))
     home = work / "home"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "AWS_", "AZURE_", "VIRTUAL_ENV"))}
     env |= (
         AWS_ENV
         | azure_env
+        | job["env"]
         | {
             "AIRFLOW_HOME": str(home),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",

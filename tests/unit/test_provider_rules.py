@@ -204,3 +204,50 @@ def test_azure_secret_client_kwargs(caplog: pytest.LogCaptureFixture) -> None:
     assert info.value.errors == [
         "backends[0].connection_verify: not read by the broker: use ca_cert: PATH (TLS is always verified)"
     ]
+
+
+ENV = {"name": "e", "type": "env"}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "kind", "name", "team", "multi", "expected"),
+    [
+        ({}, C, "my_db", None, False, ["AIRFLOW_CONN_MY_DB"]),
+        ({}, V, "key", None, True, ["AIRFLOW_VAR_KEY"]),
+        # Airflow 3.2+ EnvironmentVariablesBackend: AIRFLOW_CONN__{TEAM}___{ID} first, then the global name
+        ({}, C, "my_db", "team_1", True, ["team:AIRFLOW_CONN__TEAM_1___MY_DB", "AIRFLOW_CONN_MY_DB"]),
+        ({}, V, "key", "Team-A", True, ["team:AIRFLOW_VAR__TEAM-A___KEY", "AIRFLOW_VAR_KEY"]),
+        ({"variables_prefix": "MY_"}, V, "key", "t1x", True, ["team:MY__T1X___KEY", "MY_KEY"]),
+        ({"config_prefix": "CFG_"}, K, "key", "team1", True, ["CFG_KEY"]),  # config has no team
+        ({}, K, "key", None, True, []),  # no config prefix: off, as in Airflow
+        # an id with the team separator could spell another team's name: not looked up in multi-team mode
+        ({}, C, "a___b", None, True, []),
+        ({}, V, "a___b", "team1", True, []),
+        ({}, V, "a____b", None, True, []),
+        ({}, V, "a___b", None, False, ["AIRFLOW_VAR_A___B"]),
+        ({"config_prefix": "CFG_"}, K, "a___b", None, True, ["CFG_A___B"]),
+        ({"connections_prefix": None}, C, "db", "team1", True, []),
+    ],
+)
+def test_env(overrides: Any, kind: Kind, name: str, team: Any, multi: bool, expected: Any) -> None:
+    assert paths(ENV, overrides, kind, name, team, multi) == expected
+
+
+async def test_env_team_variable_first_and_an_empty_one_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    from broker.backends.guard import Guard
+    from broker.resolver import NotFoundAnywhere, Resolver
+
+    env = backend(ENV)
+    resolver = Resolver([Guard(env, env.ctx.metrics)], 300, 3600, multi_team=True)
+    monkeypatch.setenv("AIRFLOW_VAR_KEY", "global")
+    monkeypatch.setenv("AIRFLOW_VAR__TEAM1___KEY", "team1's")
+    monkeypatch.setenv("AIRFLOW_VAR__TEAM2___KEY", "")  # empty: Airflow reads the global one
+    monkeypatch.setenv("AIRFLOW_VAR_EMPTY", "")  # an empty global variable is an empty value
+    assert (await resolver.resolve(V, "key", "team1")).value == "team1's"
+    assert (await resolver.resolve(V, "key", "team2")).value == "global"
+    assert (await resolver.resolve(V, "key", "team3")).value == "global"
+    assert (await resolver.resolve(V, "key")).value == "global"
+    assert (await resolver.resolve(V, "empty", "team1")).value == ""
+    monkeypatch.setenv("AIRFLOW_VAR_A___B", "ambiguous")
+    with pytest.raises(NotFoundAnywhere):
+        await resolver.resolve(V, "a___b")
