@@ -19,7 +19,7 @@ from broker.backends.base import BrokerError, ConfigurationError
 from broker.backends.guard import Guard
 from broker.backoff import Backoff
 from broker.config import BrokerConfig, load_config
-from broker.server import bind_unix_socket, build_api_app, build_metrics_app
+from broker.server import EDGE, bind_unix_socket, build_api_app, build_metrics_app
 from broker.server.listener import SEEN, Listener, tcp_socket
 from broker.state import BrokerState
 
@@ -64,7 +64,6 @@ class Broker:
                 build_api_app(self.state, tcp_token=token),
                 tcp_socket(*cfg.listen.tcp_address, "API TCP listener (listen.tcp)"),
                 api=True,
-                tcp_token=token,
             )
         if cfg.metrics.address is not None:
             await self._serve(
@@ -85,9 +84,7 @@ class Broker:
         )
         self._started = True
 
-    async def _serve(
-        self, app: web.Application, sock: socket.socket, *, api: bool = False, tcp_token: bytes | None = None
-    ) -> None:
+    async def _serve(self, app: web.Application, sock: socket.socket, *, api: bool = False) -> None:
         listen = self.state.config.listen
         runner = web.AppRunner(
             app,
@@ -102,7 +99,7 @@ class Broker:
             # Fresh cache hits answered straight from the protocol; everything else goes to aiohttp.
             from broker.server.fast import FastFront
 
-            front = FastFront(self.state, tcp_token=tcp_token, seen=app[SEEN])
+            front = FastFront(self.state, policy=app[EDGE], seen=app[SEEN])
         listener = Listener(
             runner,
             sock,

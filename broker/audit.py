@@ -22,7 +22,6 @@ import hmac
 import json
 import os
 import queue
-import socket
 import threading
 import time  # strftime/gmtime only: the clock comes from broker.clock
 from collections.abc import Mapping
@@ -70,19 +69,6 @@ class Caller:
         if self.listener == "tcp":
             return {"listener": "tcp", "token": self.token}
         return {"listener": self.listener, "uid": self.uid, "gid": self.gid, "pid": self.pid}
-
-
-def unix_caller(sock: socket.socket | None) -> Caller:
-    """The peer of a unix socket connection (uid/gid/pid None when the kernel would not say)."""
-    if sock is None or sock.family != socket.AF_UNIX:
-        return Caller("unix")
-    try:
-        from broker.server import peer_credentials
-
-        pid, uid, gid = peer_credentials(sock)
-    except OSError:
-        return Caller("unix")
-    return Caller("unix", uid=uid, gid=gid, pid=pid)
 
 
 def token_caller(token: bytes) -> Caller:

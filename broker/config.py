@@ -27,6 +27,31 @@ def _parse_hostport(value: str, what: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _check_team(value: str) -> str:
+    from broker.resolver import team_problem
+
+    problem = team_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+class PeerTeam(StrictModel):
+    """One ``listen.peer_teams`` entry: callers on the unix socket with this uid (or gid) are bound to ``team``."""
+
+    uid: int | None = Field(default=None, ge=0)
+    gid: int | None = Field(default=None, ge=0)
+    team: str
+
+    _team_name = field_validator("team")(_check_team)
+
+    @model_validator(mode="after")
+    def _one_of_uid_gid(self) -> PeerTeam:
+        if (self.uid is None) == (self.gid is None):
+            raise ValueError("give exactly one of uid or gid")
+        return self
+
+
 class ListenConfig(StrictModel):
     """Where the secrets API listens: a unix socket, and optionally loopback TCP with a token."""
 
@@ -44,15 +69,24 @@ class ListenConfig(StrictModel):
     # Bind the secrets API to one Airflow team: requests with no team are served as this team's, requests
     # for another team get 403 (needs multi_team: true).
     team: str | None = None
+    # Bind callers on the unix socket to a team by their uid or gid (SO_PEERCRED); a uid's entry wins over a
+    # gid's, and a caller matching none gets ``team`` (null: not bound). Needs multi_team: true.
+    peer_teams: list[PeerTeam] = []
 
     @field_validator("team")
     @classmethod
     def _team_name(cls, value: str | None) -> str | None:
-        from broker.resolver import team_problem
+        return None if value is None else _check_team(value)
 
-        problem = None if value is None else team_problem(value)
-        if problem:
-            raise ValueError(problem)
+    @field_validator("peer_teams")
+    @classmethod
+    def _one_team_per_id(cls, value: list[PeerTeam]) -> list[PeerTeam]:
+        seen: dict[tuple[str, int], int] = {}
+        for i, entry in enumerate(value):
+            key = ("uid", entry.uid) if entry.uid is not None else ("gid", entry.gid or 0)
+            if key in seen:
+                raise ValueError(f"[{i}] binds {key[0]} {key[1]} again (already bound by [{seen[key]}])")
+            seen[key] = i
         return value
 
     @field_validator("socket_mode", mode="before")
@@ -176,6 +210,8 @@ class BrokerConfig(StrictModel):
     def _team_needs_multi_team(self) -> BrokerConfig:
         if self.listen.team is not None and not self.multi_team:
             raise ValueError("listen.team binds the API to an Airflow team: set multi_team: true as well")
+        if self.listen.peer_teams and not self.multi_team:
+            raise ValueError("listen.peer_teams binds callers to Airflow teams: set multi_team: true as well")
         return self
 
     def backend(self, name: str) -> BackendConfig:

@@ -7,16 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hmac
 import json
 import logging
 import os
 import socket
 import stat
-import struct
 import time
-import uuid
-import weakref
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,11 +20,13 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from broker.audit import ASSERTED_HEADERS, Caller, outcome_of, token_caller, unix_caller
+from broker.audit import ASSERTED_HEADERS, Caller, outcome_of
 from broker.backends.base import BrokerError, Kind
 from broker.cache import Entry, SecretCache, Status
 from broker.logging import request_id
-from broker.resolver import decode_name, name_problem, team_problem
+from broker.resolver import decode_name, name_problem
+from broker.server import edge
+from broker.server.edge import KINDS, NO_STORE, EdgePolicy, Refusal
 from broker.server.listener import ListenError, with_header_timeout
 
 if TYPE_CHECKING:
@@ -36,14 +34,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("broker.server")
 
-KINDS = {"connections": Kind.CONNECTION, "variables": Kind.VARIABLE, "config": Kind.CONFIG}
-NO_STORE = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff", "Server": "broker"}
 # Routes match the decoded path: ``[\s\S]`` (not ``.``) so a name with an encoded newline still reaches the
 # handler and is refused 400 by the name rules, instead of missing the route and answering 404 not_found.
 ANY_UNDER_V1 = r"/v1/{tail:[\s\S]*}"
 ANY_PATH = r"/{tail:[\s\S]*}"
-_RID_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 STATE: web.AppKey[BrokerState] = web.AppKey("state")
+EDGE: web.AppKey[EdgePolicy] = web.AppKey("edge")
+PEER: web.RequestKey[edge.Peer] = web.RequestKey("peer")  # set by the edge middleware
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -59,9 +56,20 @@ async def expect_handler(request: web.Request) -> web.StreamResponse | None:
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    body = json.dumps({"error": code, "message": message})
     return web.Response(
-        status=status, body=body.encode(), content_type="application/json", headers={**NO_STORE, **(headers or {})}
+        status=status,
+        body=edge.error_body(code, message),
+        content_type="application/json",
+        headers={**NO_STORE, **(headers or {})},
+    )
+
+
+def refusal_response(refusal: Refusal) -> web.Response:
+    return web.Response(
+        status=refusal.status,
+        body=refusal.body,
+        content_type="application/json",
+        headers={**NO_STORE, **dict(refusal.headers)},
     )
 
 
@@ -74,140 +82,78 @@ def json_response(payload: dict[str, Any], status: int = 200, headers: dict[str,
     )
 
 
-# ---------------------------------------------------------------------------------------------- peers
-
-
-def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the process at the other end of a unix socket."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", raw)
-    return pid, uid, gid
-
-
-class PeerPolicy:
-    """The uid/gid allowlist for the unix socket, checked once per connection (results kept per transport)."""
-
-    def __init__(self, uids: list[int] | None, gids: list[int] | None) -> None:
-        self.uids = set(uids) if uids is not None else None
-        self.gids = set(gids) if gids is not None else None
-        self._seen: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
-
-    @property
-    def active(self) -> bool:
-        return self.uids is not None or self.gids is not None
-
-    def allowed(self, request: web.Request) -> bool:
-        transport = request.transport
-        if transport is None:
-            return False
-        known = self._seen.get(transport)
-        if known is not None:
-            return known
-        sock = transport.get_extra_info("socket")
-        if sock is None or sock.family != socket.AF_UNIX:
-            return True  # TCP listeners have their own token check
-        try:
-            _, uid, gid = peer_credentials(sock)
-        except OSError:
-            ok = False
-        else:
-            ok = (self.uids is not None and uid in self.uids) or (self.gids is not None and gid in self.gids)
-        self._seen[transport] = ok
-        return ok
-
-
 # ---------------------------------------------------------------------------------------------- API app
-
-
-def _request_id(request: web.Request) -> str:
-    given = request.headers.get("X-Request-Id", "")
-    if 0 < len(given) <= 64 and all(c in _RID_OK for c in given):
-        return given
-    return uuid.uuid4().hex[:16]
 
 
 def build_api_app(state: BrokerState, *, tcp_token: bytes | None = None) -> web.Application:
     """The secrets API. ``tcp_token`` set means this app serves the loopback TCP listener."""
     cfg = state.config.listen
-    peers = PeerPolicy(cfg.allowed_uids, cfg.allowed_gids)
-    tcp_caller = token_caller(tcp_token) if tcp_token is not None else None
-    callers: weakref.WeakKeyDictionary[Any, Caller] = weakref.WeakKeyDictionary()
-
-    def caller_of(request: web.Request) -> Caller | None:
-        """Who is asking, for the audit trail (None when it is off): looked up once per connection."""
-        if state.audit is None:
-            return None
-        if tcp_caller is not None:
-            return tcp_caller
-        transport = request.transport
-        if transport is None:
-            return Caller("unix")
-        known = callers.get(transport)
-        if known is None:
-            known = callers[transport] = unix_caller(transport.get_extra_info("socket"))
-        return known
-
-    def audit_refused(request: web.Request, rid: str, caller: Caller) -> None:
-        """A secret lookup refused at the edge is a read attempt too: one audit line, outcome denied."""
-        if state.audit is None or request.method not in ("GET", "HEAD"):
-            return
-        target = _lookup_target(request.raw_path)
-        if target is not None:
-            state.audit.record(rid, target[0].value, target[1], "denied", caller=caller)
+    policy = EdgePolicy(cfg, tcp_token)
+    metrics = state.metrics
 
     @web.middleware
-    async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
-        rid = _request_id(request)
+    async def edge_rules(request: web.Request, handler: Handler) -> web.StreamResponse:
+        rid = policy.request_id(request.headers.getall("X-Request-Id", []))
         token = request_id.set(rid)
         try:
-            if tcp_token is not None:
-                if "X-Forwarded-For" in request.headers or "Forwarded" in request.headers:
-                    state.metrics.rejected.labels("forwarded").inc()
-                    return error_response(
-                        400, "bad_request", "proxied requests are refused (X-Forwarded-For/Forwarded)"
-                    )
-                given = request.headers.get("X-Broker-Token", "").encode()
-                if not hmac.compare_digest(given, tcp_token):
-                    state.metrics.rejected.labels("unauthorized").inc()
-                    audit_refused(request, rid, Caller("tcp"))
-                    return error_response(401, "unauthorized", "missing or wrong X-Broker-Token")
-            elif peers.active and not peers.allowed(request):
-                state.metrics.rejected.labels("peer_denied").inc()
-                audit_refused(request, rid, caller_of(request) or Caller("unix"))
-                return error_response(403, "forbidden", "this uid/gid may not use the broker socket")
-            response = await handler(request)
-            response.headers["X-Request-Id"] = rid
-            return response
+            peer = policy.peer(request.transport, audit=state.audit is not None)
+            refusal = policy.refusal(peer, request.headers)
+            if refusal is not None:
+                # A wrong token names no caller: its fingerprint would be the listener's own token's.
+                caller = Caller("tcp") if refusal is edge.UNAUTHORIZED else peer.caller
+                edge.report_refusal(
+                    refusal,
+                    metrics,
+                    state.audit,
+                    request_id=rid,
+                    method=request.method,
+                    raw_path=request.raw_path,
+                    caller=caller,
+                )
+                response: web.StreamResponse = refusal_response(refusal)
+            else:
+                request[PEER] = peer
+                response = await handler(request)
         except web.HTTPException as exc:
             code = {404: "not_found", 405: "method_not_allowed", 413: "bad_request"}.get(exc.status, "bad_request")
-            return error_response(exc.status, code, exc.reason)
+            response = error_response(exc.status, code, exc.reason)
         finally:
             request_id.reset(token)
+        response.headers["X-Request-Id"] = rid
+        return response
 
     app = web.Application(
-        middlewares=[edge],
+        middlewares=[edge_rules],
         client_max_size=cfg.max_body_bytes,
-        handler_args={"max_field_size": 8190, "max_line_size": 65536},
+        handler_args={"max_field_size": edge.MAX_FIELD_SIZE, "max_line_size": edge.MAX_LINE_SIZE},
     )
     app[STATE] = state
+    app[EDGE] = policy
 
     async def secret(request: web.Request) -> web.Response:
-        caller = caller_of(request)
+        peer = request[PEER]
+        caller = peer.caller if state.audit is not None else None
         if state.node is None:
-            return await serve_secret(state, request, caller)
+            return await serve_secret(state, request, caller, bound=peer.team)
         # Node mode: every request is the calling pod's, verified before anything else is looked at.
         try:
             pod, partition = await state.node.caller(request.headers.get("Authorization"))
         except BrokerError as exc:
             if caller is not None:
-                audit_refused(request, request_id.get() or "", caller)
+                edge.report_denied_read(
+                    state.audit,
+                    request_id=request_id.get() or "",
+                    method=request.method,
+                    raw_path=request.raw_path,
+                    caller=caller,
+                )
             headers = {"Retry-After": "1"} if exc.status == 429 else None
             return error_response(exc.status, exc.code, exc.message, headers)
         if caller is not None:
             caller = dataclasses.replace(caller, verified=pod.as_audit())
         partition.active += 1
         try:
-            return await serve_secret(state, request, caller, partition.cache)
+            return await serve_secret(state, request, caller, partition.cache, bound=peer.team)
         finally:
             partition.active -= 1
             partition.last_used = state.clock.now()
@@ -263,45 +209,17 @@ async def _openapi(_request: web.Request) -> web.Response:
     return web.Response(body=body, content_type="application/json", headers=NO_STORE)
 
 
-def _split(raw_path: str) -> tuple[str, str] | None:
-    """('connections', raw name) from the raw, still percent-encoded path, or None for no such endpoint.
-
-    The raw name is everything after the collection: a nested id (``team/db``) keeps its slashes.
-    """
-    path = raw_path.split("?", 1)[0]
-    parts = path.split("/", 3)
-    # ['', 'v1', '<collection>', '<name, maybe with slashes>']
-    if len(parts) != 4 or parts[0] or parts[1] != "v1":
-        return None
-    return parts[2], parts[3]
-
-
-def _lookup_target(raw_path: str) -> tuple[Kind, str] | None:
-    """(kind, name) when ``raw_path`` is a well-formed secret lookup, else None."""
-    split = _split(raw_path)
-    if split is None or split[0] not in KINDS:
-        return None
-    name, _ = decode_name(split[1])
-    return None if name is None else (KINDS[split[0]], name)
-
-
-def requested_team(request: web.Request) -> tuple[str | None, str | None]:
-    """(team, None) from the optional ``?team=`` query parameter (None when absent), or (None, problem)."""
-    teams = request.rel_url.query.getall("team", [])
-    if not teams:
-        return None, None
-    if len(teams) > 1:
-        return None, "give team at most once"
-    problem = team_problem(teams[0])
-    return (None, problem) if problem else (teams[0], None)
-
-
 async def serve_secret(
-    state: BrokerState, request: web.Request, caller: Caller | None = None, cache: SecretCache | None = None
+    state: BrokerState,
+    request: web.Request,
+    caller: Caller | None = None,
+    cache: SecretCache | None = None,
+    *,
+    bound: str | None = None,
 ) -> web.Response:
     """GET /v1/{connections|variables|config}/{name} and POST /v1/cache/invalidate, on ``cache`` (node mode:
-    the caller's identity partition) or the broker's own."""
-    split = _split(request.raw_path)
+    the caller's identity partition) or the broker's own; ``bound``: the team the caller is bound to."""
+    split = edge.split_path(request.raw_path)
     if split is None:
         return error_response(404, "not_found", "no such endpoint")
     collection, raw_name = split
@@ -315,9 +233,9 @@ async def serve_secret(
     if request.method not in ("GET", "HEAD"):
         return error_response(405, "method_not_allowed", "use GET", {"Allow": "GET"})
     name, problem = decode_name(raw_name)
-    team, team_error = requested_team(request)
-    if team is not None and kind is Kind.CONFIG:
-        team_error = "config lookups take no team (Airflow reads config with no team)"
+    teams = request.rel_url.query.getall("team", [])
+    team_error = edge.team_query_problem(teams, kind)
+    team = teams[0] if teams and not team_error else None
     if name is None or team_error:
         state.metrics.requests.labels(kind.value, "bad_request").inc()
         return error_response(400, "bad_request", problem or team_error or "bad request")
@@ -326,7 +244,9 @@ async def serve_secret(
         headers = request.headers
         asserted = [(field, headers[h]) for h, field in ASSERTED_HEADERS.items() if h in headers]
     rid = request_id.get() or ""
-    return await lookup(state, kind, name, rid=rid, caller=caller, asserted=asserted, cache=cache, team=team)
+    return await lookup(
+        state, kind, name, rid=rid, caller=caller, asserted=asserted, cache=cache, team=team, bound=bound
+    )
 
 
 async def lookup(
@@ -339,22 +259,22 @@ async def lookup(
     asserted: Any = None,
     cache: SecretCache | None = None,
     team: str | None = None,
+    bound: str | None = None,
 ) -> web.Response:
     """Answer one secret lookup for ``team`` (None: team-agnostic); with the audit trail on, exactly one audit
-    line records it. A listener bound to a team answers for that team only: no team means the bound one,
-    another team is refused with 403 ``forbidden``."""
+    line records it. A caller bound to a team (``bound``: the listener's or its uid's) is answered for that
+    team only: no team means the bound one, another team is refused with 403 ``forbidden``."""
     metrics = state.metrics
     audit = state.audit
-    bound = state.config.listen.team
-    if bound is not None:
-        if team is not None and team != bound:
-            metrics.requests.labels(kind.value, "forbidden").inc()
-            metrics.rejected.labels("team_denied").inc()
-            log.warning("request for another team refused", extra={"kind": kind.value, "team": team, "bound": bound})
-            if audit is not None:
-                audit.record(rid, kind.value, name, "denied", team=team, caller=caller, asserted=asserted)
-            return error_response(403, "forbidden", "this listener serves one team only; no other team's secrets")
-        team = bound
+    team, refused = edge.bound_team(bound, team)
+    if refused:
+        refusal = edge.TEAM_DENIED
+        metrics.requests.labels(kind.value, "forbidden").inc()
+        metrics.rejected.labels(refusal.reason).inc()
+        log.warning("request for another team refused", extra={"kind": kind.value, "team": team, "bound": bound})
+        if audit is not None:
+            audit.record(rid, kind.value, name, "denied", team=team, caller=caller, asserted=asserted)
+        return refusal_response(refusal)
     if state.inflight >= state.config.listen.max_concurrency:
         metrics.requests.labels(kind.value, "overloaded").inc()
         if audit is not None:
@@ -396,9 +316,10 @@ async def lookup(
 
 
 def _found(entry: Entry, status: Status, now: float) -> web.Response:
-    body = entry.json_head() + b',"cache":"%s","age":%d}' % (status.value.encode(), max(0, int(now - entry.fetched_at)))
     return web.Response(
-        body=body, content_type="application/json", headers={**NO_STORE, "X-Broker-Cache": status.value}
+        body=edge.found_body(entry, status.value.encode(), now),
+        content_type="application/json",
+        headers={**NO_STORE, "X-Broker-Cache": status.value},
     )
 
 

@@ -1,12 +1,13 @@
 """A fast front for the secrets API: fresh cache hits answered straight from the protocol.
 
-``GET /v1/{connections|variables|config}/{name}`` whose answer is a fresh cache hit is parsed with
-httptools, checked (name rules, TCP token, proxy headers, unix peer credentials) and answered with a
-prepared response, with no framework work per request. A cache miss on such a request is looked up with
-the same ``lookup()`` the application uses and written back in order. Anything else (other paths and
-methods, bodies, HEAD, HTTP/1.0, ``Connection: close``, a bad name, a missing token, a refused peer,
-a malformed request) is handed, from the first byte of that request on, to the aiohttp request handler
-for the rest of the connection, so every error answer and edge rule stays in one place.
+``GET /v1/{connections|variables|config}/{name}[?team=T]`` whose answer is a fresh cache hit is parsed
+with httptools, checked with the listener's edge rules (``broker.server.edge``: name rules, TCP token,
+proxy headers, unix peer credentials, the caller's team) and answered with a prepared response, with no
+framework work per request. A cache miss on such a request (or a refused team) is looked up with the same
+``lookup()`` the application uses and written back in order. Anything else (other paths and methods,
+bodies, HEAD, HTTP/1.0, ``Connection: close``, ``Expect``, a bad name, a missing token, a refused peer,
+a long or malformed head) is handed, from the first byte of that request on, to the aiohttp request
+handler for the rest of the connection, so every refusal is answered in one place.
 
 Wiring (see ``FastFront``): the listener's protocol factory returns ``front.protocol(runner.server)``
 instead of ``runner.server()``; ``front.close_idle()`` runs when the listener stops accepting.
@@ -15,105 +16,64 @@ instead of ``runner.server()``; ``front.close_idle()`` runs when the listener st
 from __future__ import annotations
 
 import asyncio
-import hmac
-import itertools
-import os
-import socket
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import httptools  # type: ignore[import-not-found,unused-ignore]
 
-from broker.audit import ASSERTED_HEADERS_BYTES, Caller, token_caller, unix_caller
+from broker.audit import ASSERTED_HEADERS_BYTES, Caller
 from broker.backends.base import Kind
-from broker.resolver import decode_name
-from broker.server import lookup, peer_credentials
+from broker.server import edge, lookup
 
 if TYPE_CHECKING:
     from aiohttp import web
 
+    from broker.server.edge import EdgePolicy
     from broker.state import BrokerState
 
-KINDS = {b"connections": Kind.CONNECTION, b"variables": Kind.VARIABLE, b"config": Kind.CONFIG}
 DRAIN_QUIET = 0.2  # seconds without a byte before an idle kept-alive connection is closed on shutdown
-_MAX_HEAD = 16_384  # a longer head goes to aiohttp, which answers it with its own limits
-_RID_OK = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
-_HIT_PREFIX = (
-    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nCache-Control: no-store\r\n"
-    b"X-Content-Type-Options: nosniff\r\nServer: broker\r\nX-Broker-Cache: hit\r\n"
-)
+_MAX_TARGETS = 4096
 
 
 def _serialise(response: web.Response, request_id: bytes) -> bytes:
     """An aiohttp Response as HTTP/1.1 bytes (status, its headers, length, request id, body)."""
     body = response.body if isinstance(response.body, bytes) else b""
-    lines = [f"HTTP/1.1 {response.status} {response.reason}"]
-    lines += [f"{k}: {v}" for k, v in response.headers.items() if k.lower() != "content-length"]
-    lines.append(f"Content-Length: {len(body)}")
-    return "\r\n".join(lines).encode("latin-1") + b"\r\nX-Request-Id: " + request_id + b"\r\n\r\n" + body
+    return edge.raw_response(response.status, response.headers.items(), body, request_id)
 
 
 class FastFront:
-    """Per listener: the state, the TCP token (None on the unix socket), and the live fast connections."""
+    """Per listener: the state, its edge rules (shared with the listener's application), and the live fast
+    connections."""
 
-    def __init__(self, state: BrokerState, *, tcp_token: bytes | None, seen: set[int] | None = None) -> None:
+    def __init__(self, state: BrokerState, *, policy: EdgePolicy, seen: set[int] | None = None) -> None:
         self.state = state
-        self.tcp_token = tcp_token
+        self.policy = policy
+        self.tcp_token = policy.tcp_token
         self.seen = seen  # the listener's header-timeout bookkeeping (ids of protocols that sent a request)
         self.connections: set[FastProtocol] = set()
         self.draining = False
-        listen = state.config.listen
-        self.uids = set(listen.allowed_uids) if listen.allowed_uids is not None else None
-        self.gids = set(listen.allowed_gids) if listen.allowed_gids is not None else None
         metrics = state.metrics
         self.hit_counters = {k: metrics.requests.labels(k.value, "hit") for k in Kind}
-        # Request targets already checked (raw URL -> kind, name): repeated lookups skip decoding and checks.
-        self.targets: dict[bytes, tuple[Kind, str]] = {}
-        self._rid_prefix = os.urandom(4).hex()
-        self._rid_seq = itertools.count(1)
+        # Request targets already read (raw URL -> kind, name, team): repeated lookups skip decoding and checks.
+        self.targets: dict[bytes, tuple[Kind, str, str | None]] = {}
         self.latency = {k: metrics.request_latency.labels(k.value) for k in Kind}
-        self.tcp_caller = token_caller(tcp_token) if tcp_token is not None else None
 
-    def target(self, url: bytes) -> tuple[Kind, str] | None:
-        """(kind, name) for ``GET /v1/{collection}/{name}`` with an acceptable name, else None."""
+    def target(self, url: bytes) -> tuple[Kind, str, str | None] | None:
+        """(kind, name, team) for a lookup the fast path may answer (``edge.fast_target``), else None."""
         known = self.targets.get(url)
         if known is not None:
             return known
-        parts = url.split(b"/")
-        if len(parts) != 4 or parts[0] or parts[1] != b"v1":
+        target = edge.fast_target(url)
+        if target is None:
             return None
-        kind = KINDS.get(parts[2])
-        if kind is None:
-            return None
-        try:
-            raw = parts[3].decode("ascii")
-        except UnicodeDecodeError:
-            return None
-        name, _ = decode_name(raw)  # also refuses '?', '#', '%' and an encoded '/' or '\\'
-        if name is None:
-            return None
-        if len(self.targets) >= 4096:
+        if len(self.targets) >= _MAX_TARGETS:
             self.targets.clear()
-        self.targets[url] = (kind, name)
-        return kind, name
-
-    def request_id(self) -> bytes:
-        return f"{self._rid_prefix}{next(self._rid_seq):x}".encode()
+        self.targets[url] = target
+        return target
 
     def protocol(self, handler_factory: Callable[[], asyncio.Protocol]) -> FastProtocol:
         return FastProtocol(self, handler_factory)
-
-    def peer_allowed(self, sock: socket.socket | None) -> bool:
-        if self.uids is None and self.gids is None:
-            return True
-        if sock is None or sock.family != socket.AF_UNIX:
-            return True
-        try:
-            _, uid, gid = peer_credentials(sock)
-        except OSError:
-            return False
-        return (self.uids is not None and uid in self.uids) or (self.gids is not None and gid in self.gids)
 
     def close_idle(self, quiet: float = 0.0) -> None:
         """Close fast connections with no request in progress and nothing received for ``quiet`` seconds."""
@@ -153,15 +113,17 @@ class FastProtocol(asyncio.Protocol):
         self.pending: asyncio.Task[Any] | None = None
         # per-request parse results
         self.url = b""
-        self.token: bytes | None = None
-        self.tokens = 0
+        self.tokens: list[bytes] | None = None  # X-Broker-Token values (lists made only when there are any)
         self.forwarded = False
-        self.request_id: bytes | None = None
+        self.expect = False
+        self.request_ids: list[bytes] | None = None
         self.complete = False
         self.keep_alive = False
         self.last_activity = asyncio.get_running_loop().time()
         self.audit = front.state.audit
         self.caller: Caller | None = None  # set once per connection when the audit trail is on
+        self.bound: str | None = None  # the team this connection's caller is bound to
+        self.request_id_of = front.policy.request_id_bytes
         self.asserted: list[tuple[str, bytes]] | None = None  # the request's X-Airflow-* headers
 
     # ---- httptools callbacks
@@ -172,12 +134,17 @@ class FastProtocol(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         lowered = name.lower()
         if lowered == b"x-broker-token":
-            self.token = value
-            self.tokens += 1
-        elif lowered in (b"x-forwarded-for", b"forwarded"):
+            if self.tokens is None:
+                self.tokens = []
+            self.tokens.append(value)
+        elif lowered in edge.FORWARDED_HEADERS_BYTES:
             self.forwarded = True
         elif lowered == b"x-request-id":
-            self.request_id = value
+            if self.request_ids is None:
+                self.request_ids = []
+            self.request_ids.append(value)
+        elif lowered == b"expect":
+            self.expect = True  # aiohttp's expect handler answers it (100 Continue, or 417)
         elif self.audit is not None and lowered.startswith(b"x-airflow-"):
             field = ASSERTED_HEADERS_BYTES.get(lowered)
             if field is not None:
@@ -198,9 +165,11 @@ class FastProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.front.connections.add(self)
+        peer = self.front.policy.peer(transport, audit=self.audit is not None)
+        self.bound = peer.team
         if self.audit is not None:
-            self.caller = self.front.tcp_caller or unix_caller(transport.get_extra_info("socket"))
-        if not self.front.peer_allowed(transport.get_extra_info("socket")):
+            self.caller = peer.caller
+        if not peer.allowed:
             self._hand_off(b"")  # aiohttp answers every request on it with 403 and counts it
 
     def data_received(self, data: bytes) -> None:
@@ -247,8 +216,11 @@ class FastProtocol(asyncio.Protocol):
         while self.buf:
             end = self.buf.find(b"\r\n\r\n")
             if end < 0:
-                if len(self.buf) > _MAX_HEAD:
+                if len(self.buf) > edge.MAX_FIELD_SIZE:
                     self._hand_off(self.buf)
+                return
+            if end > edge.MAX_FIELD_SIZE:  # it may hold a field longer than aiohttp accepts: aiohttp says
+                self._hand_off(self.buf)
                 return
             head = self.buf[: end + 4]
             if self.front.seen is not None:
@@ -257,23 +229,28 @@ class FastProtocol(asyncio.Protocol):
             if target is None:
                 self._hand_off(self.buf)
                 return
-            kind, name = target
+            kind, name, asked = target
             self.buf = self.buf[end + 4 :]
-            answer = self._hit(kind, name)
+            team, refused = (asked, False) if self.bound is None else edge.bound_team(self.bound, asked)
+            answer = None if refused else self._hit(kind, name, team)
             if answer is not None:
                 transport.write(answer)
                 if self.front.draining:
                     transport.close()  # the answer said Connection: close; written before the close
                     return
                 continue
-            # A miss (or anything but a plain fresh hit): the application's own lookup, in order.
+            # A miss (or anything but a plain fresh hit): the application's own lookup, in order. A refused
+            # team goes there too: lookup() refuses it, logs it and audits it.
             transport.pause_reading()
-            self.pending = asyncio.get_running_loop().create_task(self._slow(kind, name, self._rid(), self.asserted))
+            self.pending = asyncio.get_running_loop().create_task(
+                self._slow(kind, name, asked, self._rid(), self.asserted)
+            )
             return
 
-    def _parse(self, head: bytes) -> tuple[Kind, str] | None:
-        """(kind, name) when ``head`` is a complete, qualifying GET; None to hand it to aiohttp."""
-        self.url, self.token, self.tokens, self.forwarded, self.request_id = b"", None, 0, False, None
+    def _parse(self, head: bytes) -> tuple[Kind, str, str | None] | None:
+        """(kind, name, team) when ``head`` is a complete, qualifying GET; None to hand it to aiohttp."""
+        self.url, self.forwarded, self.expect = b"", False, False
+        self.tokens = self.request_ids = None
         self.asserted = None
         self.complete = self.keep_alive = False
         try:
@@ -282,27 +259,24 @@ class FastProtocol(asyncio.Protocol):
             return None
         if not self.complete or self.parser.get_method() != b"GET" or self.parser.get_http_version() != "1.1":
             return None
-        if not self.keep_alive:
+        if not self.keep_alive or self.expect:
             return None
         token = self.front.tcp_token
-        if token is not None and (
-            self.forwarded or self.tokens != 1 or self.token is None or not hmac.compare_digest(self.token, token)
-        ):
-            return None
+        if token is not None and (self.forwarded or not edge.token_ok(self.tokens or [], token)):
+            return None  # refused: aiohttp answers it with the same rules
         return self.front.target(self.url)
 
-    def _hit(self, kind: Kind, name: str) -> bytes | None:
+    def _hit(self, kind: Kind, name: str, team: str | None) -> bytes | None:
         """The prepared answer for a fresh hit, or None when the cache has to do more than look."""
         started = time.perf_counter()
         state = self.front.state
-        entry = state.cache.hit(kind, name)
+        entry = state.cache.hit(kind, name, team)
         if entry is None:
             return None  # a miss, stale, or due for refresh-ahead: the cache's get() decides
-        now = state.clock.now()
-        body = entry.json_head() + b',"cache":"hit","age":%d}' % max(0, int(now - entry.fetched_at))
+        body = edge.found_body(entry, b"hit", state.clock.now())
         rid = self._rid()
         answer = b"%s%sContent-Length: %d\r\nX-Request-Id: %s\r\n\r\n%s" % (
-            _HIT_PREFIX,
+            edge.HIT_PREFIX,
             b"Connection: close\r\n" if self.front.draining else b"",
             len(body),
             rid,
@@ -317,6 +291,7 @@ class FastProtocol(asyncio.Protocol):
                 "found",
                 backend=resolved.backend if resolved is not None else None,
                 cache="hit",
+                team=team,
                 caller=self.caller,
                 asserted=self.asserted,
             )
@@ -325,16 +300,29 @@ class FastProtocol(asyncio.Protocol):
         return answer
 
     def _rid(self) -> bytes:
-        given = self.request_id
-        if given is not None and 0 < len(given) <= 64 and all(c in _RID_OK for c in given):
-            return given
-        return self.front.request_id()
+        return self.request_id_of(self.request_ids)
 
-    async def _slow(self, kind: Kind, name: str, request_id: bytes, asserted: list[tuple[str, bytes]] | None) -> None:
+    async def _slow(
+        self,
+        kind: Kind,
+        name: str,
+        team: str | None,
+        request_id: bytes,
+        asserted: list[tuple[str, bytes]] | None,
+    ) -> None:
         transport = self.transport
         assert transport is not None
         try:
-            response = await lookup(self.front.state, kind, name, rid=request_id, caller=self.caller, asserted=asserted)
+            response = await lookup(
+                self.front.state,
+                kind,
+                name,
+                rid=request_id,
+                caller=self.caller,
+                asserted=asserted,
+                team=team,
+                bound=self.bound,
+            )
         except Exception:
             # lookup() maps every BrokerError itself; anything else is a bug: drop the connection
             # rather than leave the client waiting.

@@ -14,12 +14,8 @@ from typing import Any
 from aiohttp import web
 
 from broker.metrics import Metrics
+from broker.server.edge import CONNECTION_CAP, OVER_CAP_ANSWER
 
-_OVER_CAP = (
-    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
-    b"Cache-Control: no-store\r\nRetry-After: 1\r\nContent-Length: 75\r\n\r\n"
-    b'{"error": "overloaded", "message": "too many connections; retry shortly"} '
-)
 SEEN: web.AppKey[set[int]] = web.AppKey("seen_protocols")
 
 
@@ -32,9 +28,9 @@ class _Refuse(asyncio.Protocol):
         self._metrics = metrics
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._metrics.rejected.labels("connection_cap").inc()
+        self._metrics.rejected.labels(CONNECTION_CAP.reason).inc()
         # uvloop's transports do not subclass asyncio.WriteTransport, so no isinstance check here.
-        transport.write(_OVER_CAP)  # type: ignore[attr-defined]
+        transport.write(OVER_CAP_ANSWER)  # type: ignore[attr-defined]
         transport.close()
 
 
