@@ -192,3 +192,26 @@ async def test_a_bound_listener_serves_its_team_and_refuses_others(tmp_path: Pat
     finally:
         await client.close()
         st.executor.shutdown(wait=False)
+
+
+@pytest.mark.parametrize("raw", ["a%0Ab", "a%0D%0Ab", "%0A", "a%0Ab/c", "a%1Fb"])
+async def test_control_characters_in_a_name_are_400_not_a_missed_route(state: Any, raw: str) -> None:
+    """A decoded newline used to miss the ``/v1/{tail}`` route ('.' matches no newline): 404 not_found."""
+    asked: list[str] = []
+
+    async def loader(kind: Kind, name: str, team: str | None = None) -> Resolved:
+        asked.append(name)
+        return Resolved("v", "env", None, None, 300, 0)
+
+    state.cache._loader = loader
+    client = await client_for(build_api_app(state))
+    metrics = await client_for(build_metrics_app(state))
+    try:
+        for kind in ("variables", "connections", "config"):
+            resp = await client.get(f"/v1/{kind}/{raw}")
+            assert (resp.status, (await resp.json())["error"]) == (400, "bad_request"), (kind, raw)
+        assert (await metrics.get(f"/{raw}")).status == 404  # the metrics listener's own catch-all still answers
+        assert asked == []
+    finally:
+        await client.close()
+        await metrics.close()
