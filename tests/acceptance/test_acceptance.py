@@ -21,7 +21,7 @@ import json
 
 import pytest
 
-from tests.acceptance.conftest import FALLBACK, FOUND, GARBAGE_MODES, Store, password_of
+from tests.acceptance.conftest import CANNOT, FALLBACK, FOUND, GARBAGE_MODES, STORES, Store, password_of
 from tests.support.broker_process import wait_for
 
 pytestmark = pytest.mark.integration
@@ -53,6 +53,17 @@ CRAFTED = (
     "a%7Fb",
     "%c0%ae%c0%ae",
 )
+
+
+# The cases a store may be unable to express (the names ``Store.skip_unless`` is called with).
+SKIPPABLE = ("denied", "throttled", *GARBAGE_MODES, "expiry")
+
+
+def test_every_skip_names_a_real_store_and_case_and_gives_a_reason() -> None:
+    for (store, case), reason in CANNOT.items():
+        assert store in STORES and case in SKIPPABLE and len(reason) > 20, (store, case)
+    networked = [s for s in STORES if s not in ("file", "env")]
+    assert not [key for key in CANNOT if key[0] in networked], "every networked store expresses every case"
 
 
 def get(store: Store, kind: str, name: str) -> tuple[int, dict[str, object]]:
