@@ -165,8 +165,10 @@ def _migrate(args: argparse.Namespace) -> int:
     except (MigrateError, OSError) as exc:
         print(f"broker migrate: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    notices: list[str] = []
     try:
-        validate_config(result.config)  # what is written is what broker serve accepts
+        # What is written is what broker serve accepts; its warnings (deprecated kwargs) become notes.
+        validate_config(result.config, notices=notices)
     except ConfigurationError as exc:
         print("broker migrate: the equivalent config does not validate:", file=sys.stderr)
         for error in exc.errors:
@@ -176,7 +178,7 @@ def _migrate(args: argparse.Namespace) -> int:
     print(f"# wrote {output}; switch Airflow to the broker with:")
     for key, value in result.airflow_settings.items():
         print(f"{key}='{value}'")
-    for note in result.notes:
+    for note in [*result.notes, *notices]:
         print(f"note: {note}", file=sys.stderr)
     return EXIT_OK
 

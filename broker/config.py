@@ -265,8 +265,11 @@ def _errors(exc: ValidationError, prefix: tuple[int | str, ...] = ()) -> list[st
     return out
 
 
-def validate_config(data: Any) -> BrokerConfig:
-    """Validate a parsed document. Raises ConfigurationError listing every problem at once."""
+def validate_config(data: Any, *, notices: list[str] | None = None) -> BrokerConfig:
+    """Validate a parsed document. Raises ConfigurationError listing every problem at once.
+
+    The warnings for ignored and deprecated provider kwargs are logged, or appended to ``notices`` when given.
+    """
     if not isinstance(data, dict):
         raise ConfigurationError(["(top level): expected a mapping of keys"])
     errors: list[str] = []
@@ -279,7 +282,7 @@ def validate_config(data: Any) -> BrokerConfig:
     else:
         seen: dict[str, int] = {}
         for i, raw in enumerate(raw_backends):
-            backend = _validate_backend(i, raw, errors)
+            backend = _validate_backend(i, raw, errors, notices)
             if backend is None:
                 continue
             if backend.name in seen:
@@ -317,7 +320,7 @@ def _prefetch_errors(config: BrokerConfig) -> list[str]:
     return out
 
 
-def _validate_backend(i: int, raw: Any, errors: list[str]) -> BackendConfig | None:
+def _validate_backend(i: int, raw: Any, errors: list[str], notices: list[str] | None) -> BackendConfig | None:
     where = f"backends[{i}]"
     if not isinstance(raw, dict):
         errors.append(f"{where}: expected a mapping")
@@ -339,7 +342,7 @@ def _validate_backend(i: int, raw: Any, errors: list[str]) -> BackendConfig | No
         hint = f" (install credential-broker[{extra}])" if extra else ""
         errors.append(f"{where}.type: backend type {type_name!r} is not available: {exc.name or exc}{hint}")
         return None
-    raw = translate(raw, model.provider_kwargs, where, errors)
+    raw = translate(raw, model.provider_kwargs, where, errors, notices)
     try:
         return model.model_validate(raw)
     except ValidationError as exc:

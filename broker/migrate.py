@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from broker.providerkw import Ignored, Moves, ProviderKwarg, notice
+
 CLIENT = "broker.airflow.BrokerSecretsBackend"
 DEFAULT_SOCKET = "/run/broker/broker.sock"
 
@@ -156,15 +158,21 @@ def _backend(name: str, path: str, kwargs: dict[str, Any], notes: list[str]) -> 
     kind, layout = PROVIDERS[path]
     out: dict[str, Any] = {"name": name, "type": kind}
     credentials = CREDENTIALS.get("aws" if kind.startswith("aws") else kind, {})
+    rules = _provider_kwargs(kind)
     for key, value in kwargs.items():
+        rule = rules.get(key)
         if key in layout:
-            out[key] = value
+            out[key] = value  # a deprecated one gets its warning when the written file is validated
         elif key in credentials:
             notes.append(f"{name}: {key} is a credential and is not copied; set up {credentials[key]}")
         elif kind == "vault" and key in ("auth_type", "auth_mount_point", "kubernetes_role", "kubernetes_jwt_path"):
             continue  # read below, into auth
         elif kind == "vault" and key in ("jwt_role", "jwt_token_path", "role_id_file", "secret_id_file"):
             continue
+        elif isinstance(rule, Moves) and "." not in rule.to:
+            out[rule.to] = value  # the provider's name for a broker key
+        elif isinstance(rule, Ignored):
+            notes.append(f"{notice(name, key, rule)}; not carried over")
         else:
             notes.append(f"{name}: {key} has no broker equivalent and is not carried over")
     if kind == "vault":
@@ -176,6 +184,16 @@ def _backend(name: str, path: str, kwargs: dict[str, Any], notes: list[str]) -> 
         notes.append(f"{name}: vault_url was not in the kwargs: set it")
         out["vault_url"] = "https://example.vault.azure.net"
     return out
+
+
+def _provider_kwargs(kind: str) -> dict[str, ProviderKwarg]:
+    """The config model's table of the provider's kwargs (empty for a type this build lacks)."""
+    from broker.backends import load_type
+
+    try:
+        return dict(load_type(kind).config_model.provider_kwargs)
+    except ImportError:
+        return {}
 
 
 def _vault_auth(name: str, kwargs: dict[str, Any], notes: list[str]) -> dict[str, Any]:

@@ -53,11 +53,34 @@ class Deprecated:
 
 
 ProviderKwarg = Moves | Replaced | Ignored | Deprecated
+IGNORED = "provider kwarg has no effect here"
+DEPRECATED = "deprecated provider kwarg"
 
 
-def translate(raw: dict[str, Any], table: Mapping[str, ProviderKwarg], where: str, errors: list[str]) -> dict[str, Any]:
+def warning(rule: ProviderKwarg) -> str | None:
+    """The warning a key of this rule gets at each load (None: no warning)."""
+    if isinstance(rule, Ignored):
+        return IGNORED
+    if isinstance(rule, Deprecated):
+        return DEPRECATED
+    return None
+
+
+def notice(where: str, key: str, rule: Ignored | Deprecated) -> str:
+    """The load-time warning as one line (``broker migrate`` prints it): never the value."""
+    return f"{where}.{key}: {warning(rule)}: {rule.why}"
+
+
+def translate(
+    raw: dict[str, Any],
+    table: Mapping[str, ProviderKwarg],
+    where: str,
+    errors: list[str],
+    notices: list[str] | None = None,
+) -> dict[str, Any]:
     """``raw`` with the provider's keys of ``table`` read as declared. Appends ``where.key: problem`` to
-    ``errors`` for every refused key (all of them, not the first) and logs one warning per ignored key."""
+    ``errors`` for every refused key (all of them, not the first) and logs one warning per ignored or
+    deprecated key (appends it to ``notices`` instead, when given)."""
     out = {k: v for k, v in raw.items() if k not in table or isinstance(table[k], Deprecated)}
     for key, value in raw.items():
         rule = table.get(key)
@@ -66,9 +89,11 @@ def translate(raw: dict[str, Any], table: Mapping[str, ProviderKwarg], where: st
         if isinstance(rule, Replaced):
             errors.append(f"{where}.{key}: not read by the broker: {rule.use}")
         elif isinstance(rule, Ignored | Deprecated):
-            message = "provider kwarg has no effect here" if isinstance(rule, Ignored) else "deprecated provider kwarg"
-            # Not the value: a key the broker does not use may still hold something sensitive.
-            log.warning(message, extra={"key": f"{where}.{key}", "meaning": rule.why})
+            if notices is not None:
+                notices.append(notice(where, key, rule))
+            else:
+                # Not the value: a key the broker does not use may still hold something sensitive.
+                log.warning(warning(rule), extra={"key": f"{where}.{key}", "meaning": rule.why})
         else:
             moved = rule.values[value] if isinstance(value, str | int | bool) and value in rule.values else value
             head, _, tail = rule.to.partition(".")

@@ -148,3 +148,43 @@ def test_the_cli_writes_the_file_and_prints_the_airflow_settings(
     assert "token is a credential" in printed.err and "hunter2" not in printed.out + printed.err
     assert main(["migrate", "--airflow-cfg", str(cfg), "--output", str(out)]) == 2  # exists: not overwritten
     assert main(["migrate", "--airflow-cfg", str(cfg), "--output", str(out), "--force"]) == 0
+
+
+def test_copied_deprecated_and_dropped_ignored_kwargs_print_the_load_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from broker.backends.aws_secrets_manager import SecretsManagerConfig
+    from broker.backends.vault import VaultConfig
+    from broker.providerkw import notice
+
+    for key in [k for k in __import__("os").environ if k.startswith("AIRFLOW__")]:
+        monkeypatch.delenv(key)
+    vault = tmp_path / "vault.cfg"
+    vault.write_text(VAULT_CFG.replace('"mount_point"', '"global_secrets_path": "common", "mount_point"'))
+    out = tmp_path / "broker.yaml"
+    assert main(["migrate", "--airflow-cfg", str(vault), "--output", str(out)]) == 0
+    assert yaml.safe_load(out.read_text())["backends"][0]["global_secrets_path"] == "common"
+    rule = VaultConfig.provider_kwargs["global_secrets_path"]
+    expected = notice("backends[0]", "global_secrets_path", rule)  # type: ignore[arg-type]
+    err = capsys.readouterr().err
+    assert f"note: {expected}\n" in err
+    assert err.count("global_secrets_path") == 1  # printed once, not also logged
+
+    sm = tmp_path / "sm.cfg"
+    sm.write_text(CFGS["secretsmanager"].replace('"sep": "-"', '"sep": "-", "full_url_mode": false'))
+    assert main(["migrate", "--airflow-cfg", str(sm), "--output", str(out), "--force"]) == 0
+    rule = SecretsManagerConfig.provider_kwargs["full_url_mode"]
+    assert f"note: {notice('secrets', 'full_url_mode', rule)}; not carried over\n" in capsys.readouterr().err  # type: ignore[arg-type]
+    assert "full_url_mode" not in out.read_text()
+
+
+def test_a_moved_kwarg_is_written_under_the_broker_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in [k for k in __import__("os").environ if k.startswith("AIRFLOW__")]:
+        monkeypatch.delenv(key)
+    cfg = tmp_path / "airflow.cfg"
+    cfg.write_text(
+        CFGS["azure"].replace('"client_secret"', '"workload_identity_tenant_id": "tenant-1", "client_secret"')
+    )
+    result = migrate(cfg, {})
+    assert result.config["backends"][0]["tenant_id"] == "tenant-1"
+    validate_config(result.config)
