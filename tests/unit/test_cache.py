@@ -373,6 +373,24 @@ async def test_invalidate(loader: ScriptedLoader, clock: FakeClock) -> None:
     assert cache.invalidate() == 2
 
 
+async def test_invalidating_a_name_forgets_it_for_every_team(loader: ScriptedLoader, clock: FakeClock) -> None:
+    """POST /v1/cache/invalidate names no team: a changed secret must not stay cached for any team (entries and
+    negative entries alike), and nothing else goes."""
+    loader.answers.update(a="1", b="2")
+    cache = make_cache(loader, clock)
+    for team in (None, "team1", "team2"):
+        await cache.get(V, "a", team)
+        await cache.get(V, "b", team)
+        with pytest.raises(SecretNotFound):
+            await cache.get(V, "gone", team)
+    assert cache.invalidate(V, "a") == 3
+    assert cache.invalidate(V, "gone") == 3
+    for team in (None, "team1", "team2"):
+        assert cache.peek(V, "a", team) is None and cache.peek(V, "b", team) is not None
+    assert cache.invalidate(V) == 3  # a kind: every team's keys of it
+    assert len(cache) == 0
+
+
 # ---------------------------------------------------------------------------------------------- leases
 
 
