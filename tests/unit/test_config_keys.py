@@ -33,7 +33,7 @@ PAGES = {
     "azure_key_vault": "azure.md",
 }
 # Where the top-level sections are documented, besides the README's reference block.
-SECTION_PAGES = {"node": "node-mode.md", "audit": "audit.md"}
+SECTION_PAGES = {"node": "node-mode.md", "audit": "audit.md", "listen": "airflow.md"}
 KINDS = ("connections", "variables", "config")
 
 
@@ -205,7 +205,12 @@ def core_documented(path: str) -> bool:
     page = _page(SECTION_PAGES[parts[0]]) if parts[0] in SECTION_PAGES else ""
     if _holds(REFERENCE, parts) or any(_holds(doc, parts) for doc in _yaml_blocks(page)):
         return True
-    return re.search(rf"`{re.escape(path)}\b[^`\n]*`", README + page) is not None
+    text = README + page
+    if re.search(rf"`{re.escape(path)}\b[^`\n]*`", text):
+        return True
+    # a key of the entries of a list (``listen.peer_teams[].uid``): named on a page that names the list in full
+    parent, leaf = ".".join(parts[:-1]), parts[-1]
+    return len(parts) > 2 and bool(re.search(rf"`{re.escape(parent)}`", page)) and documented(leaf, page)
 
 
 @pytest.mark.parametrize(("path", "key"), [(p, k) for p, k, _ in core_keys()])
