@@ -424,6 +424,10 @@ def plan(variant_index: int, variant: Variant) -> tuple[list[Seed], list[dict[st
         conn_values += [
             {"conn_uri": URIS[0], "description": "uri beside other keys"},
             {"conn_uri": ""},
+            # an empty or null conn_uri beside fields: hashicorp 4.8 hands Airflow the whole secret as JSON,
+            # conn_uri key included, which Airflow's Connection refuses (TypeError) in both contexts
+            {"conn_uri": "", "conn_type": "http", "host": "fields.example"},
+            {"conn_uri": None, "conn_type": "http", "host": "fields.example"},
             {"host": "no-type.example"},
         ]
     marks = variant.marks
