@@ -13,9 +13,11 @@ retries are off because the core's guard owns retries, backoff and the time budg
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -193,6 +195,12 @@ def map_client_error(exc: BaseException, backend: str, what: str) -> BrokerError
 
 
 SERVICES = frozenset({"secretsmanager", "ssm", "sts"})  # every AWS service the broker calls
+# The operations the broker calls on them (and botocore's own chain: web identity and assume-role profiles).
+OPERATIONS = {
+    "secretsmanager": frozenset({"GetSecretValue"}),
+    "ssm": frozenset({"GetParameter"}),
+    "sts": frozenset({"GetCallerIdentity", "AssumeRole", "AssumeRoleWithWebIdentity"}),
+}
 _LOADER_LOCK = threading.Lock()
 _ENDPOINTS_LOCK = threading.Lock()
 _LOADER: Any = None
@@ -208,12 +216,33 @@ def shared_loader(data_path: str | None) -> Any:
     global _LOADER
     with _LOADER_LOCK:
         if _LOADER is None:
-            from botocore.loaders import Loader
+            from botocore.loaders import JSONFileLoader, Loader
+
+            class UndocumentedJSON(JSONFileLoader):
+                """Drops every documentation string while parsing (SSM's model is mostly prose): what is
+                never kept is never allocated all at once either, and the peak is what the process keeps."""
+
+                def _load_file(self, full_path: str, open_method: Any) -> Any:
+                    if not os.path.isfile(full_path):
+                        return None
+                    with open_method(full_path, "rb") as fp:
+                        payload = fp.read().decode("utf-8")
+                    return json.loads(payload, object_pairs_hook=_undocumented)
 
             class TrimmedLoader(Loader):
                 _endpoints: tuple[Any, str] | None = None
 
+                _models: dict[str, tuple[Any, str]] = {}
+
                 def load_data_with_path(self, name: str) -> Any:
+                    service, _, rest = name.partition("/")
+                    if service in OPERATIONS and rest.endswith("/service-2"):
+                        with _ENDPOINTS_LOCK:
+                            if name not in self._models:
+                                full, path = super().load_data_with_path(name)
+                                getattr(self, "_cache", {}).pop(("load_data_with_path", name), None)
+                                self._models[name] = (_trimmed_model(full, OPERATIONS[service]), path)
+                            return self._models[name]
                     if name != "endpoints":
                         return super().load_data_with_path(name)
                     with _ENDPOINTS_LOCK:
@@ -230,20 +259,57 @@ def shared_loader(data_path: str | None) -> Any:
                 if data_path is None
                 else [os.path.expanduser(os.path.expandvars(p)) for p in data_path.split(os.pathsep)]
             )
-            _LOADER = TrimmedLoader(extra_search_paths=paths)
+            _LOADER = TrimmedLoader(extra_search_paths=paths, file_loader=UndocumentedJSON())
         return _LOADER
+
+
+_DOC_KEYS = frozenset({"documentation", "documentationUrl"})
+
+
+def _undocumented(pairs: list[tuple[str, Any]]) -> OrderedDict[str, Any]:
+    return OrderedDict((k, v) for k, v in pairs if k not in _DOC_KEYS)
 
 
 def _trimmed_endpoints(full: dict[str, Any]) -> dict[str, Any]:
     """botocore's endpoints table with only ``SERVICES`` in each partition, as freshly allocated objects
     (a JSON round trip), so the memory of the full table is returned once it is dropped."""
-    import json
 
     partitions = [
         {**p, "services": {k: v for k, v in p.get("services", {}).items() if k in SERVICES}}
         for p in full.get("partitions", [])
     ]
     return dict(json.loads(json.dumps({**full, "partitions": partitions})))
+
+
+def _trimmed_model(full: dict[str, Any], operations: frozenset[str]) -> dict[str, Any]:
+    """A service model with only ``operations``, the shapes they reach and the service's error shapes, and
+    no documentation: SSM's whole model is about 1,400 shapes for 150 operations (several MiB once parsed),
+    and botocore builds a client method for every operation it lists. Freshly allocated (a JSON round trip)."""
+
+    shapes: dict[str, Any] = full.get("shapes", {})
+    ops = {name: op for name, op in full.get("operations", {}).items() if name in operations}
+    pending = [name for name, shape in shapes.items() if shape.get("exception")]
+    for op in ops.values():
+        pending += [ref["shape"] for ref in (op.get("input"), op.get("output"), *op.get("errors", [])) if ref]
+    keep: set[str] = set()
+    while pending:
+        name = pending.pop()
+        if name in keep or name not in shapes:
+            continue
+        keep.add(name)
+        shape = shapes[name]
+        refs = [shape.get("member"), shape.get("key"), shape.get("value"), *shape.get("members", {}).values()]
+        pending += [ref["shape"] for ref in refs if ref]
+
+    def undocumented(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: undocumented(v) for k, v in node.items() if k not in _DOC_KEYS}
+        if isinstance(node, list):
+            return [undocumented(v) for v in node]
+        return node
+
+    trimmed = {**full, "operations": ops, "shapes": {name: shapes[name] for name in sorted(keep)}}
+    return dict(json.loads(json.dumps(undocumented(trimmed))))
 
 
 def _as_refreshed(creds: dict[str, Any]) -> dict[str, str]:
@@ -298,7 +364,6 @@ class AwsBackend(Backend):
         Most providers resolve on first use; the container provider (Pod Identity) fetches at once.
         Raises the SDK's error (NoRegionError, CredentialRetrievalError, ...); the caller maps it.
         """
-        import boto3
         import botocore.session
         from botocore.credentials import CredentialProvider, CredentialResolver, DeferredRefreshableCredentials
 
@@ -337,12 +402,14 @@ class AwsBackend(Backend):
 
             core = core_session()
             core.register_component("credential_provider", CredentialResolver([Fixed()]))
-        session: Any = boto3.session.Session(botocore_session=core)
+        # Clients straight from the botocore session: boto3's Session only wraps this call (its import alone
+        # brings s3transfer, multiprocessing and the resource layer, about 2 MiB), and the credential chain
+        # is the session's either way.
         verify = str(self.config.ca_cert) if self.config.ca_cert else None
-        client = session.client(
+        client = core.create_client(
             self.service, endpoint_url=self.config.endpoint_url, verify=verify, config=self._client_config()
         )
-        self._session, self._sts = session, None
+        self._session, self._sts = core, None
         self._credentials = core.get_credentials()
         self._client = client
 
@@ -410,7 +477,7 @@ class AwsBackend(Backend):
         """The STS client on the backend's session, built on first use (its model is not loaded before)."""
         with self._lock:
             if self._sts is None:
-                self._sts = self._session.client("sts", config=self._client_config())
+                self._sts = self._session.create_client("sts", config=self._client_config())
             return self._sts
 
     async def _call(self, what: str, method: str, *, sts: bool = False, **kwargs: Any) -> Any:

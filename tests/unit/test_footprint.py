@@ -83,3 +83,41 @@ def test_role_session_name_length_is_bounded() -> None:
     for bad in ("a", "x" * 65, "has space"):
         with pytest.raises(Exception, match="role_session_name"):
             validate_config({"backends": [{**base, "role_session_name": bad}]})
+
+
+def test_aws_service_models_keep_only_the_operations_the_broker_calls() -> None:
+    pytest.importorskip("botocore")
+    from broker.backends.aws_common import OPERATIONS, shared_loader
+
+    loader = shared_loader(None)
+    for service, operations in OPERATIONS.items():
+        model = loader.load_service_model(service, "service-2")
+        assert set(model["operations"]) == operations
+        shapes = model["shapes"]
+        for op in model["operations"].values():
+            for ref in (op.get("input"), op.get("output"), *op.get("errors", [])):
+                assert ref is None or ref["shape"] in shapes
+        assert not any("documentation" in shape for shape in shapes.values())
+        assert loader.load_service_model(service, "service-2") is model  # trimmed once
+
+
+def test_an_aws_client_on_the_trimmed_model_serialises_and_parses_its_calls() -> None:
+    pytest.importorskip("botocore")
+    import botocore.session
+    from botocore.stub import Stubber
+
+    from broker.backends.aws_common import shared_loader
+
+    session = botocore.session.Session()
+    session.register_component("data_loader", shared_loader(None))
+    client = session.create_client(
+        "ssm", region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing"
+    )
+    with Stubber(client) as stub:
+        stub.add_response(
+            "get_parameter",
+            {"Parameter": {"Name": "/a", "Type": "SecureString", "Value": "v", "Version": 3}},
+            {"Name": "/a", "WithDecryption": True},
+        )
+        assert client.get_parameter(Name="/a", WithDecryption=True)["Parameter"]["Version"] == 3
+    assert not hasattr(client, "put_parameter")
