@@ -32,8 +32,10 @@ _PATTERNS = [
 MIN_SECRET_LEN = 4
 _LONG = 8  # values this long are filed under a piece this long (far more distinct pieces than of 4)
 _ANCHOR_SCAN = 512  # positions of a value looked at for its anchor (a long value needs only one)
-# Every piece of a text is cut by C-level map() over prepared slices (several times faster than a loop).
-_SLICES = {size: tuple(slice(i, i + size) for i in range(2048)) for size in (MIN_SECRET_LEN, _LONG)}
+# Every piece of a text is cut by C-level map() over prepared slices (several times faster than a loop),
+# prepared for the longest text seen so far (in powers of two, up to _MAX_SLICES): most log lines are short,
+# and 2 x 2048 slices held from start-up cost about half a MiB.
+_MAX_SLICES = 2048
 
 
 class SecretRegistry:
@@ -55,6 +57,7 @@ class SecretRegistry:
         self._anchors: dict[str, str | list[str]] = {}
         self._sizes = {MIN_SECRET_LEN: 0, _LONG: 0}  # anchors of each length (a length with none is not cut)
         self._limit = limit
+        self._slices: dict[int, tuple[slice, ...]] = {MIN_SECRET_LEN: (), _LONG: ()}
 
     def __len__(self) -> int:
         return len(self._values)
@@ -103,6 +106,13 @@ class SecretRegistry:
         if len(filed) == 1:
             self._anchors[anchor] = filed[0]
 
+    def _cuts(self, size: int, n: int) -> tuple[slice, ...]:
+        cuts = self._slices[size]
+        if len(cuts) < n and len(cuts) < _MAX_SLICES:
+            length = min(_MAX_SLICES, 1 << max(6, (n - 1).bit_length()))
+            cuts = self._slices[size] = tuple(slice(i, i + size) for i in range(length))
+        return cuts
+
     def candidates(self, text: str) -> list[str]:
         """The registered values filed under a piece of ``text``: the only ones that can occur in it."""
         anchors = self._anchors
@@ -110,7 +120,7 @@ class SecretRegistry:
         for size, count in self._sizes.items():
             n = len(text) - size + 1
             if count and n > 0:
-                cuts = _SLICES[size]
+                cuts = self._cuts(size, n)
                 pieces.update(
                     map(text.__getitem__, cuts[:n] if n <= len(cuts) else (slice(i, i + size) for i in range(n)))
                 )
