@@ -171,9 +171,13 @@ def start_daemon(work: Path, config: dict[str, Any], env: dict[str, str]) -> Dae
 # ---------------------------------------------------------------------------------------------- idle
 
 
-def idle(stores: Stores, work: Path, quick: bool) -> tuple[list[list[Any]], dict[str, Any]]:
+def idle(
+    stores: Stores, work: Path, quick: bool, only: list[str] | None = None
+) -> tuple[list[list[Any]], dict[str, Any]]:
     """Idle RSS after ready, each store alone, then every store in one chain; median of runs."""
     configs = [[s] for s in STORES] + [list(STORES)]
+    if only:
+        configs = [c for c in configs if (c[0] if len(c) == 1 else "all") in only]
     rows, out = [], {}
     runs = 1 if quick else 3
     for chain in configs:
@@ -286,19 +290,33 @@ def startup(stores: Stores, work: Path, quick: bool) -> tuple[list[list[Any]], d
         vault = stores.vault
     assert vault is not None
     runs = 2 if quick else 5
-    times: dict[str, list[float]] = {"broker, file backend": [], "broker, Vault backend (jwt)": [], "bao proxy": []}
+    labels = ("broker, file backend", "broker, Vault backend (jwt)", "bao proxy (jwt auto-auth, cache)")
+    times: dict[str, list[float]] = {label: [] for label in labels}
+    rss: dict[str, list[int]] = {label: [] for label in labels}
     for i in range(runs):
-        for label, store in (("broker, file backend", "file"), ("broker, Vault backend (jwt)", "vault")):
+        for label, store in zip(labels, ("file", "vault"), strict=False):
             d = start_daemon(work / f"start-{store}-{i}", {"backends": [stores.backend(store)]}, stores.env([store]))
             times[label].append(d.ready_after)
+            time.sleep(SETTLE_S)
+            rss[label].append(status_kib(d.proc.pid)["VmRSS"])  # type: ignore[union-attr]
             d.stop()
-        if vault.proxy_proc is not None:
-            stack.stop_process(vault.proxy_proc)
+        stack.stop_process(vault.proxy_proc)
+        log = getattr(vault, "_proxy_log", None)
+        if log is not None:
+            log.close()
         began = time.perf_counter()
         vault.start_proxy()
-        times["bao proxy"].append(time.perf_counter() - began)
-    out = {k: round(statistics.median(v), 3) for k, v in times.items()}
-    rows = [[k, f"{v * 1000:.0f} ms", f"median of {runs}, interleaved"] for k, v in out.items()]
+        times[labels[2]].append(time.perf_counter() - began)
+        time.sleep(SETTLE_S)
+        rss[labels[2]].append(status_kib(vault.proxy_proc.pid)["VmRSS"])  # type: ignore[union-attr]
+    out = {
+        k: {"ready_s": round(statistics.median(times[k]), 3), "rss_mib": round(statistics.median(rss[k]) / 1024, 1)}
+        for k in labels
+    }
+    rows = [
+        [k, f"{v['ready_s'] * 1000:.0f} ms", f"{v['rss_mib']} MiB", f"median of {runs}, interleaved"]
+        for k, v in out.items()
+    ]
     return rows, out
 
 
@@ -353,7 +371,7 @@ HEADERS = {
     "idle": ["configured stores", "RSS (MiB)", "RssAnon", "RssFile"],
     "floor": ["fresh interpreter, cumulative", "RSS (MiB)", "RssAnon", "RssFile", "step"],
     "entries": ["measure", "bytes per entry", "note"],
-    "startup": ["process", "start to ready", "note"],
+    "startup": ["process", "start to ready", "RSS when ready", "note"],
     "client": ["measure", "value", "note"],
 }
 TITLES = {
@@ -366,12 +384,12 @@ TITLES = {
 
 
 def run(
-    work: Path, only: set[str], *, quick: bool = False, vault: Vault | None = None
+    work: Path, only: set[str], *, quick: bool = False, vault: Vault | None = None, subset: list[str] | None = None
 ) -> tuple[list[tuple[str, list[str], list[list[Any]]]], dict[str, Any]]:
     """Run the chosen sections; returns (title, header, rows) tables and the figures."""
     tables, results = [], {}
     steps: dict[str, Callable[[Stores], tuple[list[list[Any]], dict[str, Any]]]] = {
-        "idle": lambda s: idle(s, work, quick),
+        "idle": lambda s: idle(s, work, quick, subset),
         "floor": lambda s: floor(),
         "entries": lambda s: entries(work, quick),
         "startup": lambda s: startup(s, work, quick),
@@ -389,9 +407,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=",".join(SECTIONS))
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--stores", default="", help=f"idle: a subset of {STORES} and all")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="broker-footprint-"))
-    tables, results = run(work, set(args.only.split(",")), quick=args.quick)
+    subset = [s for s in args.stores.split(",") if s] or None
+    tables, results = run(work, set(args.only.split(",")), quick=args.quick, subset=subset)
     for title, header, rows in tables:
         print(f"### {title}\n\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
         for row in rows:

@@ -4,9 +4,10 @@ Sections: (1) cached lookups over loopback TCP (wrk) and the unix socket (loadge
 (2) OpenBao's caching proxy on the same wrk settings in the same run, cached dynamic secret and KV v2;
 (3) ``get_conn_value`` latency as an Airflow task feels it, broker vs Airflow's provider backends direct;
 (4) a thundering herd on one cold key; (5) the audit trail's cost on the hot path, on vs off; (6) memory
-and start-up; (7) a node running 200 short tasks: sidecar mode vs node mode vs the provider backend direct
-(benchmarks/node_mode.py). Every figure is the median of repeated
-runs, and every ratio compares runs interleaved in the same session (this machine is shared and noisy).
+and start-up (benchmarks/footprint.py: idle RSS per store, the floor, bytes per entry, start to ready next
+to ``bao proxy``, the client's import time); (7) a node running 200 short tasks: sidecar mode vs node
+mode vs the provider backend direct (benchmarks/node_mode.py). Every figure is the median of repeated runs,
+and every ratio compares runs interleaved in the same session (this machine is shared and noisy).
 
 Results: benchmarks/results/<UTC time>.json and results/latest.json; the tables also go to
 benchmarks/RESULTS.md. Options: --quick (1 short repeat), --repeats N, --duration S, --only SECTIONS.
@@ -357,129 +358,14 @@ def audit_cost(vault: Vault, args: argparse.Namespace, work: Path) -> dict[str, 
 
 
 def memory(vault: Vault, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    import importlib.util
+    """benchmarks/footprint.py: idle RSS per configured store and the floor under it, bytes per cached entry,
+    start to ready next to ``bao proxy``, and the Airflow client's import time."""
+    import footprint
 
-    out: dict[str, Any] = {}
-    files = work / "mem"
-    files.mkdir(exist_ok=True)
-    (files / "connections.json").write_text(json.dumps({"kv_conn": "postgres://u:p@h:5432/db"}))
-    big = 100_000
-    (files / "variables.json").write_text(json.dumps({f"v{i}": f"value-{i:06d}-0123456789abcdef" for i in range(big)}))
-
-    def file_backend(variables: bool = False) -> dict[str, Any]:
-        b: dict[str, Any] = {"name": "file", "type": "file", "connections_file_path": str(files / "connections.json")}
-        if variables:
-            b["variables_file_path"] = str(files / "variables.json")
-        return b
-
-    def settle(d: Daemon) -> int:
-        time.sleep(1.0)  # let start-up garbage go and the RSS settle; this is a measurement, not a test
-        return d.rss_kib()
-
-    rows = []
-    # start-up: file backend only, median of several
-    starts = []
-    for i in range(5 if not args.quick else 2):
-        d = Daemon(work / f"start{i}", {"backends": [file_backend()]}).start()
-        starts.append(d.ready_after)
-        d.stop()
-    out["start_to_ready_s"] = round(statistics.median(starts), 3)
-    rows.append(["start to /readyz 200, file backend", f"{out['start_to_ready_s'] * 1000:.0f} ms", "median of 5"])
-
-    vstarts = []
-    for i in range(3 if not args.quick else 1):
-        d = Daemon(work / f"vstart{i}", {"backends": [vault.broker_backend()]}).start()
-        vstarts.append(d.ready_after)
-        d.stop()
-    out["start_to_ready_vault_s"] = round(statistics.median(vstarts), 3)
-    rows.append(
-        [
-            "start to /readyz 200, Vault backend (jwt login)",
-            f"{out['start_to_ready_vault_s'] * 1000:.0f} ms",
-            "median of 3",
-        ]
-    )
-
-    d = Daemon(work / "idle-file", {"backends": [file_backend()]}).start()
-    out["rss_idle_file_mib"] = round(settle(d) / 1024, 1)
-    d.stop()
-    rows.append(["RSS idle, file backend only", f"{out['rss_idle_file_mib']} MiB", ""])
-
-    landed = [
-        t
-        for t in ("aws_secrets_manager", "aws_ssm", "gcp_secret_manager", "azure_key_vault")
-        if importlib.util.find_spec(f"broker.backends.{t}") is not None
-    ]
-    with stack.moto_server() as endpoint:
-        cloud = [
-            {"name": t, "type": t, "region_name": "us-east-1", "endpoint_url": endpoint}
-            for t in landed
-            if t.startswith("aws")
-        ]
-        all_backends = [file_backend(), {"name": "env", "type": "env"}, vault.broker_backend(), *cloud]
-        d = Daemon(work / "idle-all", {"backends": all_backends}).start()
-        out["rss_idle_all_mib"] = round(settle(d) / 1024, 1)
-        d.stop()
-        configured = ", ".join(b["type"] for b in all_backends)
-        missing = sorted(set(landed) - {b["type"] for b in all_backends}) + [
-            t for t in ("gcp_secret_manager", "azure_key_vault") if t not in landed
-        ]
-        rows.append(
-            [
-                f"RSS idle, every backend configured ({configured})",
-                f"{out['rss_idle_all_mib']} MiB",
-                f"not in this build yet: {', '.join(missing)}" if missing else "",
-            ]
-        )
-        out["backends_measured"] = configured
-        # Which SDKs the running daemon imported: -X importtime lists every module the process loads.
-        sdks = ("hvac", "boto3", "botocore", "google.auth", "google.cloud", "azure.identity", "azure.keyvault")
-        for label, backends in (("file only", [file_backend()]), ("every backend", all_backends)):
-            d = Daemon(work / f"imports-{label.replace(' ', '-')}", {"backends": backends})
-            d.start(extra_args=["-X", "importtime"])
-            d.stop()
-            loaded = sorted(
-                {
-                    s
-                    for s in sdks
-                    for line in d.logs().splitlines()
-                    if line.startswith("import time:") and line.rsplit("|", 1)[-1].strip() == s
-                }
-            )
-            out[f"sdks_imported_{label.replace(' ', '_')}"] = loaded
-            rows.append([f"cloud SDKs imported, {label}", ", ".join(loaded) or "none", "from `python -X importtime`"])
-
-    d = Daemon(
-        work / "entries",
-        {"cache": {"ttl": 3600, "max_entries": 200_000}, "backends": [file_backend(variables=True)]},
-    ).start()
-    for count in (10_000, 100_000):
-        got = stack.loadgen(
-            "fill",
-            "--unix",
-            d.socket,
-            "--pattern",
-            "/v1/variables/v{i}",
-            "--count",
-            str(count),
-            "-c",
-            "16",
-            timeout=600,
-        )
-        if set(got["statuses"]) != {"200"}:
-            raise RuntimeError(f"fill: {got}")
-        out[f"rss_{count}_entries_mib"] = round(settle(d) / 1024, 1)
-        rows.append(
-            [
-                f"RSS with {count:,} cached entries (file backend)",
-                f"{out[f'rss_{count}_entries_mib']} MiB",
-                f"filled at {got['rps']:,.0f} misses/s",
-            ]
-        )
-    d.stop()
-
-    emit("Memory and start-up", ["measure", "value", "note"], rows)
-    return out
+    tables, results = footprint.run(work / "footprint", set(footprint.SECTIONS), quick=args.quick, vault=vault)
+    for title, header, rows in tables:
+        emit(title, header, rows)
+    return results
 
 
 # ---------------------------------------------------------------------------------------------- main
