@@ -20,6 +20,8 @@ from aiohttp import web
 from broker.backends.base import BrokerError, ConfigurationError
 from broker.backends.guard import Guard
 from broker.backoff import Backoff
+from broker.cache.leases import LeaseHolder
+from broker.clock import Clock
 from broker.config import BrokerConfig, load_config
 from broker.server import EDGE, bind_unix_socket, build_api_app, build_metrics_app
 from broker.server.listener import SEEN, Listener, tcp_socket
@@ -33,12 +35,15 @@ STARTUP_BACKOFF = (1.0, 30.0, 0.5)  # base, cap, floor (seconds) for start-up an
 class Broker:
     """The daemon: listeners, background tasks, signals."""
 
-    def __init__(self, config: BrokerConfig, config_path: Path | None) -> None:
+    def __init__(self, config: BrokerConfig, config_path: Path | None, *, clock: Clock | None = None) -> None:
         self.config_path = config_path
-        self.state = BrokerState(config)
+        self.state = BrokerState(config, clock=clock)
+        # A backend a reload retired while it held leases is closed when the last of them goes.
+        self.state.cache.leases.on_free = self._lease_holder_free
         self._runners: list[web.AppRunner] = []
         self._listeners: list[Listener] = []
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._starting: dict[Guard, asyncio.Task[Any]] = {}  # each backend's start loop while it runs
         self._stop = asyncio.Event()
         self._socket_path: Path | None = None
         self._reload_lock = asyncio.Lock()
@@ -120,13 +125,24 @@ class Broker:
         task.add_done_callback(self._tasks.discard)
 
     async def _start_backends(self, guards: list[Guard]) -> None:
-        await asyncio.gather(*(self._start_one(g) for g in guards))
+        # A start loop cancelled by a reload that retired its backend does not keep the others from prefetching.
+        await asyncio.gather(*(self._start_one(g) for g in guards), return_exceptions=True)
         await self._prefetch()
         # Start-up and reloads parse SDK data and configs once; what they freed goes back to the kernel.
         release_free_memory()
 
     async def _start_one(self, guard: Guard) -> None:
         """Log in, retrying with capped backoff until it works (readiness reports why meanwhile)."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._starting[guard] = task
+        try:
+            await self._start_loop(guard)
+        finally:
+            if self._starting.get(guard) is task:
+                del self._starting[guard]
+
+    async def _start_loop(self, guard: Guard) -> None:
         for attempt in itertools.count():
             try:
                 await guard.start()
@@ -190,6 +206,7 @@ class Broker:
 
     async def stop(self) -> None:
         """Stop accepting, finish in-flight requests within the grace period, revoke leases, close backends."""
+        self.state.cache.leases.on_free = None  # from here every backend still open is closed below
         if self._socket_path is not None:
             # Unlink first so new clients fail fast (ENOENT), then keep accepting for a moment so the
             # connections already queued in the listen backlog are served instead of reset.
@@ -207,7 +224,8 @@ class Broker:
             await runner.cleanup()
         self._runners.clear()
         for task in list(self._tasks):
-            task.cancel()
+            if task.get_name() != "backend-close":  # a close under way finishes: cut short, it could leak
+                task.cancel()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5)
         await self.state.cache.aclose(revoke_leases=self.state.config.leases.revoke_on_shutdown)
@@ -254,11 +272,11 @@ class Broker:
             for section in change.restart_needed:
                 log.warning("reload: this section needs a restart to change", extra={"section": section})
             # A retired backend that granted a live lease stays open so the lease can still be revoked.
-            close_now, keep_open = state.closable([*state.retired, *change.retired])
-            state.retired = keep_open
+            close_now = state.retire(change.retired)
+            starting = {g: self._cancel_start(g) for g in change.retired}
             self._spawn(self._start_backends(change.fresh), "backend-start")
             for guard in close_now:
-                self._spawn(close_backend(guard), "backend-close")
+                self._spawn(self._close(guard, starting[guard]), "backend-close")
             state.metrics.reloads.labels("ok").inc()
             log.info(
                 "configuration reloaded",
@@ -270,6 +288,24 @@ class Broker:
                 },
             )
             return True
+
+    def _cancel_start(self, guard: Guard) -> asyncio.Task[Any] | None:
+        """Stop a retired backend's start loop (a login still retrying); returns it, to be waited for."""
+        task = self._starting.pop(guard, None)
+        if task is not None:
+            task.cancel()
+        return task
+
+    async def _close(self, guard: Guard, start: asyncio.Task[Any] | None = None) -> None:
+        """Close a backend out of the chain, once its cancelled start loop has ended."""
+        if start is not None:
+            await asyncio.wait([start])
+        await close_backend(guard)
+
+    def _lease_holder_free(self, holder: LeaseHolder) -> None:
+        guard = self.state.released(holder)
+        if guard is not None:
+            self._spawn(self._close(guard), "backend-close")
 
 
 async def close_backend(guard: Guard) -> None:

@@ -13,6 +13,7 @@ from broker.backends import load_type
 from broker.backends.base import BackendConfig, BackendContext, Kind
 from broker.backends.guard import Guard
 from broker.cache import Entry, SecretCache
+from broker.cache.leases import LeaseHolder
 from broker.clock import Clock, SystemClock
 from broker.config import BrokerConfig
 from broker.logging import SECRETS
@@ -47,8 +48,8 @@ def build_guards(configs: list[BackendConfig], ctx: BackendContext) -> list[Guar
 class Reload:
     """What applying a new config changed."""
 
-    kept: list[str]  # backends carried over as they were (same config)
-    fresh: list[Guard]  # new backends, to be started
+    kept: list[str]  # backends carried over as they were (same config), started or still starting
+    fresh: list[Guard]  # backends built by this reload, to be started
     retired: list[Guard]  # backends no longer in the chain, to be closed once they hold no lease
     dropped: int  # cache entries that no longer follow from the chain
     restart_needed: list[str] = field(default_factory=list)  # sections read only at start-up
@@ -151,15 +152,28 @@ class BrokerState:
         self.cache.leases_config = new.leases
         dropped = self.cache.retain(keep)
         self.prefetched = False
+        kept = [g for g in guards if g in reusable.values()]
         return Reload(
-            kept=sorted(g.name for g in guards if g in reusable.values()),
-            fresh=[g for g in guards if not g.started],
+            kept=sorted(g.name for g in kept),
+            # Only what this reload built: a kept backend still logging in already has its start loop.
+            fresh=[g for g in guards if g not in kept],
             retired=retired,
             dropped=dropped,
             restart_needed=restart,
         )
 
-    def closable(self, retired: list[Guard]) -> tuple[list[Guard], list[Guard]]:
-        """Split retired guards into those free to close now and those still holding a lease."""
+    def retire(self, guards: list[Guard]) -> list[Guard]:
+        """Take backends out of service: returns those to close now. One that granted a live lease stays open
+        (in ``retired``) so the lease can still be renewed or revoked through it, until ``released``."""
         holders = self.cache.leases.holders()
-        return [g for g in retired if g not in holders], [g for g in retired if g in holders]
+        self.retired.extend(g for g in guards if g in holders and g not in self.retired)
+        return [g for g in guards if g not in holders]
+
+    def released(self, holder: LeaseHolder) -> Guard | None:
+        """The retired backend to close now that its last lease went (revoked or expired), or None when
+        ``holder`` is still in the chain."""
+        for guard in self.retired:
+            if guard is holder:
+                self.retired.remove(guard)
+                return guard
+        return None

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from broker.backends.base import BrokerError, Lease
@@ -32,14 +34,20 @@ class LeaseHolder(Protocol):
 
 
 class LeaseKeeper:
-    """Live leases by id, each with its holder. Background revocations are owned here and drained on close."""
+    """Live leases by id, each with its holder. Background revocations are owned here and drained on close.
+
+    ``on_free`` is told of each holder whose last lease went (revoked, or expired) and that has no revocation
+    under way any more: a backend a reload took out of the chain can then be closed.
+    """
 
     def __init__(self, clock: Clock, metrics: Metrics) -> None:
         self._clock = clock
         self._metrics = metrics
         self._live: dict[str, tuple[LeaseHolder, Lease]] = {}
+        self._revoking: Counter[LeaseHolder] = Counter()  # revocations under way, per holder
         self._gauged: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.on_free: Callable[[LeaseHolder], None] | None = None
 
     def __len__(self) -> int:
         return len(self._live)
@@ -50,8 +58,17 @@ class LeaseKeeper:
         self.update_gauges()
 
     def holders(self) -> set[LeaseHolder]:
-        """Every holder that still has a live lease (a retired backend with one must stay open)."""
-        return {holder for holder, _ in self._live.values()}
+        """Every holder that still has a live lease or a revocation under way (a retired backend with one must
+        stay open)."""
+        return {holder for holder, _ in self._live.values()} | set(self._revoking)
+
+    def _freed(self, candidates: Iterable[LeaseHolder]) -> None:
+        """Tell ``on_free`` of each of ``candidates`` that holds nothing any more."""
+        if self.on_free is None:
+            return
+        busy = self.holders()
+        for holder in set(candidates) - busy:
+            self.on_free(holder)
 
     def live(self) -> list[tuple[str, Lease]]:
         return [(holder.name, lease) for holder, lease in self._live.values()]
@@ -68,6 +85,10 @@ class LeaseKeeper:
         """Give a lease back in the background (its value is no longer served and nobody asks for it)."""
         self._live.pop(lease.lease_id, None)
         self.update_gauges()
+        self._spawn_revoke(holder, lease)
+
+    def _spawn_revoke(self, holder: LeaseHolder, lease: Lease) -> None:
+        self._revoking[holder] += 1  # counted from now: the holder must stay open until the call is done
         task = asyncio.get_running_loop().create_task(self._revoke(holder, lease), name="lease-revoke")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -81,14 +102,19 @@ class LeaseKeeper:
         except Exception:
             # Shutdown must go on whatever one revocation does; the lease then simply expires.
             log.exception("lease revocation crashed", extra={"backend": holder.name})
+        finally:
+            self._revoking[holder] -= 1
+            if self._revoking[holder] <= 0:
+                del self._revoking[holder]
+            self._freed([holder])
 
     def prune(self, now: float) -> None:
         """Forget leases that expired on their own."""
         expired = [lid for lid, (_, lease) in self._live.items() if lease.expires_at <= now]
-        for lid in expired:
-            del self._live[lid]
+        holders = [self._live.pop(lid)[0] for lid in expired]
         if expired:
             self.update_gauges()
+            self._freed(holders)
 
     def update_gauges(self) -> None:
         """Count and soonest expiry per backend; a backend whose last lease went reads 0."""
@@ -106,13 +132,12 @@ class LeaseKeeper:
 
     async def aclose(self, *, revoke: bool, timeout: float) -> None:  # noqa: ASYNC109
         """Finish background revocations; then revoke every live lease when asked, each through its holder."""
+        self.on_free = None  # shutdown closes every backend itself, once these calls are done
         leases = list(self._live.values()) if revoke else []
         if revoke:
             self._live.clear()
         for holder, lease in leases:
-            task = asyncio.get_running_loop().create_task(self._revoke(holder, lease), name="lease-revoke")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn_revoke(holder, lease)
         if self._tasks:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):

@@ -1,0 +1,250 @@
+"""A SIGHUP's reload through ``Broker.reload``: the config file re-read, an invalid one refused with the key named
+and the running config kept, new backends started (and retried) once each, retired ones closed once they hold no
+lease, and every lease revoked through the backend that granted it at shutdown. Fake stores, a fake clock, no
+listener and no network."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from broker.app import Broker
+from broker.backends.base import Kind
+from broker.backends.guard import Guard
+from broker.clock import FakeClock
+from broker.config import load_config
+from tests.support.fake_store import Backend as FakeBackend
+from tests.support.fake_store import use_fake_store
+
+V = Kind.VARIABLE
+A = {"name": "a", "type": "fake", "values": {"x": "1"}}
+B = {"name": "b", "type": "fake", "values": {"y": "2"}, "lease": 60}
+
+
+def fake(guard: Guard) -> FakeBackend:
+    backend = guard.backend
+    assert isinstance(backend, FakeBackend)
+    return backend
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    """Poll with a deadline (the loop's own time: no wall clock)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.001)
+
+
+class Harness:
+    def __init__(self, path: Path, clock: FakeClock) -> None:
+        self.path = path
+        self.clock = clock
+        self.broker: Broker | None = None
+
+    def write(self, *backends: dict[str, Any], **top: Any) -> None:
+        doc = {"listen": {"socket": str(self.path.parent / "b.sock")}, "metrics": {"listen": None}}
+        doc["shutdown"] = {"drain_delay": 0, "grace": 1}
+        self.path.write_text(yaml.safe_dump({**doc, **top, "backends": list(backends)}))
+
+    async def start(self, *backends: dict[str, Any]) -> Broker:
+        """A broker on this chain whose backends are starting (as ``Broker.start`` does, without listeners)."""
+        self.write(*backends)
+        broker = Broker(load_config(self.path), self.path, clock=self.clock)
+
+        async def no_wait(_: float) -> None:
+            await asyncio.sleep(0)
+
+        broker.backoff.sleep = no_wait
+        self.broker = broker
+        broker._spawn(broker._start_backends(broker.state.guards), "backend-start")
+        return broker
+
+    async def reload(self, *backends: dict[str, Any], **top: Any) -> bool:
+        assert self.broker is not None
+        self.write(*backends, **top)
+        return await self.broker.reload()
+
+
+@pytest.fixture
+async def harness(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> AsyncIterator[Harness]:
+    use_fake_store(monkeypatch)
+    h = Harness(tmp_path / "broker.yaml", FakeClock())
+    yield h
+    if h.broker is not None:
+        await h.broker.stop()
+
+
+def started(broker: Broker) -> bool:
+    return all(g.started for g in broker.state.guards)
+
+
+# ---------------------------------------------------------------------------------------------- invalid configs
+
+
+@pytest.mark.parametrize(
+    ("new", "error"),
+    [
+        ([A, {**B, "bogus": 1}], "backends[1].bogus: unknown key"),
+        ([A, {**B, "name": "a"}], "backends[1].name: duplicate backend name 'a' (also backends[0])"),
+        ([{**A, "timeout": 0}], "backends[0].timeout: "),
+        ([{**A, "type": "nosuch"}], "backends[0].type: unknown backend type 'nosuch'"),
+        ([], "backends: expected a non-empty list of backends"),
+    ],
+    ids=["unknown-key", "duplicate-name", "bad-bound", "unknown-type", "no-backends"],
+)
+async def test_an_invalid_config_is_refused_naming_the_key_and_the_old_one_kept(
+    harness: Harness, caplog: pytest.LogCaptureFixture, new: list[dict[str, Any]], error: str
+) -> None:
+    broker = await harness.start(A, B)
+    await until(lambda: started(broker), "backends started")
+    config, guards = broker.state.config, list(broker.state.guards)
+    with caplog.at_level(logging.ERROR, logger="broker"):
+        assert await harness.reload(*new) is False
+    assert broker.state.config is config
+    assert broker.state.guards == guards
+    assert all(fake(g).closes == 0 for g in guards)
+    [record] = [r for r in caplog.records if r.getMessage().startswith("reload refused")]
+    assert any(e.startswith(error) for e in record.errors), record.errors  # type: ignore[attr-defined]
+    assert broker.state.metrics.reloads.labels("invalid")._value.get() == 1
+    entry, _ = await broker.state.cache.get(V, "x")  # still serving from the running chain
+    assert entry.value == "1"
+
+
+async def test_a_yaml_syntax_error_names_the_line(harness: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    broker = await harness.start(A)
+    config = broker.state.config
+    harness.path.write_text("backends: [\n")
+    with caplog.at_level(logging.ERROR, logger="broker"):
+        assert await broker.reload() is False
+    assert broker.state.config is config
+    [record] = [r for r in caplog.records if r.getMessage().startswith("reload refused")]
+    assert "invalid YAML" in record.errors[0] and "line 2" in record.errors[0]  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------------------------------- starts
+
+
+async def test_a_new_backend_that_fails_to_start_is_retried_until_it_does(harness: Harness) -> None:
+    broker = await harness.start(A)
+    await until(lambda: started(broker), "a started")
+    assert await harness.reload(A, {**B, "start_failures": 3, "start_blocks": True}) is True
+    b = broker.state.guards[1]
+    assert broker.state.not_ready_reasons() == ["backend b: not started", "prefetch list not warm yet"]
+    fake(b).release.set()
+    await until(lambda: b.started, "b started after its failed logins")
+    assert fake(b).starts == 4 and fake(b).most_starting == 1
+    assert fake(broker.state.guards[0]).starts == 1  # the kept backend is not logged in again
+    await until(lambda: broker.state.not_ready_reasons() == [], "ready")
+
+
+async def test_a_kept_backend_still_starting_is_started_once(harness: Harness) -> None:
+    broker = await harness.start({**A, "start_blocks": True}, B)
+    a = broker.state.guards[0]
+    await until(lambda: fake(a).starts == 1, "a's login under way")
+    assert await harness.reload({**A, "start_blocks": True}, {**B, "setting": "2"}) is True
+    assert broker.state.guards[0] is a
+    await until(lambda: broker.state.guards[1].started, "the new b started")
+    fake(a).release.set()
+    await until(lambda: a.started, "a started")
+    assert (fake(a).starts, fake(a).most_starting) == (1, 1)
+
+
+async def test_a_backend_retired_while_starting_stops_logging_in_and_is_closed(harness: Harness) -> None:
+    broker = await harness.start({**A, "start_blocks": True})
+    a = broker.state.guards[0]
+    await until(lambda: fake(a).starts == 1, "a's login under way")
+    assert await harness.reload({**A, "name": "a2"}) is True
+    await until(lambda: fake(a).closes == 1, "the retired a closed")
+    fake(a).release.set()
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert fake(a).starts == 1 and not a.started
+    assert fake(a).after_close == []
+    await until(lambda: started(broker), "a2 started")
+
+
+# ---------------------------------------------------------------------------------------------- leases
+
+
+SHAPES = {
+    "renamed": [A, {**B, "name": "c"}],
+    "removed": [A],
+    "reordered": [B, A],
+    "changed": [A, {**B, "setting": "2"}],
+    "unchanged": [A, B],
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+async def test_every_reload_shape_then_shutdown_revokes_each_lease_through_its_backend(
+    harness: Harness, shape: str
+) -> None:
+    broker = await harness.start(A, B)
+    await until(lambda: started(broker), "backends started")
+    entry, _ = await broker.state.cache.get(V, "y")
+    assert entry.lease is not None
+    lease_id = entry.lease.lease_id
+    granting = broker.state.guards[1]
+    built = [g for g in broker.state.guards]
+    assert await harness.reload(*SHAPES[shape]) is True
+    built += [g for g in broker.state.guards if g not in built]
+    await until(lambda: len(broker._tasks) <= 1, "reload's starts and closes done")
+    assert fake(granting).closes == 0  # open while its lease lives, whatever the reload did
+    in_chain = granting in broker.state.guards
+    assert broker.state.retired == ([] if in_chain else [granting])
+
+    await broker.stop()
+    harness.broker = None
+    assert fake(granting).revoked == [lease_id]
+    assert all(fake(g).revoked == [] for g in built if g is not granting)
+    assert {g.name: fake(g).closes for g in built} == {g.name: 1 for g in built}  # each closed once
+    assert all(fake(g).after_close == [] for g in built)
+    assert broker.state.retired == []
+    assert broker.state.cache.live_leases() == []
+
+
+async def test_a_retired_backend_is_closed_when_its_last_lease_expires(harness: Harness) -> None:
+    broker = await harness.start(A, B)
+    await until(lambda: started(broker), "backends started")
+    await broker.state.cache.get(V, "y")
+    old_b = broker.state.guards[1]
+    assert await harness.reload(A, {**B, "name": "c"}) is True
+    assert broker.state.retired == [old_b] and fake(old_b).closes == 0
+    harness.clock.advance(30)
+    await broker.state.cache.run_due()
+    assert fake(old_b).closes == 0  # the lease still lives
+    harness.clock.advance(31)
+    await broker.state.cache.run_due()  # prunes the expired lease
+    await until(lambda: fake(old_b).closes == 1, "the retired b closed")
+    assert broker.state.retired == []
+    assert broker.state.metrics.leases_active.labels("b")._value.get() == 0
+    await broker.stop()
+    harness.broker = None
+    assert fake(old_b).closes == 1 and fake(old_b).revoked == []  # expired: nothing to give back
+    assert fake(old_b).after_close == []
+
+
+async def test_a_retired_backend_with_two_leases_stays_open_until_both_are_gone(harness: Harness) -> None:
+    broker = await harness.start(A, {**B, "values": {"y": "2", "z": "3"}})
+    await until(lambda: started(broker), "backends started")
+    await broker.state.cache.get(V, "y")
+    harness.clock.advance(20)
+    await broker.state.cache.get(V, "z")  # granted 20 s later: expires 20 s later
+    old_b = broker.state.guards[1]
+    assert await harness.reload(A) is True
+    harness.clock.advance(45)
+    await broker.state.cache.run_due()
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert fake(old_b).closes == 0 and broker.state.retired == [old_b]
+    harness.clock.advance(30)
+    await broker.state.cache.run_due()
+    await until(lambda: fake(old_b).closes == 1, "the retired b closed")
