@@ -255,7 +255,7 @@ class FastProtocol(asyncio.Protocol):
         self.complete = self.keep_alive = False
         try:
             self.parser.feed_data(head)
-        except httptools.HttpParserError:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # not an error subclass
             return None
         if not self.complete or self.parser.get_method() != b"GET" or self.parser.get_http_version() != "1.1":
             return None

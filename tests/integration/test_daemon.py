@@ -162,6 +162,33 @@ def test_peer_uid_allowlist(broker_factory: Any, files_backend: dict[str, Any]) 
     assert allowed.get("variable", "plain")[0] == 200
 
 
+@pytest.mark.parametrize(
+    "listen",
+    [
+        {"peer_teams": [{"uid": os.getuid(), "team": "alpha"}]},
+        {"team": "gamma", "peer_teams": [{"gid": os.getgid(), "team": "alpha"}]},
+        {"team": "gamma", "peer_teams": [{"uid": os.getuid(), "team": "alpha"}, {"gid": os.getgid(), "team": "beta"}]},
+    ],
+    ids=["by uid", "by gid over the listener's team", "uid over gid"],
+)
+def test_peer_teams_bind_this_process_by_its_uid_or_gid(
+    broker_factory: Any, files_backend: dict[str, Any], listen: dict[str, Any]
+) -> None:
+    broker = broker_factory({"multi_team": True, "listen": listen, "backends": [files_backend]})
+    for path in ("/v1/variables/plain", "/v1/variables/plain?team=alpha", "/v1/variables/plain"):
+        status, body, _ = broker.request("GET", path)
+        assert (status, body["value"]) == (200, VARIABLE), path
+    for other in ("beta", "gamma"):
+        status, body, _ = broker.request("GET", f"/v1/variables/plain?team={other}")
+        assert (status, body["error"]) == (403, "forbidden"), other
+    # One load for the bound team (the file backend reads the same value for every team), then the fast
+    # path's own hits, the same way with no team and with the bound one.
+    assert broker.metric("broker_requests_total", kind="variable", outcome="miss") == 1
+    assert broker.metric("broker_requests_total", kind="variable", outcome="hit") == 2
+    assert broker.metric("broker_rejected_total", reason="team_denied") == 2
+    assert broker.logs().count("request for another team refused") == 2
+
+
 @pytest.mark.parametrize("umask", [0o000, 0o077])
 def test_socket_mode_whatever_the_umask(broker_factory: Any, files_backend: dict[str, Any], umask: int) -> None:
     old = os.umask(umask)

@@ -1,4 +1,4 @@
-"""The API app in-process: concurrency cap, error mapping, request ids, response shape."""
+"""The API app in-process: concurrency cap, error mapping, request ids, response shape, teams, the token."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from multidict import CIMultiDict
 
 from broker.backends.base import BackendTimeout, Kind, RateLimited
 from broker.config import validate_config
@@ -215,3 +216,29 @@ async def test_control_characters_in_a_name_are_400_not_a_missed_route(state: An
     finally:
         await client.close()
         await metrics.close()
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ([("X-Broker-Token", "a" * 32)], 200),
+        ([("X-Broker-Token", "a" * 32), ("X-Broker-Token", "a" * 32)], 401),  # once accepted: the first one won
+        ([("X-Broker-Token", "wrong"), ("X-Broker-Token", "a" * 32)], 401),
+        ([("X-Broker-Token", "a" * 32), ("X-Broker-Token", "wrong")], 401),
+        ([], 401),
+        ([("X-Broker-Token", "a" * 32), ("X-Forwarded-For", "10.0.0.1")], 400),
+    ],
+)
+async def test_the_tcp_app_takes_one_token(tmp_path: Path, headers: list[tuple[str, str]], status: int) -> None:
+    st = team_state(tmp_path, None)
+    client = await client_for(build_api_app(st, tcp_token=b"a" * 32))
+    try:
+        resp = await client.get("/v1/variables/k", headers=CIMultiDict(headers))
+        assert resp.status == status
+        assert resp.headers["X-Request-Id"]  # refusals carry the request id too
+        if status == 401:
+            assert (await resp.json())["error"] == "unauthorized"
+            assert st.audit.lines == [("variable", "k", "denied", None)]
+    finally:
+        await client.close()
+        st.executor.shutdown(wait=False)
