@@ -387,6 +387,7 @@ class Seed:
     store: str
     path: str
     value: Any
+    access: str = "ok"  # Key Vault: "denied" (RBAC refuses the pod's identity) or "disabled"
 
 
 def shape(value: Any) -> str:
@@ -444,6 +445,15 @@ def plan(variant_index: int, variant: Variant) -> tuple[list[Seed], list[dict[st
     for kind in ("connection", "variable", "config"):
         for key in [f"absent{variant_index}_{kind}", *REFUSED_IDS]:
             cases.append({"variant": variant.name, "store": variant.store, "kind": kind, "id": key, "shape": "absent"})
+    if variant.store == "azure":
+        # Readable by no one: Key Vault answers 403 (RBAC denies the identity, or the secret is disabled).
+        for access in ("denied", "disabled"):
+            for kind in ("connection", "variable"):
+                key = f"{kind[:4]}-{access}-{variant_index}"
+                path = variant.path(kind, key)
+                assert path is not None
+                seeds.append(Seed(variant.store, path, f"http://{access}.example", access))
+                cases.append({"variant": variant.name, "store": "azure", "kind": kind, "id": key, "shape": access})
     if variant.path("variable", "up") is not None:
         # Stored beside the layout: an id that climbs out of it reaches this only through the provider.
         add("variable", "up", {"value": "outside"} if vault else "outside")

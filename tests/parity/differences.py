@@ -92,6 +92,13 @@ DIFFERENCES: list[Difference] = [
         ),
     ),
     Difference(
+        "store-denial-stops-search",
+        "a secret the store refuses to the pod (Key Vault 403: RBAC denial, disabled secret): the provider raises a "
+        "store error and Airflow moves on; the broker answers 403, which on Airflow 3.2+ raises "
+        "AirflowSecretsBackendAccessDenied and stops the search",
+        lambda c, p, b: c["shape"] in ("denied", "disabled") and _all(p, "error") and _all(b, "denied"),
+    ),
+    Difference(
         "id-leaves-the-layout",
         "an id that climbs out of the configured path (x/../up): the provider's HTTP client resolves it to a "
         "secret outside the layout; the broker refuses the id",

@@ -63,7 +63,10 @@ def seed(seeds: list[Seed], bao: OpenBao, moto_url: str, azure: AzureServers) ->
             if s.store == "env":
                 continue  # set in the environment of both sides (job, run_in_airflow)
             if s.store == "azure":
-                azure.cloud.add(s.path, s.value)  # a name Key Vault refuses is never asked for by either side
+                # a name Key Vault refuses is never asked for by either side
+                azure.cloud.add(s.path, s.value, enabled=s.access != "disabled")
+                if s.access == "denied":
+                    azure.cloud.denied.add(s.path)
             elif s.store == "vault_kv2":
                 vault.secrets.kv.v2.create_or_update_secret(path=s.path, secret=s.value, mount_point="secret")
             elif s.store == "vault_kv1":
