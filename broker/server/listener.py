@@ -12,11 +12,39 @@ import socket
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_response import StreamResponse
+from aiohttp.web_server import Server
 
 from broker.metrics import Metrics
-from broker.server.edge import CONNECTION_CAP, OVER_CAP_ANSWER
+from broker.server.edge import CONNECTION_CAP, NO_STORE, OVER_CAP_ANSWER, error_body
 
 SEEN: web.AppKey[set[int]] = web.AppKey("seen_protocols")
+
+
+class _JsonErrors(RequestHandler):
+    """aiohttp's request handler with JSON answers for the requests it cannot parse (a head too long, bytes
+    that are not HTTP) and for unexpected errors: its own are text that quotes the request's bytes."""
+
+    __slots__ = ()
+
+    def handle_error(
+        self, request: BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> StreamResponse:
+        super().handle_error(request, status, exc, message)  # logs it; raises when an answer was already sent
+        if status >= 500:
+            body = error_body("internal_error", "the broker failed to answer this request")
+        else:
+            body = error_body("bad_request", "malformed or oversized HTTP request")
+        resp = web.Response(status=status, body=body, content_type="application/json", headers=NO_STORE)
+        resp.force_close()
+        return resp
+
+
+def request_handler(server: Server) -> RequestHandler:
+    """A request handler for one connection to ``server``, as ``server()`` would make it, with JSON errors."""
+    return _JsonErrors(server, loop=asyncio.get_running_loop(), **server._kwargs)
 
 
 class ListenError(Exception):
@@ -106,8 +134,8 @@ class Listener:
         server = self.runner.server
         assert server is not None
         if self.front is not None:
-            return _Guarded(self.front.protocol(server), self)
-        return _Guarded(server(), self)
+            return _Guarded(self.front.protocol(lambda: request_handler(server)), self)
+        return _Guarded(request_handler(server), self)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()

@@ -262,6 +262,8 @@ async def assert_alike(fast: Broker, plain: Broker, tcp: bool, cases: list[tuple
             raise AssertionError(f"{case}: no answer") from None
         assert got_fast == got_plain, case
         assert got_plain, case
+        for status, headers, _ in got_plain:  # every answer is JSON, errors included (none of aiohttp's text)
+            assert status.startswith("HTTP/1.1 100") or headers["Content-Type"] == "application/json", (case, status)
     assert counted(fast) == counted(plain)
 
 

@@ -73,3 +73,26 @@ async def test_a_head_never_finished_is_closed(listener: tuple[Listener, str, An
     assert await read_all(reader) == b""  # closed by the broker, not by us
     writer.close()
     assert state.metrics.rejected.labels("header_timeout")._value.get() == 1
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GET /v1/variables/k HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"secretish" * 1000 + b"\r\n\r\n",
+        b"GARBAGE secretish\r\n\r\n",
+        b"\x16\x03\x01\x00\xa5\x01secretish\r\n\r\n",
+        b"GET /v1/variables/k HTTP/1.1\r\nHost: x\r\nContent-Length: x-secretish\r\n\r\n",
+    ],
+    ids=["long header", "not a method", "tls hello", "bad length"],
+)
+async def test_unparseable_requests_get_json_that_quotes_nothing(
+    listener: tuple[Listener, str, Any], raw: bytes
+) -> None:
+    _, path, _ = listener
+    reader, writer = await asyncio.open_unix_connection(path)
+    writer.write(raw)
+    answer = await read_all(reader)
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b" ", 2)[1] == b"400" and b"Content-Type: application/json" in head
+    assert json.loads(body)["error"] == "bad_request" and b"secretish" not in answer
