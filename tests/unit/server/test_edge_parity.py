@@ -212,6 +212,7 @@ async def start(workdir: Path, name: str, fast: bool, listen: dict[str, Any], mu
             "metrics": {"listen": None},
             "multi_team": multi_team,
             "shutdown": {"drain_delay": 0, "grace": 2},
+            "audit": {"enabled": True, "output": str(workdir / f"{name}.audit")},
             "backends": [
                 {
                     "name": "files",
@@ -251,6 +252,16 @@ async def pair(workdir: Path, request: pytest.FixtureRequest) -> AsyncIterator[t
     finally:
         await fast.stop()
         await plain.stop()
+    # Both wrote the same audit trail: one line per lookup and per refused read, with the same outcome,
+    # team, cache state and caller.
+    trail = audited(workdir / "p.audit")
+    assert trail and audited(workdir / "f.audit") == trail
+
+
+def audited(path: Path) -> list[tuple[Any, ...]]:
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    fields = ("kind", "name", "team", "backend", "outcome", "cache", "caller", "asserted")
+    return sorted((json.dumps([line[f] for f in fields], sort_keys=True),) for line in lines)
 
 
 async def assert_alike(fast: Broker, plain: Broker, tcp: bool, cases: list[tuple[str, bytes, bool]]) -> None:
