@@ -207,8 +207,8 @@ NAMING_VARIANTS = [
         "azure-prefixes",
         "azure",
         AKV,
-        {"connections_prefix": "af-conns--", "variables_prefix": "", "config_prefix": None},
-        {"connections_prefix": "af-conns--", "variables_prefix": "", "config_prefix": None},
+        {"connections_prefix": "af-conns--", "variables_prefix": "", "config_prefix": None, "retry_total": 1},
+        {"connections_prefix": "af-conns--", "variables_prefix": "", "config_prefix": None, "retry_total": 1},
         {"connection": "af-conns--", "variable": "", "config": None},
         sep="-",
     ),
@@ -216,8 +216,10 @@ NAMING_VARIANTS = [
         "azure-sep",
         "azure",
         AKV,
-        {"connections_prefix": "afxconnsx", "variables_prefix": "afvars", "sep": "x"},
-        {"connections_prefix": "afxconnsx", "variables_prefix": "afvars", "sep": "x"},
+        # api_version here and retry_total above go to the provider's SecretClient; the broker reads the
+        # first and ignores the second with a warning: a verbatim copy loads
+        {"connections_prefix": "afxconnsx", "variables_prefix": "afvars", "sep": "x", "api_version": "7.4"},
+        {"connections_prefix": "afxconnsx", "variables_prefix": "afvars", "sep": "x", "api_version": "7.4"},
         {"connection": "afxconnsx", "variable": "afvars", "config": "airflow-config"},
         sep="x",
     ),
