@@ -36,7 +36,7 @@ def provider_form(kind: Kind, value: str | Mapping[str, Any]) -> str | None:
     Airflow's ``Connection`` rejects and the broker accepts).
 
     A URI is handed over verbatim, so Airflow parses it in its own context (the server's ORM
-    ``Connection`` JSON-decodes query extras, the task SDK keeps them strings), exactly as with the
+    ``Connection`` JSON-decodes query extras, Airflow 3.3's task SDK keeps them strings), exactly as with the
     provider; a JSON object is handed over as the store's own keys and values. Call it after
     ``normalise`` accepted the value: what cannot be understood is an error there.
     """

@@ -13,7 +13,20 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import AWS_VAR, EXTRA, JSON_VAR, PASSWORD, PLAIN, VAULT_VAR, Stack, airflow_env, run_airflow
+from tests.e2e.conftest import (
+    AWS_VAR,
+    DENIED_ENV_HOST,
+    DENIED_ENV_VAR,
+    EXTRA,
+    JSON_VAR,
+    PASSWORD,
+    PLAIN,
+    VAULT_VAR,
+    Stack,
+    airflow_env,
+    run_airflow,
+    server_lookups,
+)
 from tests.support.broker_process import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -87,6 +100,13 @@ def test_dags_test_reads_through_the_broker(stack: tuple[str, Path, Stack], tmp_
     assert got["top_level"] == digest(PLAIN) and got["variable"] == digest(PLAIN)
     assert got["password"] == digest(PASSWORD) and got["host"] == "pg.example" and got["port"] == 5432
     assert got["extra"] == EXTRA
+    if major == "3":
+        # The task SDK's Connection parses the stored URI itself and keeps query extras as strings; a 403
+        # stops the task's search (no fall-through to its environment or the Execution API).
+        assert got["uri_extra"] == {"ssl": "true", "timeout": "5"}
+        assert got["denied_variable"] == got["denied_host"] == {"raised": "AirflowSecretsBackendAccessDenied"}
+    else:  # 2.10 has no authoritative deny: the task reads its environment after the 403
+        assert got["denied_variable"] == DENIED_ENV_VAR and got["denied_host"] == DENIED_ENV_HOST
     for value in (PASSWORD, PLAIN):
         assert value not in st.broker.logs()
     # The audit trail names the task that read the connection, from Airflow's own task context.
@@ -104,6 +124,26 @@ def test_dags_test_reads_through_the_broker(stack: tuple[str, Path, Stack], tmp_
     assert asserted["run_id"] and asserted["try_number"].isdigit() and asserted["map_index"] == "-1"
     assert reads[-1]["outcome"] == "found" and reads[-1]["caller"]["listener"] == "unix"
     assert PASSWORD not in audit.read_text()
+
+
+def test_a_403_stops_the_search_only_where_airflow_can(stack: tuple[str, Path, Stack]) -> None:
+    """Server context: 3.3 stops on the deny; 2.10 has no such exception, logs our WARNING and goes on."""
+    major, python, st = stack
+    got, output = server_lookups(python, env_for(major, st), st.broker.socket_path)
+    assert got["pg"] == ["pg.example", 5432, hashlib.sha256(PASSWORD.encode()).hexdigest(), EXTRA]
+    if major == "3":
+        denied = "AirflowSecretsBackendAccessDenied"
+        assert got["access_denied_class"] == f"airflow.sdk.exceptions.{denied}"
+        assert got["denied_variable"] == got["denied_host"] == {"raised": denied}
+        assert got["backend_raises"] == [{"raised": denied}] * 2
+        assert got["uri"][2] == {"ssl": True, "timeout": 5}  # the ORM Connection JSON-decodes query extras
+    else:
+        assert got["access_denied_class"] is None
+        assert got["denied_variable"] == DENIED_ENV_VAR and got["denied_host"] == DENIED_ENV_HOST
+        assert got["backend_raises"] == [{"raised": "BrokerAccessDeniedError"}] * 2
+    for text in ("broker denied variable 'e2e_denied'", "broker denied connection 'e2e_denied'"):
+        assert any(text in line and ("WARNING" in line or "[warning" in line) for line in output.splitlines())
+    assert "never-served" not in output and PASSWORD not in output
 
 
 def test_team_name_is_accepted(stack: tuple[str, Path, Stack]) -> None:

@@ -5,7 +5,10 @@ The cache lives outside the checkout (``$BROKER_E2E_CACHE``, default ``~/.cache/
 by the Airflow version and the pins below; a fresh machine builds it on first use. The broker goes in with
 ``--no-deps``: Airflow's side needs only the standard library and Airflow.
 
-``python -m tests.e2e.venvs`` builds every venv (both in parallel).
+A third, minimal venv holds Airflow 3.1 (the last release without ``AirflowSecretsBackendAccessDenied``)
+with no providers, for the few e2e tests of what that version does (tests/e2e/test_airflow31.py).
+
+``python -m tests.e2e.venvs`` builds every venv, two at a time.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 AIRFLOW_VERSIONS = {"2": "2.10.5", "3": "3.3.2"}
+AIRFLOW_31 = "3.1.8"
 # Installed with Airflow: the provider backends tests/parity compares against (the hashicorp provider
 # with its deps; boto3 and the Azure SDK for the amazon and microsoft-azure providers, which go in below
 # with --no-deps: their full dependency sets would pull in half of the registry).
@@ -29,10 +33,12 @@ _SDKS = ["boto3>=1.42.93", "asgiref", "inflection", "jmespath", "azure-identity"
 EXTRA_PINS: dict[str, list[str]] = {
     "2.10.5": ["apache-airflow-providers-hashicorp==4.3.4", *_SDKS],
     "3.3.2": ["apache-airflow-providers-hashicorp==4.8.4", *_SDKS],
+    AIRFLOW_31: [],
 }
 NO_DEPS_PINS: dict[str, list[str]] = {
     "2.10.5": ["apache-airflow-providers-amazon==9.15.0", "apache-airflow-providers-microsoft-azure==12.8.1"],
     "3.3.2": ["apache-airflow-providers-amazon==9.39.0", "apache-airflow-providers-microsoft-azure==15.2.1"],
+    AIRFLOW_31: [],
 }
 
 
@@ -76,7 +82,8 @@ def ensure_airflow(version: str) -> Path:
                 [str(python), "-m", "pip", "install", "--quiet", f"apache-airflow=={version}", *EXTRA_PINS[version]],
                 log,
             )
-            _run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", *NO_DEPS_PINS[version]], log)
+            if NO_DEPS_PINS[version]:
+                _run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", *NO_DEPS_PINS[version]], log)
             (venv / ".complete").write_text(f"built in {time.monotonic() - started:.0f}s\n")
         with _INSTALL, open(venv.parent / "install.lock", "w") as install:
             fcntl.flock(install, fcntl.LOCK_EX)  # and across processes (CI builds in the background)
@@ -85,6 +92,8 @@ def ensure_airflow(version: str) -> Path:
 
 
 if __name__ == "__main__":
+    # Two at a time: the 3.1 venv, needed last (tests/e2e/test_airflow31.py), starts when one of the
+    # others is done, so it does not slow the builds the first tests wait for.
     with ThreadPoolExecutor(2) as pool:
-        for python in pool.map(ensure_airflow, AIRFLOW_VERSIONS.values()):
+        for python in pool.map(ensure_airflow, [*AIRFLOW_VERSIONS.values(), AIRFLOW_31]):
             print(python)

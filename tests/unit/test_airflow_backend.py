@@ -1,7 +1,7 @@
-"""BrokerSecretsBackend against a scripted broker, with the import shapes of each Airflow version faked.
+"""BrokerSecretsBackend against a scripted broker, with the import shapes of Airflow 2.10 and 3.3 faked.
 
-The real Airflow 2.10 and 3.3 run these paths in tests/e2e and tests/parity; Airflow 3.1 (no
-``AirflowSecretsBackendAccessDenied`` anywhere) is only faked here, by its import shape.
+The real Airflow 2.10, 3.1 and 3.3 run these paths in tests/e2e (a 403 in the server and task contexts
+there; 3.1, which has no ``AirflowSecretsBackendAccessDenied``, only there) and tests/parity.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def sock(tmp_path: Path) -> Iterator[str]:
 
 @pytest.mark.parametrize(
     ("version", "denied_in"),
-    [("2.10 (none)", None), ("3.1 (none, sdk present)", None), ("3.3", "airflow.sdk.exceptions")],
+    [("2.10 (none)", None), ("3.3", "airflow.sdk.exceptions")],
 )
 def test_403_is_airflows_access_denied_where_it_has_one(
     monkeypatch: pytest.MonkeyPatch, sock: str, version: str, denied_in: str | None
@@ -97,7 +97,7 @@ def test_403_is_airflows_access_denied_where_it_has_one(
     try:
         backend = backend_module.BrokerSecretsBackend(socket_path=sock, timeout="2")
         expected = denied if denied is not None else backend_module.BrokerAccessDeniedError
-        with pytest.raises(expected):  # 3.3 stops its search on it; 2.10 and 3.1 log it and go on
+        with pytest.raises(expected):  # 3.3 stops its search on it; 2.10 logs it and goes on
             backend.get_conn_value("db")
         with pytest.raises(expected):
             backend.get_variable("v", team_name="t1")

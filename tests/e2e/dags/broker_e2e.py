@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from datetime import datetime
+from typing import Any
 
 try:  # Airflow 3
     from airflow.sdk import BaseHook, Variable, dag, task
@@ -17,6 +19,14 @@ except ImportError:  # Airflow 2.10
 
 def digest(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
+
+
+def outcome(read: Callable[[], Any]) -> Any:
+    """What a lookup gave the task: its value, or the name of the exception it raised."""
+    try:
+        return read()
+    except Exception as exc:
+        return {"raised": type(exc).__name__}
 
 
 # Top-level lookup: runs at every parse of this file.
@@ -35,6 +45,11 @@ def broker_e2e() -> None:
             "host": conn.host,
             "port": conn.port,
             "extra": conn.extra_dejson,
+            # A URI with query extras, parsed by the task's own Connection class.
+            "uri_extra": BaseHook.get_connection("e2e_uri_extras").extra_dejson,
+            # Ids the broker answers 403 for (the store refuses them); Airflow's environment has both.
+            "denied_variable": outcome(lambda: Variable.get("e2e_denied")),
+            "denied_host": outcome(lambda: BaseHook.get_connection("e2e_denied").host),
         }
         with open(os.environ["BROKER_E2E_OUT"], "w") as fh:
             json.dump(result, fh)
