@@ -24,11 +24,14 @@ from broker.backends.base import (
     SecretValue,
     layout_key,
 )
+from broker.providerkw import Moves
 
 SUFFIXES = (".json", ".yaml", ".yml", ".env")
 
 
 class FileConfig(BackendConfig):
+    # Airflow's LocalFilesystemBackend names the config file's kwarg in the plural.
+    provider_kwargs = {"configs_file_path": Moves("config_file_path")}
     uses_tls = False
     type: Literal["file"]
     connections_file_path: Path | None = None

@@ -251,3 +251,18 @@ async def test_env_team_variable_first_and_an_empty_one_falls_back(monkeypatch: 
     monkeypatch.setenv("AIRFLOW_VAR_A___B", "ambiguous")
     with pytest.raises(NotFoundAnywhere):
         await resolver.resolve(V, "a___b")
+
+
+def test_local_filesystem_kwargs_copy_verbatim(tmp_path: Any) -> None:
+    from broker.config import validate_config
+    from broker.migrate import migrate
+
+    kwargs = {"connections_file_path": "/s/c.json", "variables_file_path": "/s/v.env", "configs_file_path": "/s/k.yaml"}
+    config: Any = validate_config({"backends": [{"name": "f", "type": "file", **kwargs}]}).backends[0]
+    assert str(config.config_file_path) == "/s/k.yaml"
+    cfg = tmp_path / "airflow.cfg"
+    backend = "airflow.secrets.local_filesystem.LocalFilesystemBackend"
+    cfg.write_text(f"[secrets]\nbackend = {backend}\nbackend_kwargs = {__import__('json').dumps(kwargs)}\n")
+    written = migrate(cfg, {}).config["backends"][0]
+    assert written["config_file_path"] == "/s/k.yaml" and "configs_file_path" not in written
+    validate_config(migrate(cfg, {}).config)
