@@ -145,7 +145,8 @@ def map_client_error(exc: BaseException, backend: str, what: str) -> BrokerError
     """The one place AWS failures become broker errors.
 
     Matches on error codes, not HTTP status (moto answers 404 where AWS documents 400); the status is a
-    fallback only for answers without a known code. Messages name the backend, the call and the code.
+    fallback only for answers without a known code (401/403 denied, 429 throttled, 5xx unavailable; never "not
+    found"). Messages name the backend, the call and the code.
     """
     from botocore.exceptions import (
         ClientError,
@@ -170,9 +171,15 @@ def map_client_error(exc: BaseException, backend: str, what: str) -> BrokerError
             return SecretNotFound(message)
         if code in DENIED or code in EXPIRED:  # an expired token reaches here only after a fresh login
             return AccessDenied(message)
-        if code in THROTTLED or (not code and status == 429):
+        if code in THROTTLED:
             return RateLimited(message)
-        if code in UNAVAILABLE or status >= 500:
+        if code in UNAVAILABLE:
+            return BackendUnavailable(message)
+        if status in (401, 403):
+            return AccessDenied(message)
+        if status == 429:
+            return RateLimited(message)
+        if status >= 500:
             return BackendUnavailable(message)
         return BackendError(message)  # DecryptionFailure, InvalidRequestException, ...: never "not found"
     # botocore's timeout classes also inherit the generic connection/OS errors: test them first.

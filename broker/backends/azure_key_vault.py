@@ -30,6 +30,7 @@ from broker.backends.base import (
     BackendConfig,
     BackendContext,
     BackendError,
+    BrokerError,
     Kind,
     RateLimitConfig,
     SecretValue,
@@ -84,6 +85,30 @@ def parse_challenge(header: str) -> dict[str, str]:
     if scheme.lower() != "bearer":
         return {}
     return {key.lower(): value for key, value in _PARAM.findall(rest_)}
+
+
+def error_code(data: dict[str, object]) -> str | None:
+    """Key Vault's error code from an error body: the inner one when there is one (``SecretDisabled``,
+    ``ForbiddenByRbac``), else the outer (``SecretNotFound``, ``Forbidden``); None when the body is not Key
+    Vault's."""
+    error = data.get("error")
+    if not isinstance(error, dict):
+        return None
+    inner = error.get("innererror")
+    code = inner.get("code") if isinstance(inner, dict) and inner.get("code") else error.get("code")
+    return code if isinstance(code, str) and re.fullmatch(r"[A-Za-z]{1,60}", code) else None
+
+
+def error_for(status: int, code: str | None, what: str, retry_after: str | None = None) -> BrokerError:
+    """Key Vault's error answer to a read as a broker error (the table in docs/azure.md).
+
+    404 is "not found" only with Key Vault's ``SecretNotFound`` code; a disabled secret (403 ``SecretDisabled``)
+    is denied; the rest follows the shared HTTP table (``rest.error_for``).
+    """
+    if status == 403 and code == "SecretDisabled":
+        return AccessDenied(f"{what}: HTTP 403 secret is disabled")
+    message = rest.status_message(what, status, code)
+    return rest.error_for(status, message, retry_after, store_says_missing=code == "SecretNotFound")
 
 
 class Backend(rest.RestBackend):
@@ -148,7 +173,8 @@ class Backend(rest.RestBackend):
         """An unauthenticated request, answered with the challenge (the vault's secrets list, never read)."""
         answer = await rest.get(self._http(), f"{self._base}/secrets?api-version={self.config.api_version}", {}, what)
         if answer.status != 401:
-            rest.raise_for_status(answer, what)
+            # The vault's own secrets list: a 404 there means a wrong vault_url, never a missing secret.
+            rest.raise_for_status(answer, what, error_code(answer.data), store_says_missing=False)
             raise BackendError(f"{what}: Key Vault answered an unauthenticated request with HTTP {answer.status}")
         self._accept_challenge(answer.www_authenticate, what)
 
@@ -169,20 +195,8 @@ class Backend(rest.RestBackend):
             await self._challenge(what)
         answer = await self.authorized_get(url, what)
         if answer.status >= 400:
-            code = self._error_code(answer.data)
-            if answer.status == 403 and code == "SecretDisabled":
-                raise AccessDenied(f"{what}: HTTP 403 secret is disabled")
-            rest.raise_for_status(answer, what, code)
+            raise error_for(answer.status, error_code(answer.data), what, answer.retry_after)
         return self._decode(answer.data, what)
-
-    @staticmethod
-    def _error_code(data: dict[str, object]) -> str | None:
-        error = data.get("error")
-        if not isinstance(error, dict):
-            return None
-        inner = error.get("innererror")
-        code = inner.get("code") if isinstance(inner, dict) and inner.get("code") else error.get("code")
-        return code if isinstance(code, str) and re.fullmatch(r"[A-Za-z]{1,60}", code) else None
 
     def _decode(self, data: dict[str, object], what: str) -> SecretValue:
         value = data.get("value")

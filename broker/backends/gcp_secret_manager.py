@@ -28,6 +28,7 @@ from broker.backends.base import (
     BackendConfig,
     BackendContext,
     BackendError,
+    BrokerError,
     Kind,
     RateLimitConfig,
     SecretValue,
@@ -110,6 +111,25 @@ class GcpConfig(BackendConfig):
         return self
 
 
+def error_code(data: dict[str, object]) -> str | None:
+    """The canonical status name of a Google API error body (``error.status``, e.g. ``NOT_FOUND``), or None."""
+    error = data.get("error")
+    status = error.get("status") if isinstance(error, dict) else None
+    return status if isinstance(status, str) and status.isupper() and len(status) < 40 else None
+
+
+def error_for(status: int, code: str | None, what: str, retry_after: str | None = None) -> BrokerError:
+    """Secret Manager's error answer to an access call as a broker error (the table in docs/gcp.md).
+
+    404 is "not found" only with Google's ``NOT_FOUND`` body; ``FAILED_PRECONDITION`` (the version read is
+    disabled or destroyed) is a backend error; the rest follows the shared HTTP table (``rest.error_for``).
+    """
+    message = rest.status_message(what, status, code)
+    if code == "FAILED_PRECONDITION":
+        return BackendError(f"{message} (the version read is disabled or destroyed)")
+    return rest.error_for(status, message, retry_after, store_says_missing=code == "NOT_FOUND")
+
+
 class Backend(rest.RestBackend):
     config_model = GcpConfig
     config: GcpConfig
@@ -163,12 +183,7 @@ class Backend(rest.RestBackend):
         url = f"{self._base}/v1/projects/{self._project()}/secrets/{path}/versions/{self.config.version}:access"
         answer = await self.authorized_get(url, what)
         if answer.status >= 400:
-            error = answer.data.get("error")
-            status = error.get("status") if isinstance(error, dict) else None
-            code = status if isinstance(status, str) and status.isupper() and len(status) < 40 else None
-            if code == "FAILED_PRECONDITION":
-                raise BackendError(f"{what}: version {self.config.version} is disabled or destroyed")
-            rest.raise_for_status(answer, what, code)
+            raise error_for(answer.status, error_code(answer.data), what, answer.retry_after)
         return self._decode(answer.data, what)
 
     @staticmethod

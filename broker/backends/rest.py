@@ -135,22 +135,42 @@ def error_for(
     message: str,
     retry_after: str | None = None,
     table: Mapping[int, type[BrokerError]] = STATUS_ERRORS,
+    *,
+    store_says_missing: bool = True,
 ) -> BrokerError:
-    """The error for an HTTP error status: ``table``'s entry, else BackendUnavailable for 5xx, else BackendError."""
+    """The error for an HTTP error status: ``table``'s entry, else BackendUnavailable for 5xx, else BackendError.
+
+    A status the table reads as "not found" is that only when ``store_says_missing``: the body is the store's own
+    word that the secret does not exist. Any other answer with that status (a proxy's or a load balancer's page,
+    a route the store does not have) is BackendError: a failure is never "not found".
+    """
     kind = table.get(status) or (BackendUnavailable if status >= 500 else BackendError)
+    if kind is SecretNotFound and not store_says_missing:
+        return BackendError(f"{message} (not the store's own not-found answer)")
     if kind in (RateLimited, BackendUnavailable):
         return kind(message, retry_after=parse_retry_after(retry_after))
     return kind(message)
 
 
+def status_message(what: str, status: int, code: str | None = None) -> str:
+    """An error answer as messages name it: the call, the status and the store's own error code (never the
+    body)."""
+    return f"{what}: HTTP {status}" + (f" {code}" if code else "")
+
+
 def raise_for_status(
-    answer: Answer, what: str, code: str | None = None, table: Mapping[int, type[BrokerError]] = STATUS_ERRORS
+    answer: Answer,
+    what: str,
+    code: str | None = None,
+    table: Mapping[int, type[BrokerError]] = STATUS_ERRORS,
+    *,
+    store_says_missing: bool = True,
 ) -> None:
     """Raise the error ``table`` gives an error answer (nothing for a success). ``code`` is the store's own
-    error code, named in the message."""
+    error code, named in the message; ``store_says_missing`` as ``error_for``."""
     if answer.status >= 400:
-        message = f"{what}: HTTP {answer.status}" + (f" {code}" if code else "")
-        raise error_for(answer.status, message, answer.retry_after, table)
+        message = status_message(what, answer.status, code)
+        raise error_for(answer.status, message, answer.retry_after, table, store_says_missing=store_says_missing)
 
 
 class RestBackend(Backend):

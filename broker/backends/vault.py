@@ -74,6 +74,12 @@ _TEMPLATE = re.compile(r"\{\{\s*([A-Za-z0-9_]+)\s*\}\}")
 STATUS_ERRORS: Mapping[int, type[BrokerError]] = {**rest.STATUS_ERRORS, 412: BackendUnavailable}
 
 
+def vault_says_missing(data: dict[str, Any]) -> bool:
+    """Whether an error answer's body is Vault's own (``errors``, or a KV v2 deleted version's ``data``): only then
+    is a 404 "not found" (a proxy's or a load balancer's 404 page is a backend error)."""
+    return isinstance(data.get("errors"), list) or isinstance(data.get("data"), dict)
+
+
 class DynamicConnection(StrictModel):
     path: str = Field(min_length=1)
     fields: dict[str, Any] = {}
@@ -278,14 +284,14 @@ class Backend(rest.RestBackend):
         what = f"vault {self.name}: {what}"
         headers = self.token_headers(token) if token else {}
         answer = await rest.request(self._http(), method, self._url(path), headers, what, body=body)
-        rest.raise_for_status(answer, what, table=STATUS_ERRORS)
+        rest.raise_for_status(answer, what, table=STATUS_ERRORS, store_says_missing=vault_says_missing(answer.data))
         return answer.data
 
     async def _authed(self, method: str, path: str, what: str, body: Any = None) -> dict[str, Any]:
         """A request with the backend's token; a refused token gets one fresh login and one more try."""
         what = f"vault {self.name}: {what}"
         answer = await self.authorized(method, self._url(path), what, body=body)
-        rest.raise_for_status(answer, what, table=STATUS_ERRORS)
+        rest.raise_for_status(answer, what, table=STATUS_ERRORS, store_says_missing=vault_says_missing(answer.data))
         return answer.data
 
     async def _on_unauthorized(self, answer: rest.Answer, what: str, token: str) -> bool:
