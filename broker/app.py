@@ -126,7 +126,10 @@ class Broker:
 
     async def _start_backends(self, guards: list[Guard]) -> None:
         # A start loop cancelled by a reload that retired its backend does not keep the others from prefetching.
-        await asyncio.gather(*(self._start_one(g) for g in guards), return_exceptions=True)
+        results = await asyncio.gather(*(self._start_one(g) for g in guards), return_exceptions=True)
+        for guard, result in zip(guards, results, strict=True):
+            if isinstance(result, Exception):
+                log.error("backend start crashed", exc_info=result, extra={"backend": guard.name})
         await self._prefetch()
         # Start-up and reloads parse SDK data and configs once; what they freed goes back to the kernel.
         release_free_memory()

@@ -135,7 +135,8 @@ async def test_a_yaml_syntax_error_names_the_line(harness: Harness, caplog: pyte
 async def test_a_new_backend_that_fails_to_start_is_retried_until_it_does(harness: Harness) -> None:
     broker = await harness.start(A)
     await until(lambda: started(broker), "a started")
-    assert await harness.reload(A, {**B, "start_failures": 3, "start_blocks": True}) is True
+    # retries: 0, so the broker's start loop (not the guard's own retries, which really wait) tries again.
+    assert await harness.reload(A, {**B, "start_failures": 3, "start_blocks": True, "retries": 0}) is True
     b = broker.state.guards[1]
     assert broker.state.not_ready_reasons() == ["backend b: not started", "prefetch list not warm yet"]
     fake(b).release.set()
@@ -248,3 +249,24 @@ async def test_a_retired_backend_with_two_leases_stays_open_until_both_are_gone(
     harness.clock.advance(30)
     await broker.state.cache.run_due()
     await until(lambda: fake(old_b).closes == 1, "the retired b closed")
+
+
+async def test_a_start_loop_that_crashes_is_logged_and_the_others_go_on(
+    harness: Harness, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broker = await harness.start(A)
+    await until(lambda: started(broker), "a started")
+    start_loop = broker._start_loop
+
+    async def crash_for_c(guard: Guard) -> None:
+        if guard.name == "c":
+            raise RuntimeError("bug")
+        await start_loop(guard)
+
+    monkeypatch.setattr(broker, "_start_loop", crash_for_c)
+    with caplog.at_level(logging.ERROR, logger="broker"):
+        assert await harness.reload(A, B, {"name": "c", "type": "fake"}) is True
+        await until(lambda: broker.state.prefetched, "prefetch done after the crash")
+    assert broker.state.guards[1].started
+    [record] = [r for r in caplog.records if r.getMessage() == "backend start crashed"]
+    assert record.backend == "c"  # type: ignore[attr-defined]

@@ -22,6 +22,7 @@ from broker.backends.base import (
     SecretNotFound,
     SecretValue,
 )
+from broker.backends.vault import vault_says_missing
 from broker.clock import FakeClock
 from broker.metrics import Metrics
 
@@ -201,3 +202,24 @@ async def test_a_store_may_let_a_refusal_stand(store: Any) -> None:
     statuses[:] = [401]
     assert (await s.authorized_get("http://127.0.0.1:1/x", WHAT)).status == 401
     assert sent == ["Bearer tok-1"]
+
+
+# ---------------------------------------------------------------------------------------------- the store's word
+
+
+@pytest.mark.parametrize(
+    ("body", "missing"),
+    [
+        ({"errors": []}, True),  # Vault's answer to a path with no secret
+        ({"errors": ["no handler for route"]}, True),
+        ({"data": {"data": None, "metadata": {"deletion_time": "2026-01-01T00:00:00Z"}}}, True),  # KV v2 deleted
+        ({}, False),  # a 404 page that was not JSON (rest.request reads it as {})
+        ({"error": "not found"}, False),  # JSON, but not Vault's
+        ({"errors": "x"}, False),
+        ({"data": "x"}, False),
+    ],
+)
+def test_vaults_own_404(body: dict[str, Any], missing: bool) -> None:
+    assert vault_says_missing(body) is missing
+    with pytest.raises(SecretNotFound if missing else BackendError):
+        rest.raise_for_status(rest.Answer(404, body, None, None), WHAT, store_says_missing=vault_says_missing(body))
