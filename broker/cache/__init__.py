@@ -44,6 +44,24 @@ log = logging.getLogger("broker.cache")
 # (kind, id, Airflow team or None): a team's answer can differ from the team-agnostic one, so the team is part
 # of every key (entries, negative entries, single-flight) and two teams never share a value.
 Key = tuple[Kind, str, str | None]
+# An entry is filed under one string that spells its key: a kind code, the id, and "\x1f" and the team when
+# there is one (ids and team names never hold control characters). One string per entry instead of a tuple
+# and the id: 63 fewer bytes per entry.
+_CODE = {kind: chr(ord("0") + i) for i, kind in enumerate(Kind)}
+_KIND = {code: kind for kind, code in _CODE.items()}
+_TEAM = "\x1f"
+
+
+def spelled(key: Key) -> str:
+    kind, name, team = key
+    return _CODE[kind] + name if team is None else f"{_CODE[kind]}{name}{_TEAM}{team}"
+
+
+def unspelled(text: str) -> Key:
+    name, sep, team = text[1:].partition(_TEAM)
+    return _KIND[text[0]], name, team if sep else None
+
+
 Loader = Callable[[Kind, str, str | None], Awaitable[Resolved]]
 INF = float("inf")
 BUCKET = 1.0  # seconds per scheduler bucket (entries are looked at again until they are due)
@@ -77,7 +95,7 @@ class Entry:
     spans from ``fetched_at`` whose floats are shared with the config (``ttl``, ``stale``), so a fresh entry
     holds two floats of its own (``fetched_at``, ``refresh_at``)."""
 
-    key: Key
+    spelled: str  # its key as one string (``spelled``)
     head: bytes | None  # the served JSON up to its per-request fields; None: remembered as not found
     backend: str | None  # the backend that answered (the guard's own name object)
     fetched_at: float
@@ -90,6 +108,10 @@ class Entry:
     failures: int = 0
     retry_at: float = 0.0
     lease_capped: bool = False
+
+    @property
+    def key(self) -> Key:
+        return unspelled(self.spelled)
 
     @property
     def fresh_until(self) -> float:
@@ -143,13 +165,13 @@ class Entry:
 
 
 class _LRU:
-    """A bounded map in least-recently-used order: one OrderedDict, ``on_evict`` told of each entry
-    pushed out by the bound."""
+    """A bounded map in least-recently-used order: one OrderedDict under the entries' spelled keys,
+    ``on_evict`` told of each entry pushed out by the bound."""
 
     __slots__ = ("_data", "_maxsize", "_on_evict")
 
     def __init__(self, maxsize: int, on_evict: Callable[[Entry], None]) -> None:
-        self._data: OrderedDict[Key, Entry] = OrderedDict()
+        self._data: OrderedDict[str, Entry] = OrderedDict()
         self._maxsize = maxsize
         self._on_evict = on_evict
 
@@ -158,31 +180,32 @@ class _LRU:
 
     def get(self, key: Key) -> Entry | None:
         """The entry, marked as just used."""
-        entry = self._data.get(key)
+        text = spelled(key)
+        entry = self._data.get(text)
         if entry is not None:
-            self._data.move_to_end(key)
+            self._data.move_to_end(text)
         return entry
 
     def peek(self, key: Key) -> Entry | None:
         """Look without touching the LRU order."""
-        return self._data.get(key)
+        return self._data.get(spelled(key))
 
-    def __setitem__(self, key: Key, entry: Entry) -> None:
+    def put(self, entry: Entry) -> None:
         data = self._data
-        data[key] = entry
-        data.move_to_end(key)
+        data[entry.spelled] = entry
+        data.move_to_end(entry.spelled)
         while len(data) > self._maxsize:
             _, old = data.popitem(last=False)
             self._on_evict(old)
 
     def pop(self, key: Key, default: None = None) -> Entry | None:
-        return self._data.pop(key, default)
+        return self._data.pop(spelled(key), default)
 
     def keys(self) -> Iterator[Key]:
-        return iter(self._data.keys())
+        return map(unspelled, self._data.keys())
 
     def items(self) -> Iterator[tuple[Key, Entry]]:
-        return iter(self._data.items())
+        return ((unspelled(text), entry) for text, entry in self._data.items())
 
 
 class SecretCache:
@@ -324,15 +347,17 @@ class SecretCache:
             negative_ttl = exc.negative_ttl if isinstance(exc, NotFoundAnywhere) else self.config.negative_ttl
             if negative_ttl > 0:
                 now = self._clock.now()
-                self._negatives[key] = Entry(
-                    key=key,
-                    head=None,
-                    backend=None,
-                    fetched_at=now,
-                    ttl=negative_ttl,
-                    stale=0.0,
-                    refresh_at=INF,
-                    last_access=now,
+                self._negatives.put(
+                    Entry(
+                        spelled=spelled(key),
+                        head=None,
+                        backend=None,
+                        fetched_at=now,
+                        ttl=negative_ttl,
+                        stale=0.0,
+                        refresh_at=INF,
+                        last_access=now,
+                    )
                 )
                 self._count()
             raise
@@ -375,7 +400,7 @@ class SecretCache:
         head = encode_head(resolved)
         if lease is not None:
             entry = Entry(
-                key=key,
+                spelled=spelled(key),
                 head=head,
                 backend=resolved.backend,
                 fetched_at=now,
@@ -395,7 +420,7 @@ class SecretCache:
             jitter = 1 - self._rng.uniform(0, self.config.refresh_jitter)
             refresh_at = now + resolved.ttl * self.config.refresh_ahead * jitter
         return Entry(
-            key=key,
+            spelled=spelled(key),
             head=head,
             backend=resolved.backend,
             fetched_at=now,
@@ -420,7 +445,7 @@ class SecretCache:
         old = self._entries.peek(entry.key)
         if old is not None and old.lease is not None and (entry.lease is None or entry.lease != old.lease):
             self._retire_lease(old)
-        self._entries[entry.key] = entry
+        self._entries.put(entry)
         self._negatives.pop(entry.key, None)
         self._count()
         if entry.refresh_at != INF:
