@@ -56,6 +56,12 @@ def status_kib(pid: int) -> dict[str, int]:
     return out
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used (a start-up figure the machine's load does not change)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def mib(kib: float) -> str:
     return f"{kib / 1024:.1f}"
 
@@ -175,24 +181,27 @@ def idle(
     stores: Stores, work: Path, quick: bool, only: list[str] | None = None
 ) -> tuple[list[list[Any]], dict[str, Any]]:
     """Idle RSS after ready, each store alone, then every store in one chain; median of runs."""
-    configs = [[s] for s in STORES] + [list(STORES)]
+    configs = [[s] for s in STORES] + [["aws_secrets_manager", "aws_ssm"], list(STORES)]
     if only:
-        configs = [c for c in configs if (c[0] if len(c) == 1 else "all") in only]
+        configs = [
+            c for c in configs if (c[0] if len(c) == 1 else "+".join(c) if len(c) < len(STORES) else "all") in only
+        ]
     rows, out = [], {}
     runs = 1 if quick else 3
     for chain in configs:
-        label = chain[0] if len(chain) == 1 else "all (" + ", ".join(chain) + ")"
+        name = chain[0] if len(chain) == 1 else "+".join(chain) if len(chain) < len(STORES) else "all"
+        label = name if name != "all" else "all (" + ", ".join(chain) + ")"
         samples = []
         for i in range(runs):
             config = {"backends": [stores.backend(s) for s in chain]}
-            d = start_daemon(work / f"idle-{'all' if len(chain) > 1 else chain[0]}-{i}", config, stores.env(chain))
+            d = start_daemon(work / f"idle-{name}-{i}", config, stores.env(chain))
             try:
                 time.sleep(SETTLE_S)
                 samples.append(status_kib(d.proc.pid))  # type: ignore[union-attr]
             finally:
                 d.stop()
         med = {k: statistics.median(s[k] for s in samples) for k in samples[0]}
-        out["all" if len(chain) > 1 else chain[0]] = {k: round(v / 1024, 1) for k, v in med.items()}
+        out[name] = {k: round(v / 1024, 1) for k, v in med.items()}
         rows.append([label, mib(med["VmRSS"]), mib(med["RssAnon"]), mib(med["RssFile"])])
     return rows, out
 
@@ -292,13 +301,15 @@ def startup(stores: Stores, work: Path, quick: bool) -> tuple[list[list[Any]], d
     runs = 2 if quick else 5
     labels = ("broker, file backend", "broker, Vault backend (jwt)", "bao proxy (jwt auto-auth, cache)")
     times: dict[str, list[float]] = {label: [] for label in labels}
-    rss: dict[str, list[int]] = {label: [] for label in labels}
+    cpu: dict[str, list[float]] = {label: [] for label in labels}
+    mem: dict[str, list[dict[str, int]]] = {label: [] for label in labels}
     for i in range(runs):
         for label, store in zip(labels, ("file", "vault"), strict=False):
             d = start_daemon(work / f"start-{store}-{i}", {"backends": [stores.backend(store)]}, stores.env([store]))
             times[label].append(d.ready_after)
+            cpu[label].append(cpu_seconds(d.proc.pid))  # type: ignore[union-attr]
             time.sleep(SETTLE_S)
-            rss[label].append(status_kib(d.proc.pid)["VmRSS"])  # type: ignore[union-attr]
+            mem[label].append(status_kib(d.proc.pid))  # type: ignore[union-attr]
             d.stop()
         stack.stop_process(vault.proxy_proc)
         log = getattr(vault, "_proxy_log", None)
@@ -307,14 +318,24 @@ def startup(stores: Stores, work: Path, quick: bool) -> tuple[list[list[Any]], d
         began = time.perf_counter()
         vault.start_proxy()
         times[labels[2]].append(time.perf_counter() - began)
+        cpu[labels[2]].append(cpu_seconds(vault.proxy_proc.pid))  # type: ignore[union-attr]
         time.sleep(SETTLE_S)
-        rss[labels[2]].append(status_kib(vault.proxy_proc.pid)["VmRSS"])  # type: ignore[union-attr]
+        mem[labels[2]].append(status_kib(vault.proxy_proc.pid))  # type: ignore[union-attr]
     out = {
-        k: {"ready_s": round(statistics.median(times[k]), 3), "rss_mib": round(statistics.median(rss[k]) / 1024, 1)}
+        k: {
+            "ready_s": round(statistics.median(times[k]), 3),
+            "cpu_s": round(statistics.median(cpu[k]), 3),
+            **{f: round(statistics.median(m[f] for m in mem[k]) / 1024, 1) for f in ("VmRSS", "RssAnon", "RssFile")},
+        }
         for k in labels
     }
     rows = [
-        [k, f"{v['ready_s'] * 1000:.0f} ms", f"{v['rss_mib']} MiB", f"median of {runs}, interleaved"]
+        [
+            k,
+            f"{v['ready_s'] * 1000:.0f} ms",
+            f"{v['cpu_s'] * 1000:.0f} ms",
+            f"{v['VmRSS']} / {v['RssAnon']} / {v['RssFile']}",
+        ]
         for k, v in out.items()
     ]
     return rows, out
@@ -371,14 +392,14 @@ HEADERS = {
     "idle": ["configured stores", "RSS (MiB)", "RssAnon", "RssFile"],
     "floor": ["fresh interpreter, cumulative", "RSS (MiB)", "RssAnon", "RssFile", "step"],
     "entries": ["measure", "bytes per entry", "note"],
-    "startup": ["process", "start to ready", "RSS when ready", "note"],
+    "startup": ["process", "start to ready (wall)", "CPU time to ready", "RSS / RssAnon / RssFile when ready (MiB)"],
     "client": ["measure", "value", "note"],
 }
 TITLES = {
     "idle": "Idle RSS per configured store (after ready, median of 3)",
     "floor": "The floor: what the interpreter and the libraries cost before any broker code",
     "entries": "Bytes per cached entry",
-    "startup": "Start to ready, side by side with `bao proxy`",
+    "startup": "Start to ready, side by side with `bao proxy` (median of 5, interleaved)",
     "client": "The Airflow client in the task process",
 }
 

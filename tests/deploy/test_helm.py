@@ -75,3 +75,16 @@ def test_pod_parts_validate_strictly_for_every_version() -> None:
             kubernetes_validate.validate(pod, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
             pytest.fail(f"Kubernetes {version}: {exc.message}")
+
+
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_sidecar_memory_is_sized_from_the_measured_footprint(component: str) -> None:
+    from tests.deploy.test_kubernetes import CACHE_AND_BUFFERS_MIB, IDLE_MIB, mebibytes
+
+    resources = sidecar(helm_values(), component)["resources"]
+    types = {b["type"] for b in base_broker_config()["backends"]} | {"vault"}  # the values mount a Vault token
+    idle = max(IDLE_MIB.get(t, 0) for t in types)
+    request, limit = mebibytes(resources["requests"]["memory"]), mebibytes(resources["limits"]["memory"])
+    assert idle + CACHE_AND_BUFFERS_MIB <= request <= idle + 3 * CACHE_AND_BUFFERS_MIB
+    assert limit >= 2 * request
+    assert "cpu" not in resources["limits"]

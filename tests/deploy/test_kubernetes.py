@@ -264,3 +264,31 @@ def test_the_command_line_validator_agrees(tmp_path: Path) -> None:
     bad.write_text(yaml.safe_dump_all(docs))
     result = subprocess.run([cli, "--strict", "--quiet", str(bad)], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "restartPolcy" in result.stdout + result.stderr
+
+
+# Idle RSS measured per store type (benchmarks/footprint.py, docs/footprint.md), MiB, and what a full default cache
+# (10,000 entries of about 0.8 KiB) and request buffers add on top.
+IDLE_MIB = {"file": 54, "env": 54, "vault": 54, "aws_secrets_manager": 67, "aws_ssm": 69, "gcp_secret_manager": 69}
+IDLE_MIB |= {"azure_key_vault": 71}
+IDLE_SEVERAL_SDKS_MIB = 89  # AWS, Google and Azure stores in one chain
+CACHE_AND_BUFFERS_MIB = 16
+SDK = {"aws_secrets_manager": "aws", "aws_ssm": "aws", "gcp_secret_manager": "google", "azure_key_vault": "azure"}
+
+
+def mebibytes(quantity: str) -> float:
+    units = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024}
+    return float(quantity[:-2]) * units[quantity[-2:]]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_memory_is_sized_from_the_measured_footprint_of_its_stores(variant: str) -> None:
+    docs = render(variant)
+    resources = container(pod_spec(docs), "broker")["resources"]
+    types = {b["type"] for b in broker_yaml(docs)["backends"]}
+    several = len({SDK[t] for t in types if t in SDK}) > 1
+    idle = IDLE_SEVERAL_SDKS_MIB if several else max(IDLE_MIB[t] for t in types)
+    request, limit = mebibytes(resources["requests"]["memory"]), mebibytes(resources["limits"]["memory"])
+    assert request >= idle + CACHE_AND_BUFFERS_MIB, (types, request)
+    assert request <= idle + 3 * CACHE_AND_BUFFERS_MIB, "a request far above the need wastes a node's memory"
+    assert limit >= 2 * request
+    assert "cpu" not in resources.get("limits", {}), "a CPU limit throttles the start-up (about 0.5 s of CPU)"
