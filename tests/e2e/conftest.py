@@ -33,6 +33,7 @@ AWS_VAR = "e2e-aws-variable-77c3"
 DENIED = "e2e_denied"
 DENIED_ENV_VAR = "e2e-denied-environment-fallback"
 DENIED_ENV_HOST = "env-denied.example"
+DENIED_VALUE = "never-served-c41d"  # what the store holds under the denied ids: no process may ever see it
 URI_EXTRAS = "postgres://uri-user:uri%2Fpw@uri-db:5432/app?ssl=true&timeout=5"
 VAULT_POLICY = """
 path "secret/data/*" { capabilities = ["read"] }
@@ -142,7 +143,7 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     bao.kv2_put("connections/e2e_vault_conn", {"conn_uri": "mysql://vault-user:vault%40pw@vault-db:3306/app"})
     bao.kv2_put("connections/e2e_uri_extras", {"conn_uri": URI_EXTRAS})
     for kind in ("connections", "variables"):
-        bao.kv2_put(f"{kind}/{DENIED}", {"value": "never-served-c41d", "conn_uri": "http://never:served@vault"})
+        bao.kv2_put(f"{kind}/{DENIED}", {"value": DENIED_VALUE, "conn_uri": f"http://never:{DENIED_VALUE}@vault"})
     root = bao.client()
     root.sys.create_or_update_policy("e2e-airflow", VAULT_POLICY)
     pod_token = root.auth.token.create(policies=["e2e-airflow"], ttl="12h")["auth"]["client_token"]
@@ -262,4 +263,4 @@ def stack31(tmp_path_factory: pytest.TempPathFactory, stores: dict[str, Any]) ->
         yield python, st
 
 
-plant("e2e", PASSWORD)
+plant("e2e", PASSWORD, DENIED_VALUE)

@@ -17,6 +17,7 @@ from tests.e2e.conftest import (
     AWS_VAR,
     DENIED_ENV_HOST,
     DENIED_ENV_VAR,
+    DENIED_VALUE,
     EXTRA,
     JSON_VAR,
     PASSWORD,
@@ -143,7 +144,7 @@ def test_a_403_stops_the_search_only_where_airflow_can(stack: tuple[str, Path, S
         assert got["backend_raises"] == [{"raised": "BrokerAccessDeniedError"}] * 2
     for text in ("broker denied variable 'e2e_denied'", "broker denied connection 'e2e_denied'"):
         assert any(text in line and ("WARNING" in line or "[warning" in line) for line in output.splitlines())
-    assert "never-served" not in output and PASSWORD not in output
+    assert DENIED_VALUE not in output and PASSWORD not in output
 
 
 def test_team_name_is_accepted(stack: tuple[str, Path, Stack]) -> None:

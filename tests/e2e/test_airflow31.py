@@ -16,6 +16,7 @@ import pytest
 from tests.e2e.conftest import (
     DENIED_ENV_HOST,
     DENIED_ENV_VAR,
+    DENIED_VALUE,
     EXTRA,
     PASSWORD,
     PLAIN,
@@ -65,7 +66,7 @@ def test_server_context_reads_and_a_403_falls_through(stack31: tuple[Path, Stack
     assert warned(output, "broker denied variable 'e2e_denied'") and warned(
         output, "broker denied connection 'e2e_denied'"
     )
-    assert "never-served" not in output and PASSWORD not in output
+    assert DENIED_VALUE not in output and PASSWORD not in output
     # Two lookups through Airflow, two asked directly: each one reached the broker and was refused there.
     assert len(denied_audit_lines(st)) - denied_before == 4
 
@@ -89,7 +90,7 @@ def test_task_sdk_context_reads_and_a_403_falls_through(stack31: tuple[Path, Sta
     assert warned(output, "broker denied variable 'e2e_denied'") and warned(
         output, "broker denied connection 'e2e_denied'"
     )
-    assert "never-served" not in output and PASSWORD not in output
+    assert DENIED_VALUE not in output and PASSWORD not in output
     lines = wait_for(lambda: denied_audit_lines(st)[denied_before:], what="the task's denied audit lines")
     assert {line["kind"] for line in lines} >= {"variable", "connection"}
     # The denied reads came from the task itself: the audit trail has its identity from the task context.
