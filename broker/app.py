@@ -300,9 +300,14 @@ class Broker:
         return task
 
     async def _close(self, guard: Guard, start: asyncio.Task[Any] | None = None) -> None:
-        """Close a backend out of the chain, once its cancelled start loop has ended."""
+        """Close a backend out of the chain, once its cancelled start loop has ended and the calls it was making
+        are done; one of those that granted a lease keeps it open until that lease goes."""
         if start is not None:
             await asyncio.wait([start])
+        await guard.idle()
+        if guard in self.state.cache.leases.holders():
+            self.state.retired.append(guard)
+            return
         await close_backend(guard)
 
     def _lease_holder_free(self, holder: LeaseHolder) -> None:

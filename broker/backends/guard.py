@@ -124,6 +124,9 @@ class Guard:
         )
         self.backoff = Backoff(BACKOFF_BASE, BACKOFF_CAP, rng=rng)  # between attempts of one call
         self.started = False
+        self._active = 0  # calls under way (a reload must not close the backend under them)
+        self._idle = asyncio.Event()
+        self._idle.set()
         self.bucket: TokenBucket | None = None
         limit = backend.config.rate_limit
         if limit is not None:
@@ -154,6 +157,10 @@ class Guard:
     async def check(self) -> str:
         return await self._call("check", self.backend.check, "check", retries=0, use_breaker=False)
 
+    async def idle(self) -> None:
+        """Return once no call is under way (each is bounded by the backend's timeout and retries)."""
+        await self._idle.wait()
+
     def not_ready_reason(self) -> str | None:
         # An open circuit does not make the pod unready: cached values are still served, and failing
         # readiness would take Airflow's own containers out of service during a store outage.
@@ -169,6 +176,24 @@ class Guard:
         *,
         retries: int | None = None,
         use_breaker: bool = True,
+    ) -> T:
+        self._active += 1
+        self._idle.clear()
+        try:
+            return await self._attempts(operation, attempt_fn, what, retries=retries, use_breaker=use_breaker)
+        finally:
+            self._active -= 1
+            if not self._active:
+                self._idle.set()
+
+    async def _attempts(
+        self,
+        operation: str,
+        attempt_fn: Callable[[], Awaitable[T]],
+        what: str,
+        *,
+        retries: int | None,
+        use_breaker: bool,
     ) -> T:
         cfg = self.backend.config
         attempts = (cfg.retries if retries is None else retries) + 1

@@ -239,6 +239,7 @@ class SecretCache:
         self._buckets: list[int] = []
         self._pinned: set[Key] = set()
         self._closed = False
+        self._chain = 0  # bumped by ``retain`` (a reload): answers of loads begun before it are not stored
 
     # ------------------------------------------------------------------------------------------ reads
 
@@ -340,12 +341,13 @@ class SecretCache:
 
     async def _fetch_and_store(self, key: Key) -> Entry:
         kind, name, team = key
+        chain = self._chain
         try:
             resolved = await self._loader(kind, name, team)
         except SecretNotFound as exc:
             self._drop(key)
             negative_ttl = exc.negative_ttl if isinstance(exc, NotFoundAnywhere) else self.config.negative_ttl
-            if negative_ttl > 0:
+            if negative_ttl > 0 and chain == self._chain:
                 now = self._clock.now()
                 self._negatives.put(
                     Entry(
@@ -368,8 +370,10 @@ class SecretCache:
         except BrokerError as exc:
             self._record_failure(key, exc)
             raise
-        entry = self._entry_for(key, resolved)
-        self._put(entry)
+        entry = self._entry_for(key, resolved)  # a lease it carries is tracked either way: the caller gets it
+        if chain == self._chain:
+            self._put(entry)
+        # else the chain that answered was replaced meanwhile: served to the callers waiting for it, not kept
         return entry
 
     def _record_failure(self, key: Key, exc: BrokerError) -> None:
@@ -493,7 +497,9 @@ class SecretCache:
         return len(keys)
 
     def retain(self, keep: Callable[[Entry], bool]) -> int:
-        """Drop every entry for which ``keep`` is false (used by a config reload); returns how many."""
+        """Drop every entry for which ``keep`` is false (used by a config reload); returns how many. Loads under
+        way answer the callers waiting for them but are not stored: they were read through the old chain."""
+        self._chain += 1
         dropped = [k for k, e in [*self._entries.items(), *self._negatives.items()] if not keep(e)]
         for key in dropped:
             self._drop(key)

@@ -2,7 +2,8 @@
 lifecycles). Register it with ``use_fake_store(monkeypatch)``; every instance records what the core did to it.
 
 Values are ``values`` of its config; with ``lease`` set, each read grants a renewable lease of that many seconds.
-With ``start_blocks``, ``start`` waits for ``release`` (set by the test); ``start_failures`` failed logins come
+With ``start_blocks``, ``start`` waits for ``release`` (set by the test), and with ``fetch_blocks`` each read
+waits for ``answer``; ``start_failures`` failed logins come
 first. A call made to a closed backend is recorded in ``after_close`` (the core must never make one).
 """
 
@@ -25,6 +26,7 @@ class FakeConfig(BackendConfig):
     values: dict[str, str] = {}
     lease: Duration | None = None
     start_blocks: bool = False
+    fetch_blocks: bool = False
     start_failures: int = 0
     setting: str = ""  # changes nothing but the config
 
@@ -37,6 +39,7 @@ class Backend(_base.Backend):
         assert isinstance(config, FakeConfig)
         super().__init__(config, ctx)
         self.release = asyncio.Event()
+        self.answer = asyncio.Event()
         self.starts = 0  # start calls begun
         self.starting = 0  # start calls under way now
         self.most_starting = 0  # the most start calls ever under way at once
@@ -71,6 +74,9 @@ class Backend(_base.Backend):
     async def fetch(self, kind: Kind, path: str) -> SecretValue:
         self._use("fetch")
         self.fetches.append(path)
+        if self.config.fetch_blocks:
+            await self.answer.wait()
+            self._use("fetch answered")
         value = self.config.values.get(path)
         if value is None:
             raise _base.SecretNotFound(f"fake {self.name}: {path} not found")

@@ -270,3 +270,26 @@ async def test_a_start_loop_that_crashes_is_logged_and_the_others_go_on(
     assert broker.state.guards[1].started
     [record] = [r for r in caplog.records if r.getMessage() == "backend start crashed"]
     assert record.backend == "c"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("leased", [False, True], ids=["plain", "leased"])
+async def test_a_backend_retired_during_a_read_is_closed_after_it(harness: Harness, leased: bool) -> None:
+    old = {**B, "fetch_blocks": True, "lease": 60 if leased else None}
+    broker = await harness.start(A, old)
+    await until(lambda: started(broker), "backends started")
+    b = broker.state.guards[1]
+    read = asyncio.ensure_future(broker.state.cache.get(V, "y"))
+    await until(lambda: fake(b).fetches == ["y"], "the read under way")
+    assert await harness.reload(A, {**B, "name": "c"}) is True
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert fake(b).closes == 0  # not while the read is under way
+    fake(b).answer.set()
+    await read
+    if leased:
+        # The read granted a lease: b stays open for it, and is closed when it expires.
+        await until(lambda: broker.state.retired == [b], "b kept for its lease")
+        harness.clock.advance(61)
+        await broker.state.cache.run_due()
+    await until(lambda: fake(b).closes == 1, "b closed")
+    assert fake(b).after_close == []

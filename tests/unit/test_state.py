@@ -4,6 +4,7 @@ survive. Fake stores on our own Backend base class; no network, a fake clock."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -181,3 +182,24 @@ async def test_sections_read_only_at_start_are_named(
     assert change.kept == ["a"]
     assert state.config is new
     assert state.cache.config == new.cache and state.cache.leases_config == new.leases
+
+
+@pytest.mark.parametrize("answer", ["found", "missing"])
+async def test_a_read_under_way_through_the_old_chain_is_served_not_kept(make_state: Any, answer: str) -> None:
+    state = make_state(config(A, {**B, "fetch_blocks": True}))
+    b = fake(state.guards[1])
+    name = "y" if answer == "found" else "nope"
+    read = asyncio.ensure_future(state.cache.get(V, name))
+    while not b.fetches:
+        await asyncio.sleep(0)
+    state.apply(config(A, {**B, "values": {"y": "new"}}))
+    b.answer.set()
+    if answer == "found":
+        entry, _ = await read
+        assert entry.value == "2"  # the caller asked before the reload: it gets the old chain's answer
+    else:
+        with pytest.raises(BrokerError):
+            await read
+    assert state.cache.peek(V, name) is None  # but the new chain answers the next read
+    if answer == "found":
+        assert (await state.cache.get(V, name))[0].value == "new"
