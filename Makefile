@@ -36,7 +36,7 @@ test: $(VENV)/.test-installed
 ## make lint: ruff and mypy, as CI would
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check broker tests benchmarks
-	$(BIN)/ruff format --check broker
+	$(BIN)/ruff format --check broker tests benchmarks
 	$(BIN)/mypy
 
 ## make bench: benchmarks/ (prints Markdown tables, writes JSON under benchmarks/results)

@@ -149,12 +149,12 @@ def _azure(servers: AzureServers, ca: TestCA) -> Cloud:
             "retries": 1,
         },
         overrides={
-            team: {"variables_prefix": f"{team}-variables", "client_id": APP[team], "tenant_id": tenant}
-            for team in APP
+            team: {"variables_prefix": f"{team}-variables", "client_id": APP[team], "tenant_id": tenant} for team in APP
         },
         env=env,
-        store_calls=lambda: servers.cloud.calls["get:team-a-variables-shared"]
-        + servers.cloud.calls["get:team-b-variables-shared"],
+        store_calls=lambda: (
+            servers.cloud.calls["get:team-a-variables-shared"] + servers.cloud.calls["get:team-b-variables-shared"]
+        ),
         exchanges=lambda: servers.cloud.calls["entra:token"],
     )
 
@@ -219,9 +219,7 @@ def test_refused_tokens_cost_no_store_call_and_no_exchange(cloud: Cloud, cluster
         assert broker.metric("broker_logins_total", backend=cloud.name) == 0
 
 
-def test_identity_provider_refuses_what_the_broker_cannot_check(
-    cloud: Cloud, cluster: Cluster, tmp_path: Path
-) -> None:
+def test_identity_provider_refuses_what_the_broker_cannot_check(cloud: Cloud, cluster: Cluster, tmp_path: Path) -> None:
     """team-b's config names team-a's cloud identity (a mistake, or a hostile config change): the pool will not
     let team-b's principal impersonate team-a's service account, Entra's federated credential of team-a's app
     names team-a's service account only. team-b gets 403 and never team-a's value."""
