@@ -100,6 +100,8 @@ class Variant:
         prefix = self.layout.get(kind)
         if prefix is None:
             return None
+        if self.store == "file":  # LocalFilesystemBackend: the id is the file's key
+            return key
         if self.store == "env":  # EnvironmentVariablesBackend: upper-cased; a team's is {prefix}_{TEAM}___{ID}
             team_part = f"_{team.upper()}___" if team is not None else ""
             return f"{prefix}{team_part}{key.upper()}"
@@ -122,6 +124,12 @@ SM = "airflow.providers.amazon.aws.secrets.secrets_manager.SecretsManagerBackend
 SSM = "airflow.providers.amazon.aws.secrets.systems_manager.SystemsManagerParameterStoreBackend"
 AKV = "airflow.providers.microsoft.azure.secrets.key_vault.AzureKeyVaultBackend"
 ENV = "airflow.secrets.environment_variables.EnvironmentVariablesBackend"
+FILE = "airflow.secrets.local_filesystem.LocalFilesystemBackend"
+CONNECTION_ARGS = ("conn_type", "host", "login", "password", "schema", "port", "extra", "description")
+FILE_REFUSED_URIS = ["spark://spark://master.example:7077"]  # Airflow's ORM Connection refuses it
+# {files} is the test's directory of secrets files; the kwargs are Airflow's, verbatim, on both sides
+# (configs_file_path is Airflow 3's: left out, so the variant runs on Airflow 2 too)
+FILE_KWARGS = {"connections_file_path": "{files}/connections.json", "variables_file_path": "{files}/variables.json"}
 ENV_DEFAULTS = {"connection": "AIRFLOW_CONN_", "variable": "AIRFLOW_VAR_", "config": None}
 AZURE_DEFAULTS = {"connection": "airflow-connections", "variable": "airflow-variables", "config": "airflow-config"}
 
@@ -199,6 +207,12 @@ VARIANTS = [
     ),
     Variant("azure-defaults", "azure", AKV, {}, {}, AZURE_DEFAULTS, sep="-"),
     Variant("env-defaults", "env", ENV, {}, {}, ENV_DEFAULTS, sep=""),
+    Variant("file-json", "file", FILE, FILE_KWARGS, FILE_KWARGS, {"connection": "", "variable": "", "config": None}),
+]
+
+# A secrets file with one entry Airflow cannot build beside good ones (bad_entry_plan).
+BAD_ENTRY_VARIANTS = [
+    Variant("file-one-bad-entry", "file", FILE, FILE_KWARGS, FILE_KWARGS, {"connection": "", "variable": ""}),
 ]
 
 # Layouts whose names alone are compared (naming_plan).
@@ -355,6 +369,20 @@ def layout_plan(variant_index: int, variant: Variant) -> tuple[list[Seed], list[
     return seeds, cases
 
 
+def bad_entry_plan(variant_index: int, variant: Variant) -> tuple[list[Seed], list[dict[str, Any]]]:
+    """Good connections beside one that Airflow's Connection refuses, in one file; variables in their own."""
+    seeds: list[Seed] = []
+    cases: list[dict[str, Any]] = []
+    values = {f"good{variant_index}_{i}": f"http://good-{i}.example" for i in range(3)}
+    values[f"bad{variant_index}"] = FILE_REFUSED_URIS[0]
+    for kind, entries in (("connection", values), ("variable", {f"var{variant_index}_ok": "fine"})):
+        for key, value in entries.items():
+            seeds.append(Seed(variant.store, key, value, kind=kind))
+            shape = "bad-entry" if key.startswith("bad") else "beside-bad-entry"
+            cases.append({"variant": variant.name, "store": variant.store, "kind": kind, "id": key, "shape": shape})
+    return seeds, cases
+
+
 def naming_plan(variant_index: int, variant: Variant) -> tuple[list[Seed], list[dict[str, Any]]]:
     """Only the names a layout builds (prefixes, separators, every id shape), with one plain value each: the
     shapes of the values themselves are the full plan's, on the store's default layout."""
@@ -390,6 +418,7 @@ class Seed:
     path: str
     value: Any
     access: str = "ok"  # Key Vault: "denied" (RBAC refuses the pod's identity) or "disabled"
+    kind: str = ""  # set where a store keeps the kinds apart by file (LocalFilesystemBackend)
 
 
 def shape(value: Any) -> str:
@@ -415,13 +444,21 @@ def plan(variant_index: int, variant: Variant) -> tuple[list[Seed], list[dict[st
     def add(kind: str, key: str, value: Any) -> None:
         path = variant.path(kind, key)
         if path is not None:
-            seeds.append(Seed(variant.store, path, value))
+            seeds.append(Seed(variant.store, path, value, kind=kind))
         cases.append({"variant": variant.name, "store": variant.store, "kind": kind, "id": key, "shape": shape(value)})
 
     conn_values: list[Any] = []
     for uri in URIS:
+        if variant.store == "file" and uri in FILE_REFUSED_URIS:
+            continue  # it would fail the whole file in Airflow (the file-one-bad-entry variant has it)
         conn_values.append({"conn_uri": uri} if vault else uri)
     for fields in JSONS:
+        if variant.store == "file":
+            # Airflow's LocalFilesystemBackend refuses the whole file over one entry with a key that is not a
+            # Connection argument: only the entries it takes go in (the others are the other stores' cases).
+            if set(fields) <= set(CONNECTION_ARGS) and fields.get("extra") != "not json":  # Airflow 3 refuses it
+                conn_values.append(fields)
+            continue
         conn_values.append(fields if vault else json.dumps(fields))
     if vault:
         conn_values += [

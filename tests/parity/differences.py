@@ -48,6 +48,15 @@ def _airflow2_vault_build(case: dict[str, Any], provider: Result, broker: Result
     # URI, no int() of a string port. Through the broker Airflow's own deserialize_connection does both.
     if not case["airflow"].startswith("2.") or not case["store"].startswith("vault"):
         return False
+    return _unstripped_or_string_port(provider, broker)
+
+
+def _file_build(case: dict[str, Any], provider: Result, broker: Result) -> bool:
+    # LocalFilesystemBackend builds the ORM Connection itself on every Airflow version, as above.
+    return case["store"] == "file" and _unstripped_or_string_port(provider, broker)
+
+
+def _unstripped_or_string_port(provider: Result, broker: Result) -> bool:
     fields = _differing_fields(provider, broker)
     if not fields or not fields <= {"host", "port"}:
         return False
@@ -97,6 +106,18 @@ DIFFERENCES: list[Difference] = [
         "store error and Airflow moves on; the broker answers 403, which on Airflow 3.2+ raises "
         "AirflowSecretsBackendAccessDenied and stops the search",
         lambda c, p, b: c["shape"] in ("denied", "disabled") and _all(p, "error") and _all(b, "denied"),
+    ),
+    Difference(
+        "file-connection-build",
+        "Airflow's LocalFilesystemBackend builds the Connection itself (a URI not stripped, a string port kept a "
+        "string); through the broker Airflow's deserialize_connection strips and int()s",
+        _file_build,
+    ),
+    Difference(
+        "file-one-bad-entry",
+        "a secrets file with one entry Airflow's Connection refuses: LocalFilesystemBackend fails every lookup in "
+        "that file; the broker serves the other entries and answers a store error for that one",
+        lambda c, p, b: c["shape"] == "beside-bad-entry" and _all(p, "error") and _all(b, "value"),
     ),
     Difference(
         "id-leaves-the-layout",

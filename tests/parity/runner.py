@@ -56,7 +56,7 @@ def conn_fields(conn: Any) -> dict[str, Any]:
     return json.loads(json.dumps(out, default=repr))
 
 
-def ask(backend: Any, case: dict[str, Any], airflow3: bool) -> dict[str, Any]:
+def ask(backend: Any, case: dict[str, Any], airflow3: bool, sdk: bool) -> dict[str, Any]:
     kind, key, team = case["kind"], case["id"], case.get("team")
     team_kw = {"team_name": team} if airflow3 and team is not None else {}
     if kind == "variable":
@@ -67,7 +67,7 @@ def ask(backend: Any, case: dict[str, Any], airflow3: bool) -> dict[str, Any]:
     if "value" in server:
         server["value"] = conn_fields(server["value"])
     result = {"server": server}
-    if airflow3:
+    if airflow3 and sdk:
         from airflow.sdk.definitions.connection import Connection as SdkConnection
         from airflow.secrets import BaseSecretsBackend
 
@@ -99,12 +99,17 @@ def main() -> None:
         else:
             os.environ.pop("AIRFLOW__CORE__MULTI_TEAM", None)
         provider = load(group["provider"])(**group["kwargs"])
+        sdk = not group.get("server_only")
         broker = BrokerSecretsBackend(**group["broker_kwargs"])
         for case in group["cases"]:
             if case.get("team") is not None and not airflow3:
                 continue
             results.append(
-                {"case": case, "provider": ask(provider, case, airflow3), "broker": ask(broker, case, airflow3)}
+                {
+                    "case": case,
+                    "provider": ask(provider, case, airflow3, sdk),
+                    "broker": ask(broker, case, airflow3, sdk),
+                }
             )
         seconds[group["variant"]] = round(time.monotonic() - started, 2)
     with open(sys.argv[2], "w", encoding="utf-8") as fh:

@@ -28,12 +28,14 @@ from moto.server import ThreadedMotoServer
 
 from tests.e2e.venvs import AIRFLOW_VERSIONS, ensure_airflow
 from tests.parity.cases import (
+    BAD_ENTRY_VARIANTS,
     LAYOUT_VARIANTS,
     NAMING_VARIANTS,
     PASSWORD,
     TEAM_VARIANTS,
     VARIANTS,
     Seed,
+    bad_entry_plan,
     layout_plan,
     naming_plan,
     plan,
@@ -60,8 +62,8 @@ def seed(seeds: list[Seed], bao: OpenBao, moto_url: str, azure: AzureServers) ->
     ssm = boto3.client("ssm", region_name=REGION, endpoint_url=moto_url, **_keys())
     for s in seeds:
         try:
-            if s.store == "env":
-                continue  # set in the environment of both sides (job, run_in_airflow)
+            if s.store in ("env", "file"):
+                continue  # set in the environment of both sides (job, run_in_airflow); files: write_files
             if s.store == "azure":
                 # a name Key Vault refuses is never asked for by either side
                 azure.cloud.add(s.path, s.value, enabled=s.access != "disabled")
@@ -78,6 +80,22 @@ def seed(seeds: list[Seed], bao: OpenBao, moto_url: str, azure: AzureServers) ->
         except Exception as exc:
             print(f"parity: {s.store} refused {s.path!r}: {type(exc).__name__}")
     vault.adapter.close()
+
+
+def write_files(seeds: list[Seed], files: Path) -> None:
+    """One file variant's secrets files: each kind's seeds as one JSON object."""
+    kinds = {"connection": "connections", "variable": "variables", "config": "configs"}
+    by_kind: dict[str, dict[str, Any]] = {name: {} for name in kinds.values()}
+    for s in seeds:
+        by_kind[kinds[s.kind]][s.path] = s.value
+    files.mkdir(parents=True)
+    for name, entries in by_kind.items():
+        (files / f"{name}.json").write_text(json.dumps(entries))
+
+
+def fill(settings: dict[str, Any], files: Path) -> dict[str, Any]:
+    """Settings with ``{files}`` naming the variant's directory of secrets files."""
+    return {k: v.format(files=files) if isinstance(v, str) else v for k, v in settings.items()}
 
 
 def _keys() -> dict[str, str]:
@@ -115,6 +133,8 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
 
 
 def broker_backend(store: str, settings: dict[str, Any], stores: dict[str, Any]) -> dict[str, Any]:
+    if store == "file":
+        return {"name": "parity", "type": "file", **settings}
     if store == "env":
         return {"name": "parity", "type": "env", **settings}
     if store == "azure":
@@ -137,7 +157,7 @@ def broker_backend(store: str, settings: dict[str, Any], stores: dict[str, Any])
 
 
 def provider_kwargs(store: str, kwargs: dict[str, Any], stores: dict[str, Any]) -> dict[str, Any]:
-    if store == "env":
+    if store in ("file", "env"):
         return dict(kwargs)
     if store == "azure":  # extra kwargs go to the provider's SecretClient
         return {"vault_url": stores["azure"].key_vault.url, "verify_challenge_resource": False, **kwargs}
@@ -154,15 +174,19 @@ def job(stores: dict[str, Any]) -> Iterator[dict[str, Any]]:
     env |= stores["azure_env"]
     planned = [(v, plan) for v in VARIANTS] + [(v, team_plan) for v in TEAM_VARIANTS]
     planned += [(v, layout_plan) for v in LAYOUT_VARIANTS] + [(v, naming_plan) for v in NAMING_VARIANTS]
+    planned += [(v, bad_entry_plan) for v in BAD_ENTRY_VARIANTS]
     for index, (variant, planner) in enumerate(planned):
         variant_seeds, cases = planner(index, variant)
         seeds += variant_seeds
         work = stores["work"] / f"broker-{variant.name}"
         work.mkdir()
+        files = stores["work"] / "files" / variant.name
+        if variant.store == "file":
+            write_files(variant_seeds, files)
         config = {
             "cache": {"ttl": 300, "negative_ttl": 0},
             "shutdown": {"drain_delay": 0},  # nothing is in flight at the end
-            "backends": [broker_backend(variant.store, variant.broker, stores)],
+            "backends": [broker_backend(variant.store, fill(variant.broker, files), stores)],
             "multi_team": variant.multi_team,
         }
         brokers.append(BrokerProcess(config, work, env=env))
@@ -170,12 +194,15 @@ def job(stores: dict[str, Any]) -> Iterator[dict[str, Any]]:
             {
                 "variant": variant.name,
                 "provider": variant.provider,
-                "kwargs": provider_kwargs(variant.store, variant.kwargs, stores),
+                "kwargs": provider_kwargs(variant.store, fill(variant.kwargs, files), stores),
                 "broker_kwargs": {"socket_path": brokers[-1].socket_path, "timeout": 10},
                 "cases": cases,
                 "multi_team": variant.multi_team,
                 # teams are Airflow 3.2+; path lists and global_secrets_path arrived in hashicorp 4.8
                 "airflow3_only": variant.multi_team or bool(variant.path_list),
+                # LocalFilesystemBackend builds the ORM Connection itself and has no get_conn_value: the task
+                # SDK's context is not asked of it
+                "server_only": variant.store == "file",
             }
         )
     seed(seeds, stores["bao"], stores["moto_url"], stores["azure"])
