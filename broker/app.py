@@ -226,14 +226,18 @@ class Broker:
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
-        for task in list(self._tasks):
-            if task.get_name() != "backend-close":  # a close under way finishes: cut short, it could leak
-                task.cancel()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=5)
+        # Closes under way finish (cut short, they could leak a session); they are waited for below, since one
+        # may be waiting for a call the cache is about to end.
+        cancelled = [t for t in self._tasks if t.get_name() != "backend-close"]
+        for task in cancelled:
+            task.cancel()
+        if cancelled:
+            await asyncio.wait(cancelled, timeout=5)
         await self.state.cache.aclose(revoke_leases=self.state.config.leases.revoke_on_shutdown)
         if self.state.node is not None:
             await self.state.node.aclose(revoke_leases=self.state.config.leases.revoke_on_shutdown)
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5)
         # Every backend ever built that is still open: the chain, and retired ones that held leases.
         await asyncio.gather(*(close_backend(g) for g in [*self.state.guards, *self.state.retired]))
         self.state.retired.clear()

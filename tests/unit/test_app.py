@@ -293,3 +293,16 @@ async def test_a_backend_retired_during_a_read_is_closed_after_it(harness: Harne
         await broker.state.cache.run_due()
     await until(lambda: fake(b).closes == 1, "b closed")
     assert fake(b).after_close == []
+
+
+async def test_shutdown_during_a_read_through_a_retired_backend_closes_it_once(harness: Harness) -> None:
+    broker = await harness.start(A, {**B, "fetch_blocks": True})
+    await until(lambda: started(broker), "backends started")
+    b = broker.state.guards[1]
+    read = asyncio.ensure_future(broker.state.cache.get(V, "y"))
+    await until(lambda: fake(b).fetches == ["y"], "the read under way")
+    assert await harness.reload(A) is True
+    await broker.stop()  # the read never answers: the cache cancels it, then b is closed
+    harness.broker = None
+    assert read.done()
+    assert fake(b).closes == 1 and fake(b).after_close == []
