@@ -25,6 +25,7 @@ import httptools  # type: ignore[import-not-found,unused-ignore]
 from broker.audit import ASSERTED_HEADERS_BYTES, Caller
 from broker.backends.base import Kind
 from broker.server import edge, lookup
+from broker.server.edge import FORWARDED_HEADERS_BYTES, HIT_PREFIX, MAX_FIELD_SIZE, bound_team, found_body
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -124,6 +125,7 @@ class FastProtocol(asyncio.Protocol):
         self.caller: Caller | None = None  # set once per connection when the audit trail is on
         self.bound: str | None = None  # the team this connection's caller is bound to
         self.request_id_of = front.policy.request_id_bytes
+        self.new_request_id = front.policy.new_request_id
         self.asserted: list[tuple[str, bytes]] | None = None  # the request's X-Airflow-* headers
 
     # ---- httptools callbacks
@@ -137,7 +139,7 @@ class FastProtocol(asyncio.Protocol):
             if self.tokens is None:
                 self.tokens = []
             self.tokens.append(value)
-        elif lowered in edge.FORWARDED_HEADERS_BYTES:
+        elif lowered in FORWARDED_HEADERS_BYTES:
             self.forwarded = True
         elif lowered == b"x-request-id":
             if self.request_ids is None:
@@ -216,10 +218,10 @@ class FastProtocol(asyncio.Protocol):
         while self.buf:
             end = self.buf.find(b"\r\n\r\n")
             if end < 0:
-                if len(self.buf) > edge.MAX_FIELD_SIZE:
+                if len(self.buf) > MAX_FIELD_SIZE:
                     self._hand_off(self.buf)
                 return
-            if end > edge.MAX_FIELD_SIZE:  # it may hold a field longer than aiohttp accepts: aiohttp says
+            if end > MAX_FIELD_SIZE:  # it may hold a field longer than aiohttp accepts: aiohttp says
                 self._hand_off(self.buf)
                 return
             head = self.buf[: end + 4]
@@ -231,8 +233,11 @@ class FastProtocol(asyncio.Protocol):
                 return
             kind, name, asked = target
             self.buf = self.buf[end + 4 :]
-            team, refused = (asked, False) if self.bound is None else edge.bound_team(self.bound, asked)
-            answer = None if refused else self._hit(kind, name, team)
+            if self.bound is None:
+                answer = self._hit(kind, name, asked)
+            else:
+                team, refused = bound_team(self.bound, asked)
+                answer = None if refused else self._hit(kind, name, team)
             if answer is not None:
                 transport.write(answer)
                 if self.front.draining:
@@ -273,10 +278,10 @@ class FastProtocol(asyncio.Protocol):
         entry = state.cache.hit(kind, name, team)
         if entry is None:
             return None  # a miss, stale, or due for refresh-ahead: the cache's get() decides
-        body = edge.found_body(entry, b"hit", state.clock.now())
+        body = found_body(entry, b"hit", state.clock.now())
         rid = self._rid()
         answer = b"%s%sContent-Length: %d\r\nX-Request-Id: %s\r\n\r\n%s" % (
-            edge.HIT_PREFIX,
+            HIT_PREFIX,
             b"Connection: close\r\n" if self.front.draining else b"",
             len(body),
             rid,
@@ -300,7 +305,8 @@ class FastProtocol(asyncio.Protocol):
         return answer
 
     def _rid(self) -> bytes:
-        return self.request_id_of(self.request_ids)
+        given = self.request_ids
+        return self.new_request_id() if given is None else self.request_id_of(given)
 
     async def _slow(
         self,
