@@ -18,8 +18,8 @@ from broker.backends.base import BackendContext, BackendError, BackendUnavailabl
 from broker.backends.vault import Backend, VaultConfig
 from broker.clock import FakeClock
 from broker.metrics import Metrics
-from tests.faults.conftest import Harness, value_of
 from tests.servers.openbao import ROOT_TOKEN
+from tests.servers.stores import Harness, value_of
 from tests.support.broker_process import wait_for
 from tests.support.leakcheck import plant
 
