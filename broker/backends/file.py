@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +28,7 @@ from broker.backends.base import (
 from broker.providerkw import Moves
 
 SUFFIXES = (".json", ".yaml", ".yml", ".env")
+_COMMENT = re.compile(r"\s*#")
 
 
 class FileConfig(BackendConfig):
@@ -40,18 +42,21 @@ class FileConfig(BackendConfig):
 
 
 def _parse_env(text: str, where: str) -> dict[str, Any]:
+    """Airflow's ``.env`` rules exactly: key and value as written (no whitespace stripped: a value may end in
+    a space), empty lines and ``#`` comment lines skipped, and any other line without ``=``, key or value
+    fails the whole file, as it fails Airflow's LocalFilesystemBackend."""
     out: dict[str, list[str]] = defaultdict(list)
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line or _COMMENT.match(line):
             continue
         key, sep, value = line.partition("=")
         if not sep:
             raise BackendError(f"{where}:{number}: invalid line: expected KEY=VALUE")
-        key = key.strip()
         if not key:
             raise BackendError(f"{where}:{number}: invalid line: empty key")
-        out[key].append(value.strip())
+        if not value:
+            raise BackendError(f"{where}:{number}: invalid line: empty value")
+        out[key].append(value)
     return dict(out)
 
 

@@ -130,6 +130,7 @@ FILE_REFUSED_URIS = ["spark://spark://master.example:7077"]  # Airflow's ORM Con
 # {files} is the test's directory of secrets files; the kwargs are Airflow's, verbatim, on both sides
 # (configs_file_path is Airflow 3's: left out, so the variant runs on Airflow 2 too)
 FILE_KWARGS = {"connections_file_path": "{files}/connections.json", "variables_file_path": "{files}/variables.json"}
+ENV_FILES = {"connections_file_path": "{files}/connections.env", "variables_file_path": "{files}/variables.env"}
 ENV_DEFAULTS = {"connection": "AIRFLOW_CONN_", "variable": "AIRFLOW_VAR_", "config": None}
 AZURE_DEFAULTS = {"connection": "airflow-connections", "variable": "airflow-variables", "config": "airflow-config"}
 
@@ -208,6 +209,7 @@ VARIANTS = [
     Variant("azure-defaults", "azure", AKV, {}, {}, AZURE_DEFAULTS, sep="-"),
     Variant("env-defaults", "env", ENV, {}, {}, ENV_DEFAULTS, sep=""),
     Variant("file-json", "file", FILE, FILE_KWARGS, FILE_KWARGS, {"connection": "", "variable": "", "config": None}),
+    Variant("file-env", "file", FILE, ENV_FILES, ENV_FILES, {"connection": "", "variable": "", "config": None}),
 ]
 
 # A secrets file with one entry Airflow cannot build beside good ones (bad_entry_plan).
@@ -441,9 +443,13 @@ def plan(variant_index: int, variant: Variant) -> tuple[list[Seed], list[dict[st
     cases: list[dict[str, Any]] = []
     vault = variant.store.startswith("vault")
 
+    # a .env file holds one line per id: URIs only (Airflow reads a JSON line as a URI), and no empty or
+    # multi-line values (Airflow refuses the whole file over one)
+    env_file = variant.store == "file" and str(variant.kwargs.get("connections_file_path")).endswith(".env")
+
     def add(kind: str, key: str, value: Any) -> None:
         path = variant.path(kind, key)
-        if path is not None:
+        if path is not None and not (env_file and "=" in key):  # a .env key cannot hold '='
             seeds.append(Seed(variant.store, path, value, kind=kind))
         cases.append({"variant": variant.name, "store": variant.store, "kind": kind, "id": key, "shape": shape(value)})
 
@@ -453,6 +459,8 @@ def plan(variant_index: int, variant: Variant) -> tuple[list[Seed], list[dict[st
             continue  # it would fail the whole file in Airflow (the file-one-bad-entry variant has it)
         conn_values.append({"conn_uri": uri} if vault else uri)
     for fields in JSONS:
+        if env_file:
+            continue
         if variant.store == "file":
             # Airflow's LocalFilesystemBackend refuses the whole file over one entry with a key that is not a
             # Connection argument: only the entries it takes go in (the others are the other stores' cases).
@@ -474,6 +482,8 @@ def plan(variant_index: int, variant: Variant) -> tuple[list[Seed], list[dict[st
     for key, value in zip(ids(variant_index, len(conn_values), "connection", marks), conn_values, strict=True):
         add("connection", key, value)
     var_values: list[Any] = [{"value": v} for v in VARIABLES] if vault else list(VARIABLES)
+    if env_file:
+        var_values = [v for v in var_values if v and "\n" not in v]
     if vault:
         var_values += [{"value": 5}, {"value": {"nested": True}}, {"other": "no value key"}]
     for key, value in zip(ids(variant_index, len(var_values), "variable", marks), var_values, strict=True):

@@ -82,15 +82,18 @@ def seed(seeds: list[Seed], bao: OpenBao, moto_url: str, azure: AzureServers) ->
     vault.adapter.close()
 
 
-def write_files(seeds: list[Seed], files: Path) -> None:
-    """One file variant's secrets files: each kind's seeds as one JSON object."""
-    kinds = {"connection": "connections", "variable": "variables", "config": "configs"}
-    by_kind: dict[str, dict[str, Any]] = {name: {} for name in kinds.values()}
+def write_files(seeds: list[Seed], kwargs: dict[str, Any]) -> None:
+    """One file variant's secrets files, at the paths of its kwargs: JSON objects, or ``.env`` lines."""
+    paths = {"connection": "connections_file_path", "variable": "variables_file_path", "config": "configs_file_path"}
+    by_file: dict[Path, dict[str, Any]] = {Path(kwargs[key]): {} for key in paths.values() if key in kwargs}
     for s in seeds:
-        by_kind[kinds[s.kind]][s.path] = s.value
-    files.mkdir(parents=True)
-    for name, entries in by_kind.items():
-        (files / f"{name}.json").write_text(json.dumps(entries))
+        by_file[Path(kwargs[paths[s.kind]])][s.path] = s.value
+    for path, entries in by_file.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".env":
+            path.write_text("".join(f"{key}={value}\n" for key, value in entries.items()))
+        else:
+            path.write_text(json.dumps(entries))
 
 
 def fill(settings: dict[str, Any], files: Path) -> dict[str, Any]:
@@ -182,7 +185,7 @@ def job(stores: dict[str, Any]) -> Iterator[dict[str, Any]]:
         work.mkdir()
         files = stores["work"] / "files" / variant.name
         if variant.store == "file":
-            write_files(variant_seeds, files)
+            write_files(variant_seeds, fill(variant.kwargs, files))
         config = {
             "cache": {"ttl": 300, "negative_ttl": 0},
             "shutdown": {"drain_delay": 0},  # nothing is in flight at the end

@@ -266,3 +266,31 @@ def test_local_filesystem_kwargs_copy_verbatim(tmp_path: Any) -> None:
     written = migrate(cfg, {}).config["backends"][0]
     assert written["config_file_path"] == "/s/k.yaml" and "configs_file_path" not in written
     validate_config(migrate(cfg, {}).config)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("a=1\nb= spaced \n\n# comment\n  # indented comment\n", {"a": ["1"], "b": [" spaced "]}),
+        (" k =v\n", {" k ": ["v"]}),  # key as written: Airflow's lookup of "k" does not find it either
+        ("a=1\na=2\n", {"a": ["1", "2"]}),  # a duplicate is an error for that id only, at lookup
+        ("a=x=y\n", {"a": ["x=y"]}),
+    ],
+)
+def test_env_files_read_as_airflow_reads_them(tmp_path: Any, text: str, expected: dict[str, list[str]]) -> None:
+    from broker.backends.file import parse_secret_file
+
+    path = tmp_path / "variables.env"
+    path.write_text(text)
+    assert parse_secret_file(path) == expected
+
+
+@pytest.mark.parametrize("text", ["a=1\n   \n", "a=\n", "=v\n", "no equals sign\n"])
+def test_an_env_line_airflow_refuses_fails_the_file(tmp_path: Any, text: str) -> None:
+    from broker.backends.base import BackendError
+    from broker.backends.file import parse_secret_file
+
+    path = tmp_path / "variables.env"
+    path.write_text(text)
+    with pytest.raises(BackendError, match="invalid line"):
+        parse_secret_file(path)
