@@ -190,6 +190,9 @@ class _LRU:
         """Look without touching the LRU order."""
         return self._data.get(spelled(key))
 
+    def peek_spelled(self, text: str) -> Entry | None:
+        return self._data.get(text)
+
     def put(self, entry: Entry) -> None:
         data = self._data
         data[entry.spelled] = entry
@@ -233,9 +236,11 @@ class SecretCache:
         self._negatives = _LRU(config.negative_max_entries, self._negative_evicted)
         self._inflight: dict[Key, asyncio.Task[Entry]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        # Refreshes and renewals due, by second: bucket -> entries (a list slot per entry, no tuple or
-        # sequence number each); the bucket numbers in a heap, each once.
-        self._due: dict[int, list[Entry]] = {}
+        # Refreshes and renewals due, by second: bucket -> the spelled keys of the entries due in it (a list
+        # slot per entry, the key string being the entry's own; an entry evicted meanwhile is not kept alive);
+        # the bucket numbers in a heap, each once. Every change of an entry's refresh_at schedules it again:
+        # only the item in the bucket of its current refresh_at is live.
+        self._due: dict[int, list[str]] = {}
         self._buckets: list[int] = []
         self._pinned: set[Key] = set()
         self._closed = False
@@ -472,13 +477,15 @@ class SecretCache:
         self._metrics.cache_events.labels("negative_eviction").inc()
 
     def _schedule(self, entry: Entry) -> None:
+        if not math.isfinite(entry.refresh_at):
+            return
         bucket = math.floor(entry.refresh_at / BUCKET)
         due = self._due.get(bucket)
         if due is None:
-            self._due[bucket] = [entry]
+            self._due[bucket] = [entry.spelled]
             heapq.heappush(self._buckets, bucket)
         else:
-            due.append(entry)
+            due.append(entry.spelled)
 
     def pin(self, keys: Iterable[tuple[Kind, str]], team: str | None = None) -> None:
         """Keep exactly these ids of ``team`` warm even when nobody reads them (the prefetch list)."""
@@ -513,20 +520,22 @@ class SecretCache:
         current = math.floor(now / BUCKET)
         while self._buckets and self._buckets[0] <= current:
             bucket = self._buckets[0]
-            later: list[Entry] = []
-            seen: set[int] = set()
-            for entry in self._due[bucket]:
-                if id(entry) in seen:
+            start, end = bucket * BUCKET, (bucket + 1) * BUCKET
+            later: list[str] = []
+            seen: set[str] = set()
+            for text in self._due[bucket]:
+                if text in seen:
                     continue  # scheduled twice within one bucket
-                seen.add(id(entry))
+                seen.add(text)
+                entry = self._entries.peek_spelled(text)
+                if entry is None or entry.head is None:
+                    continue  # dropped or evicted since it was scheduled
+                if not start <= entry.refresh_at < end:
+                    continue  # rescheduled: the item in the bucket of its refresh_at is the live one
                 if entry.refresh_at > now:
-                    # Rescheduled: the item in its new bucket is the live one, unless that is this one.
-                    if math.floor(entry.refresh_at / BUCKET) == bucket:
-                        later.append(entry)
+                    later.append(text)  # due later within the current bucket
                     continue
                 key = entry.key
-                if self._entries.peek(key) is not entry or entry.head is None:
-                    continue  # replaced or dropped since it was scheduled
                 if key in self._inflight:
                     continue
                 if entry.lease is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 from typing import Any
 
@@ -17,7 +18,7 @@ from broker.backends.base import (
     Lease,
     SecretNotFound,
 )
-from broker.cache import SecretCache, Status
+from broker.cache import Entry, SecretCache, Status
 from broker.clock import FakeClock
 from broker.config import CacheConfig, LeasesConfig
 from broker.metrics import Metrics
@@ -330,6 +331,23 @@ async def test_refresh_jitter_spreads_refresh_times(clock: FakeClock) -> None:
     times = {round(cache.peek(V, f"k{i}").refresh_at, 3) for i in range(50)}
     assert len(times) > 40
     assert all(clock.now() + 100 * 0.75 * 0.8 - 1e-6 <= t <= clock.now() + 75 for t in times)
+
+
+async def test_evicted_entries_are_freed_although_their_refresh_is_scheduled(
+    loader: ScriptedLoader, clock: FakeClock
+) -> None:
+    cache = make_cache(loader, clock, max_entries=10)
+    for i in range(200):
+        loader.answers[f"k{i}"] = "v"
+        await cache.get(V, f"k{i}")
+    gc.collect()
+    live = [o for o in gc.get_objects() if type(o) is Entry]
+    assert len(live) == 10  # the refresh schedule holds keys, not the entries pushed out by the bound
+    clock.advance(80)  # past every refresh-ahead time: the evicted keys' slots are let go, nothing is loaded
+    calls = sum(loader.calls.values())
+    await cache.run_due()
+    await settle()
+    assert sum(loader.calls.values()) == calls
 
 
 async def test_lru_bound_holds(loader: ScriptedLoader, clock: FakeClock) -> None:
