@@ -244,7 +244,6 @@ class SecretCache:
         self._buckets: list[int] = []
         self._pinned: set[Key] = set()
         self._closed = False
-        self._chain = 0  # bumped by ``retain`` (a reload): answers of loads begun before it are not stored
 
     # ------------------------------------------------------------------------------------------ reads
 
@@ -325,8 +324,19 @@ class SecretCache:
             task.add_done_callback(functools.partial(self._forget_inflight, key))
         return task
 
-    def _forget_inflight(self, key: Key, _task: asyncio.Task[Entry]) -> None:
-        self._inflight.pop(key, None)
+    def _forget_inflight(self, key: Key, task: asyncio.Task[Entry]) -> None:
+        if self._inflight.get(key) is task:  # not a load started after this one was disowned
+            del self._inflight[key]
+
+    def _owns(self, key: Key) -> bool:
+        """Whether the running load is still the one for ``key``: only then is its answer stored."""
+        return self._inflight.get(key) is asyncio.current_task()
+
+    def _disown(self, match: Callable[[Key], bool]) -> None:
+        """Loads under way for the matching keys still answer the callers waiting for them, but their answers
+        are not stored and the next read starts a load of its own: they began before what was just forgotten."""
+        for key in [k for k in self._inflight if match(k)]:
+            del self._inflight[key]
 
     def _spawn_load(self, key: Key) -> None:
         """Start a background refresh (single-flight with client loads); failures are recorded, not raised."""
@@ -346,13 +356,24 @@ class SecretCache:
 
     async def _fetch_and_store(self, key: Key) -> Entry:
         kind, name, team = key
-        chain = self._chain
         try:
             resolved = await self._loader(kind, name, team)
-        except SecretNotFound as exc:
+        except BrokerError as exc:
+            if self._owns(key):
+                self._store_failure(key, exc)
+            raise
+        entry = self._entry_for(key, resolved)  # a lease it carries is tracked either way: the caller gets it
+        if self._owns(key):
+            self._put(entry)
+        # else disowned meanwhile (an invalidation or a reload): served to the callers waiting for it, and
+        # neither this answer nor a failure touches what the cache holds now
+        return entry
+
+    def _store_failure(self, key: Key, exc: BrokerError) -> None:
+        if isinstance(exc, SecretNotFound):
             self._drop(key)
             negative_ttl = exc.negative_ttl if isinstance(exc, NotFoundAnywhere) else self.config.negative_ttl
-            if negative_ttl > 0 and chain == self._chain:
+            if negative_ttl > 0:
                 now = self._clock.now()
                 self._negatives.put(
                     Entry(
@@ -367,19 +388,11 @@ class SecretCache:
                     )
                 )
                 self._count()
-            raise
-        except AccessDenied:
+        elif isinstance(exc, AccessDenied):
             # Authoritative: the identity lost access. Serving the old value would hide that.
             self._drop(key)
-            raise
-        except BrokerError as exc:
+        else:
             self._record_failure(key, exc)
-            raise
-        entry = self._entry_for(key, resolved)  # a lease it carries is tracked either way: the caller gets it
-        if chain == self._chain:
-            self._put(entry)
-        # else the chain that answered was replaced meanwhile: served to the callers waiting for it, not kept
-        return entry
 
     def _record_failure(self, key: Key, exc: BrokerError) -> None:
         entry = self._entries.peek(key)
@@ -492,21 +505,23 @@ class SecretCache:
         self._pinned = {(kind, name, team) for kind, name in keys}
 
     def invalidate(self, kind: Kind | None = None, name: str | None = None) -> int:
-        """Forget one id (for every team), every key of a kind, or everything. Held leases stay valid until
+        """Forget one id (for every team), every key of a kind, or everything, and disown the loads of those
+        keys under way (their answers may predate the change being announced). Held leases stay valid until
         they expire."""
-        keys = [
-            k
-            for k in [*self._entries.keys(), *self._negatives.keys()]
-            if (kind is None or k[0] == kind) and (name is None or k[1] == name)
-        ]
+
+        def match(key: Key) -> bool:
+            return (kind is None or key[0] == kind) and (name is None or key[1] == name)
+
+        self._disown(match)
+        keys = [k for k in [*self._entries.keys(), *self._negatives.keys()] if match(k)]
         for key in keys:
             self._drop(key)
         return len(keys)
 
     def retain(self, keep: Callable[[Entry], bool]) -> int:
         """Drop every entry for which ``keep`` is false (used by a config reload); returns how many. Loads under
-        way answer the callers waiting for them but are not stored: they were read through the old chain."""
-        self._chain += 1
+        way are disowned: they were read through the old chain."""
+        self._disown(lambda _key: True)
         dropped = [k for k, e in [*self._entries.items(), *self._negatives.items()] if not keep(e)]
         for key in dropped:
             self._drop(key)

@@ -409,6 +409,62 @@ async def test_invalidating_a_name_forgets_it_for_every_team(loader: ScriptedLoa
     assert len(cache) == 0
 
 
+class HeldLoader:
+    """Each load waits for its own answer (a value, or an exception to raise), given by the test in any order."""
+
+    def __init__(self) -> None:
+        self.loads: list[tuple[str, asyncio.Future[Any]]] = []
+
+    async def __call__(self, kind: Kind, name: str, team: str | None = None) -> Resolved:
+        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.loads.append((name, answer))
+        return Resolved(await answer, "b1", None, None, ttl=100.0, max_stale=0.0)
+
+    def answer(self, index: int, outcome: Any) -> None:
+        future = self.loads[index][1]
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+
+
+@pytest.mark.parametrize("old_first", [True, False], ids=["old-answers-first", "old-answers-last"])
+@pytest.mark.parametrize(
+    "old", ["old", SecretNotFound("nope"), AccessDenied("no"), BackendUnavailable("down")], ids=type
+)
+async def test_a_read_under_way_when_invalidated_is_served_not_kept(
+    clock: FakeClock, old_first: bool, old: Any
+) -> None:
+    """A load begun before an invalidation may carry the value being invalidated: it answers the callers who
+    asked before, but is not stored (nor its failure), and a read after the invalidation loads anew."""
+    loader = HeldLoader()
+    cache = SecretCache(loader, clock=clock, config=CacheConfig(ttl=100), leases=LeasesConfig(), metrics=Metrics())
+    before = asyncio.create_task(cache.get(V, "a"))
+    other = asyncio.create_task(cache.get(V, "b"))
+    await settle()
+    assert cache.invalidate(V, "a") == 0  # nothing stored yet, one load under way
+    after = asyncio.create_task(cache.get(V, "a"))
+    await settle()
+    assert [name for name, _ in loader.loads] == ["a", "b", "a"]  # the later read did not join the earlier load
+    for index, outcome in [(0, old), (2, "new")] if old_first else [(2, "new"), (0, old)]:
+        loader.answer(index, outcome)
+        await settle()
+    if isinstance(old, str):
+        assert (await before)[0].value == "old"
+    elif isinstance(old, BackendUnavailable) and not old_first:
+        assert (await before)[0].value == "new"  # its failure is answered from what is cached by then
+    else:
+        with pytest.raises(type(old)):
+            await before
+    assert (await after)[0].value == "new"
+    entry = cache.peek(V, "a")
+    assert entry is not None and entry.value == "new" and entry.failures == 0
+    loader.answer(1, "b1")  # a load of another key is not disowned
+    await other
+    assert (await cache.get(V, "b"))[1] is Status.HIT
+    assert len(loader.loads) == 3
+
+
 # ---------------------------------------------------------------------------------------------- leases
 
 

@@ -203,3 +203,17 @@ async def test_a_read_under_way_through_the_old_chain_is_served_not_kept(make_st
     assert state.cache.peek(V, name) is None  # but the new chain answers the next read
     if answer == "found":
         assert (await state.cache.get(V, name))[0].value == "new"
+
+
+async def test_a_read_asked_after_a_reload_does_not_join_one_through_the_old_chain(make_state: Any) -> None:
+    state = make_state(config(A, {**B, "fetch_blocks": True}))
+    b = fake(state.guards[1])
+    read = asyncio.ensure_future(state.cache.get(V, "y"))
+    while not b.fetches:
+        await asyncio.sleep(0)
+    state.apply(config(A, {**B, "values": {"y": "new"}}))
+    assert (await state.cache.get(V, "y"))[0].value == "new"  # while the old chain's read is still held
+    b.answer.set()
+    assert (await read)[0].value == "2"
+    entry = state.cache.peek(V, "y")
+    assert entry is not None and entry.value == "new"  # the old chain's answer, arriving last, is not kept
