@@ -174,7 +174,7 @@ class Backend(rest.RestBackend):
         answer = await rest.get(self._http(), f"{self._base}/secrets?api-version={self.config.api_version}", {}, what)
         if answer.status != 401:
             # The vault's own secrets list: a 404 there means a wrong vault_url, never a missing secret.
-            rest.raise_for_status(answer, what, error_code(answer.data), store_says_missing=False)
+            rest.raise_for_status(answer, what, error_code(answer.data))
             raise BackendError(f"{what}: Key Vault answered an unauthenticated request with HTTP {answer.status}")
         self._accept_challenge(answer.www_authenticate, what)
 

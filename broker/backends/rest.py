@@ -136,13 +136,14 @@ def error_for(
     retry_after: str | None = None,
     table: Mapping[int, type[BrokerError]] = STATUS_ERRORS,
     *,
-    store_says_missing: bool = True,
+    store_says_missing: bool = False,
 ) -> BrokerError:
     """The error for an HTTP error status: ``table``'s entry, else BackendUnavailable for 5xx, else BackendError.
 
-    A status the table reads as "not found" is that only when ``store_says_missing``: the body is the store's own
-    word that the secret does not exist. Any other answer with that status (a proxy's or a load balancer's page,
-    a route the store does not have) is BackendError: a failure is never "not found".
+    A status the table reads as "not found" is that only when ``store_says_missing``: the caller has read the
+    body as the store's own word that the secret does not exist. Without it (the default, so a store that does
+    not look cannot turn a failure into a miss), and for any other answer with that status (a proxy's or a load
+    balancer's page, a route the store does not have), it is BackendError: a failure is never "not found".
     """
     kind = table.get(status) or (BackendUnavailable if status >= 500 else BackendError)
     if kind is SecretNotFound and not store_says_missing:
@@ -164,7 +165,7 @@ def raise_for_status(
     code: str | None = None,
     table: Mapping[int, type[BrokerError]] = STATUS_ERRORS,
     *,
-    store_says_missing: bool = True,
+    store_says_missing: bool = False,
 ) -> None:
     """Raise the error ``table`` gives an error answer (nothing for a success). ``code`` is the store's own
     error code, named in the message; ``store_says_missing`` as ``error_for``."""

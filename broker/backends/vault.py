@@ -80,6 +80,12 @@ def vault_says_missing(data: dict[str, Any]) -> bool:
     return isinstance(data.get("errors"), list) or isinstance(data.get("data"), dict)
 
 
+def raise_for_status(answer: rest.Answer, what: str) -> None:
+    """Raise the error Vault's status map gives an error answer, a 404 being "not found" only in Vault's own
+    words (``vault_says_missing``); nothing for a success."""
+    rest.raise_for_status(answer, what, table=STATUS_ERRORS, store_says_missing=vault_says_missing(answer.data))
+
+
 class DynamicConnection(StrictModel):
     path: str = Field(min_length=1)
     fields: dict[str, Any] = {}
@@ -284,14 +290,14 @@ class Backend(rest.RestBackend):
         what = f"vault {self.name}: {what}"
         headers = self.token_headers(token) if token else {}
         answer = await rest.request(self._http(), method, self._url(path), headers, what, body=body)
-        rest.raise_for_status(answer, what, table=STATUS_ERRORS, store_says_missing=vault_says_missing(answer.data))
+        raise_for_status(answer, what)
         return answer.data
 
     async def _authed(self, method: str, path: str, what: str, body: Any = None) -> dict[str, Any]:
         """A request with the backend's token; a refused token gets one fresh login and one more try."""
         what = f"vault {self.name}: {what}"
         answer = await self.authorized(method, self._url(path), what, body=body)
-        rest.raise_for_status(answer, what, table=STATUS_ERRORS, store_says_missing=vault_says_missing(answer.data))
+        raise_for_status(answer, what)
         return answer.data
 
     async def _on_unauthorized(self, answer: rest.Answer, what: str, token: str) -> bool:

@@ -1,4 +1,5 @@
-"""GCP and Azure layouts as Airflow's backends build names, challenge parsing, and the status map (no I/O)."""
+"""GCP and Azure layouts as Airflow's backends build names and challenge parsing (no I/O; the shared status map
+and Retry-After are tests/unit/backends/test_rest.py)."""
 
 from __future__ import annotations
 
@@ -7,17 +8,14 @@ from typing import Any
 
 import pytest
 
-from broker.backends import REGISTRY, load_type, rest
+from broker.backends import REGISTRY, load_type
 from broker.backends.azure_key_vault import parse_challenge
 from broker.backends.base import (
     AccessDenied,
     BackendContext,
     BackendError,
-    BackendUnavailable,
     ConfigurationError,
     Kind,
-    RateLimited,
-    SecretNotFound,
 )
 from broker.clock import FakeClock
 from broker.config import validate_config
@@ -83,32 +81,6 @@ def test_challenge_parsing() -> None:
         kv._accept_challenge(header.replace("vault.azure.net", "evil.example"), "t")
     with pytest.raises(BackendError, match="without a usable Bearer challenge"):
         kv._accept_challenge('Bearer resource="https://vault.azure.net"', "t")
-
-
-@pytest.mark.parametrize(
-    ("status", "error"),
-    [
-        (404, SecretNotFound),
-        (403, AccessDenied),
-        (401, AccessDenied),
-        (429, RateLimited),
-        (500, BackendUnavailable),
-        (503, BackendUnavailable),
-        (408, BackendUnavailable),
-        (400, BackendError),
-    ],
-)
-def test_rest_status_map(status: int, error: type[Exception]) -> None:
-    with pytest.raises(error) as info:
-        rest.raise_for_status(rest.Answer(status, {}, "7", None), "w")
-    assert type(info.value) is error
-    if status == 429:
-        assert info.value.retry_after == 7.0  # type: ignore[attr-defined]
-
-
-def test_retry_after_as_http_date() -> None:
-    assert rest.parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10.0
-    assert rest.parse_retry_after("soon") is None
 
 
 def test_gcp_crc32c_checked() -> None:

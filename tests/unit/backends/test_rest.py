@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import pytest
 
-from broker.backends import rest
+from broker.backends import rest, vault
 from broker.backends.base import (
     AccessDenied,
     BackendConfig,
@@ -72,7 +72,7 @@ def test_no_status_but_404_is_ever_not_found(status: int) -> None:
 def test_messages_name_status_and_code_never_the_body(status: int, code: str | None) -> None:
     answer = rest.Answer(status, {"error": {"message": "s3cr3t echoed back"}}, None, None)
     with pytest.raises(BrokerError) as caught:
-        rest.raise_for_status(answer, WHAT, code)
+        rest.raise_for_status(answer, WHAT, code, store_says_missing=code == "NOT_FOUND")
     assert caught.value.message == rest.status_message(WHAT, status, code)
     assert caught.value.message.startswith(f"{WHAT}: HTTP {status}")
     assert "s3cr3t" not in str(caught.value)
@@ -83,11 +83,15 @@ def test_answers_below_400_raise_nothing(status: int) -> None:
     rest.raise_for_status(rest.Answer(status, {}, None, None), WHAT)
 
 
-def test_raise_for_status_passes_the_store_word_on() -> None:
-    with pytest.raises(BackendError, match="not the store's own not-found answer"):
-        rest.raise_for_status(rest.Answer(404, {}, None, None), WHAT, store_says_missing=False)
+def test_a_404_is_not_found_only_with_the_store_word() -> None:
+    """The safe answer is the default: a store that does not pass its word cannot turn a failure into a miss."""
+    for rule in ({}, {"store_says_missing": False}):
+        with pytest.raises(BackendError, match="not the store's own not-found answer") as caught:
+            rest.raise_for_status(rest.Answer(404, {}, None, None), WHAT, **rule)
+        assert type(caught.value) is BackendError
+        assert type(rest.error_for(404, "m", **rule)) is BackendError
     with pytest.raises(SecretNotFound):
-        rest.raise_for_status(rest.Answer(404, {}, None, None), WHAT)
+        rest.raise_for_status(rest.Answer(404, {}, None, None), WHAT, store_says_missing=True)
 
 
 @pytest.mark.parametrize(
@@ -222,4 +226,4 @@ async def test_a_store_may_let_a_refusal_stand(store: Any) -> None:
 def test_vaults_own_404(body: dict[str, Any], missing: bool) -> None:
     assert vault_says_missing(body) is missing
     with pytest.raises(SecretNotFound if missing else BackendError):
-        rest.raise_for_status(rest.Answer(404, body, None, None), WHAT, store_says_missing=vault_says_missing(body))
+        vault.raise_for_status(rest.Answer(404, body, None, None), WHAT)

@@ -33,6 +33,7 @@ from broker.backends.vault import (
     parse_dynamic,
     parse_kv,
     parse_lease,
+    raise_for_status,
     render,
 )
 from broker.clock import FakeClock
@@ -63,7 +64,7 @@ WHAT = "vault v: read p"
 )
 def test_status_table(status: int, error: type[BrokerError]) -> None:
     with pytest.raises(BrokerError) as caught:
-        rest.raise_for_status(rest.Answer(status, {"errors": ["echoed input"]}, "3", None), WHAT, table=STATUS_ERRORS)
+        raise_for_status(rest.Answer(status, {"errors": ["echoed input"]}, "3", None), WHAT)
     assert type(caught.value) is error
     assert caught.value.message == f"{WHAT}: HTTP {status}"  # the body is never quoted
     if error in (RateLimited, BackendUnavailable):
@@ -73,7 +74,7 @@ def test_status_table(status: int, error: type[BrokerError]) -> None:
 def test_412_is_vaults_own_entry() -> None:
     assert type(rest.error_for(412, "m")) is BackendError  # the shared table, as GCP and Azure read it
     assert type(rest.error_for(412, "m", table=STATUS_ERRORS)) is BackendUnavailable
-    rest.raise_for_status(rest.Answer(204, {}, None, None), WHAT, table=STATUS_ERRORS)  # a success raises nothing
+    raise_for_status(rest.Answer(204, {}, None, None), WHAT)  # a success raises nothing
 
 
 # ---------------------------------------------------------------------------------------------- KV answers
