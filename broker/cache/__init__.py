@@ -114,10 +114,6 @@ class Entry:
         return unspelled(self.spelled)
 
     @property
-    def fresh_until(self) -> float:
-        return self.fetched_at + self.ttl
-
-    @property
     def usable_until(self) -> float:
         return self.fetched_at + self.ttl + self.stale
 
@@ -243,7 +239,6 @@ class SecretCache:
         self._due: dict[int, list[str]] = {}
         self._buckets: list[int] = []
         self._pinned: set[Key] = set()
-        self._closed = False
 
     # ------------------------------------------------------------------------------------------ reads
 
@@ -629,12 +624,8 @@ class SecretCache:
         if revoke and holder is not None and lease is not None:
             self.leases.revoke_soon(holder, lease)
 
-    def live_leases(self) -> list[tuple[str, Lease]]:
-        return self.leases.live()
-
     async def aclose(self, *, revoke_leases: bool, timeout: float = 10.0) -> None:  # noqa: ASYNC109
         """Stop background work; revoke every held lease first when asked."""
-        self._closed = True
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:

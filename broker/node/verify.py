@@ -99,7 +99,6 @@ class TokenVerifier:
         self.config = config
         self.ctx = ctx
         self.node_name = node_name
-        self.reviews = 0
         self._verdicts: collections.OrderedDict[bytes, _Verdict] = collections.OrderedDict()
         self._inflight: dict[bytes, asyncio.Future[PodIdentity]] = {}
         self._session: aiohttp.ClientSession | None = None
@@ -188,7 +187,6 @@ class TokenVerifier:
             "spec": {"token": token, "audiences": [self.config.audience]},
         }
         headers = {"Authorization": f"Bearer {await self._own_token()}", "Content-Type": "application/json"}
-        self.reviews += 1
         try:
             async with self._http().post(
                 api.url + REVIEW_PATH,

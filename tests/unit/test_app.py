@@ -209,7 +209,7 @@ async def test_every_reload_shape_then_shutdown_revokes_each_lease_through_its_b
     assert {g.name: fake(g).closes for g in built} == {g.name: 1 for g in built}  # each closed once
     assert all(fake(g).after_close == [] for g in built)
     assert broker.state.retired == []
-    assert broker.state.cache.live_leases() == []
+    assert broker.state.cache.leases.live() == []
 
 
 async def test_a_retired_backend_is_closed_when_its_last_lease_expires(harness: Harness) -> None:

@@ -318,7 +318,8 @@ async def test_pinned_keys_stay_warm_unread(loader: ScriptedLoader, clock: FakeC
         await cache.run_due()
         await settle()
     assert loader.calls["p"] == 5
-    assert cache.peek(V, "p") is not None and cache.peek(V, "p").fresh_until > clock.now()
+    entry = cache.peek(V, "p")
+    assert entry is not None and entry.fetched_at + entry.ttl > clock.now()
 
 
 async def test_refresh_jitter_spreads_refresh_times(clock: FakeClock) -> None:
@@ -497,7 +498,7 @@ async def test_lease_renewed_at_two_thirds_while_used(loader: ScriptedLoader, cl
     await settle()
     assert len(leases.renewed) == 1
     entry = cache.peek(V, "db")
-    assert entry is not None and entry.fresh_until == pytest.approx(clock.now() + 85)
+    assert entry is not None and entry.fetched_at + entry.ttl == pytest.approx(clock.now() + 85)
     assert loader.calls["db"] == 1
 
 
@@ -520,7 +521,7 @@ async def test_capped_lease_rotates_before_expiry(loader: ScriptedLoader, clock:
     entry = cache.peek(V, "db")
     assert loader.calls["db"] == 2
     assert entry.lease != first and entry.lease.expires_at > first.issued_at + 120
-    assert entry.fresh_until > clock.now()
+    assert entry.fetched_at + entry.ttl > clock.now()
 
 
 async def test_idle_lease_is_released_and_revoked(loader: ScriptedLoader, clock: FakeClock, leases: Leases) -> None:

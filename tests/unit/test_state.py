@@ -144,7 +144,7 @@ async def test_a_retired_backend_holding_a_lease_stays_open_until_released(make_
     assert change.retired == [old_b]
     assert state.retire(change.retired) == []  # not closed: the lease is renewed or revoked through it
     assert state.retired == [old_b]
-    assert [name for name, _ in state.cache.live_leases()] == ["b"]
+    assert [name for name, _ in state.cache.leases.live()] == ["b"]
     assert state.retire(change.retired) == [] and state.retired == [old_b]  # retired once
     assert state.released(state.guards[0]) is None  # a backend in the chain is never handed back
     assert state.released(old_b) is old_b
