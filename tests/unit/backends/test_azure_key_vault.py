@@ -5,7 +5,6 @@ nothing else ever is, the challenge request included."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -18,12 +17,10 @@ from broker.backends.base import (
     BackendError,
     BackendUnavailable,
     BrokerError,
-    Kind,
     RateLimited,
     SecretNotFound,
 )
-from broker.clock import FakeClock
-from broker.metrics import Metrics
+from tests.support.rest_store import check_row, fetch_error, row_ids, scripted
 
 WHAT = "azure k: airflow-variables-x"
 
@@ -51,12 +48,9 @@ TABLE = [
 ]
 
 
-@pytest.mark.parametrize(("status", "code", "error"), TABLE, ids=[f"{s}-{c}" for s, c, _ in TABLE])
+@pytest.mark.parametrize(("status", "code", "error"), TABLE, ids=row_ids(TABLE))
 def test_error_table(status: int, code: str | None, error: type[BrokerError]) -> None:
-    got = error_for(status, code, WHAT, "2")
-    assert type(got) is error
-    assert got.message.startswith(f"{WHAT}: HTTP {status}")
-    assert got.retry_after == (2.0 if got.transient else None)
+    check_row(error_for(status, code, WHAT, "2"), error, WHAT, status, 2.0)
 
 
 def test_a_disabled_secret_is_named() -> None:
@@ -84,36 +78,26 @@ def test_error_code(body: dict[str, Any], code: str | None) -> None:
 @pytest.fixture
 async def vault(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[Backend, list[rest.Answer]]]:
     """A backend whose reads (and challenge requests) get the scripted answers: no network, no token."""
-    answers: list[rest.Answer] = []
-    with ThreadPoolExecutor(1) as pool:
-        ctx = BackendContext(executor=pool, clock=FakeClock(), metrics=Metrics())
-        config = AzureConfig(name="k", type="azure_key_vault", vault_url="https://k.vault.azure.net")
-        backend = Backend(config, ctx)
 
-        async def authorized_get(url: str, what: str) -> rest.Answer:
-            return answers.pop(0)
+    def make(ctx: BackendContext) -> Backend:
+        return Backend(AzureConfig(name="k", type="azure_key_vault", vault_url="https://k.vault.azure.net"), ctx)
+
+    async with scripted(make, monkeypatch) as (backend, answers):
 
         async def get(session: Any, url: str, headers: dict[str, str], what: str) -> rest.Answer:
             return answers.pop(0)
 
-        monkeypatch.setattr(backend, "authorized_get", authorized_get)
         monkeypatch.setattr(rest, "get", get)
         yield backend, answers
-        await backend.aclose()
 
 
-@pytest.mark.parametrize(("status", "code", "error"), TABLE, ids=[f"{s}-{c}" for s, c, _ in TABLE])
+@pytest.mark.parametrize(("status", "code", "error"), TABLE, ids=row_ids(TABLE))
 async def test_fetch_raises_by_the_table(vault: Any, status: int, code: str | None, error: type[BrokerError]) -> None:
-    backend, answers = vault
-    backend.identity.set_challenge("https://vault.azure.net/.default", "tenant")
+    vault[0].identity.set_challenge("https://vault.azure.net/.default", "tenant")
     body = {"error": {"code": code, "message": "echo s3cr3t"}} if code else {}
     if code == "SecretDisabled":
         body = {"error": {"code": "Forbidden", "message": "echo s3cr3t", "innererror": {"code": code}}}
-    answers.append(rest.Answer(status, body, "2", None))
-    with pytest.raises(BrokerError) as caught:
-        await backend.fetch(Kind.VARIABLE, "airflow-variables-x")
-    assert type(caught.value) is error
-    assert "s3cr3t" not in str(caught.value)
+    assert type(await fetch_error(*vault, rest.Answer(status, body, "2", None))) is error
 
 
 @pytest.mark.parametrize(
@@ -130,8 +114,4 @@ async def test_fetch_raises_by_the_table(vault: Any, status: int, code: str | No
 async def test_the_challenge_request_is_never_not_found(
     vault: Any, status: int, body: dict[str, Any], error: type[BrokerError]
 ) -> None:
-    backend, answers = vault
-    answers.append(rest.Answer(status, body, None, None))
-    with pytest.raises(BrokerError) as caught:
-        await backend.fetch(Kind.VARIABLE, "airflow-variables-x")
-    assert type(caught.value) is error
+    assert type(await fetch_error(*vault, rest.Answer(status, body, None, None))) is error

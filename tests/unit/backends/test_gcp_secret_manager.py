@@ -5,7 +5,6 @@ error status an access call can answer, as the broker error it becomes. "Not fou
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -17,13 +16,11 @@ from broker.backends.base import (
     BackendError,
     BackendUnavailable,
     BrokerError,
-    Kind,
     RateLimited,
     SecretNotFound,
 )
 from broker.backends.gcp_secret_manager import Backend, GcpConfig, error_code, error_for
-from broker.clock import FakeClock
-from broker.metrics import Metrics
+from tests.support.rest_store import check_row, fetch_error, row_ids, scripted
 
 WHAT = "gcp g: airflow-variables-x"
 
@@ -51,12 +48,11 @@ TABLE = [
 ]
 
 
-@pytest.mark.parametrize(("status", "code", "error"), TABLE, ids=[f"{s}-{c}" for s, c, _ in TABLE])
+@pytest.mark.parametrize(("status", "code", "error"), TABLE, ids=row_ids(TABLE))
 def test_error_table(status: int, code: str | None, error: type[BrokerError]) -> None:
     got = error_for(status, code, WHAT, "2")
-    assert type(got) is error
+    check_row(got, error, WHAT, status, 2.0)
     assert got.message.startswith(rest.status_message(WHAT, status, code))
-    assert got.retry_after == (2.0 if got.transient else None)
 
 
 def test_failed_precondition_names_the_disabled_version() -> None:
@@ -84,29 +80,20 @@ def test_error_code(body: dict[str, Any], code: str | None) -> None:
 @pytest.fixture
 async def gcp(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[Backend, list[rest.Answer]]]:
     """A backend whose access calls get the scripted answers (no network, no token)."""
-    answers: list[rest.Answer] = []
-    with ThreadPoolExecutor(1) as pool:
-        ctx = BackendContext(executor=pool, clock=FakeClock(), metrics=Metrics())
-        backend = Backend(GcpConfig(name="g", type="gcp_secret_manager", project_id="my-project"), ctx)
+
+    def make(ctx: BackendContext) -> Backend:
+        return Backend(GcpConfig(name="g", type="gcp_secret_manager", project_id="my-project"), ctx)
+
+    async with scripted(make, monkeypatch) as (backend, answers):
 
         async def token(refused: str | None = None) -> str:
             return "t"
 
-        async def authorized_get(url: str, what: str) -> rest.Answer:
-            return answers.pop(0)
-
         monkeypatch.setattr(backend.identity, "token", token)
-        monkeypatch.setattr(backend, "authorized_get", authorized_get)
         yield backend, answers
-        await backend.aclose()
 
 
-@pytest.mark.parametrize(("status", "code", "error"), TABLE, ids=[f"{s}-{c}" for s, c, _ in TABLE])
+@pytest.mark.parametrize(("status", "code", "error"), TABLE, ids=row_ids(TABLE))
 async def test_fetch_raises_by_the_table(gcp: Any, status: int, code: str | None, error: type[BrokerError]) -> None:
-    backend, answers = gcp
     body = {"error": {"code": status, "message": "echo s3cr3t", "status": code}} if code else {}
-    answers.append(rest.Answer(status, body, "2", None))
-    with pytest.raises(BrokerError) as caught:
-        await backend.fetch(Kind.VARIABLE, "airflow-variables-x")
-    assert type(caught.value) is error
-    assert "s3cr3t" not in str(caught.value)
+    assert type(await fetch_error(*gcp, rest.Answer(status, body, "2", None))) is error
