@@ -15,6 +15,7 @@ from broker.config import validate_config
 from broker.resolver import Resolved
 from broker.server import build_api_app, build_metrics_app
 from broker.state import BrokerState
+from tests.support.server_state import recording_state
 
 
 @pytest.fixture
@@ -130,31 +131,8 @@ async def test_openapi_document_is_served_and_describes_the_api(state: Any) -> N
         await client.close()
 
 
-class Recorder:
-    """Stands in for the audit trail: keeps what would be written."""
-
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, str, str, str | None]] = []
-
-    def record(self, rid: Any, kind: str, name: str, outcome: str, *, team: str | None = None, **_: Any) -> None:
-        self.lines.append((kind, name, outcome, team))
-
-
 def team_state(tmp_path: Path, bound: str | None) -> Any:
-    listen: dict[str, Any] = {"socket": str(tmp_path / "s.sock")}
-    if bound:
-        listen["team"] = bound
-    config = validate_config({"multi_team": True, "listen": listen, "backends": [{"name": "env", "type": "env"}]})
-    st = BrokerState(config)
-    st.loads = []
-
-    async def load(kind: Kind, name: str, team: str | None = None) -> Resolved:
-        st.loads.append((name, team))
-        return Resolved(f"{team}:{name}", "env", None, None, 300, 0)
-
-    st.cache._loader = load
-    st.audit = Recorder()
-    return st
+    return recording_state(tmp_path, multi_team=True, **({"team": bound} if bound else {}))
 
 
 async def test_the_team_is_part_of_the_key(tmp_path: Path) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -203,14 +202,6 @@ class FakeTransport:
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return self.sock if name == "socket" else default
-
-
-@pytest.fixture
-def unix_pair() -> Iterator[socket.socket]:
-    a, b = socket.socketpair(socket.AF_UNIX)
-    yield a
-    a.close()
-    b.close()
 
 
 ME, MY_GID = os.getuid(), os.getgid()

@@ -6,19 +6,16 @@ import asyncio
 import json
 import os
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from broker.backends.base import Kind
-from broker.config import validate_config
-from broker.resolver import Resolved
 from broker.server import EDGE, build_api_app
 from broker.server.edge import EdgePolicy
 from broker.server.fast import FastFront, FastProtocol
-from broker.state import BrokerState
+from tests.support.server_state import recording_state
 
 TOKEN = b"f" * 32
 
@@ -64,41 +61,8 @@ class Inner(asyncio.Protocol):
         self.data += data
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, str, str, str | None]] = []
-
-    def record(self, rid: Any, kind: str, name: str, outcome: str, *, team: str | None = None, **_: Any) -> None:
-        self.lines.append((kind, name, outcome, team))
-
-
-@pytest.fixture
-def unix_pair() -> Iterator[socket.socket]:
-    a, b = socket.socketpair(socket.AF_UNIX)
-    yield a
-    a.close()
-    b.close()
-
-
 def make_state(tmp_path: Path, **listen: Any) -> Any:
-    multi = "team" in listen or "peer_teams" in listen
-    config = validate_config(
-        {
-            "multi_team": multi,
-            "listen": {"socket": str(tmp_path / "s.sock"), **listen},
-            "backends": [{"name": "env", "type": "env"}],
-        }
-    )
-    st = BrokerState(config)
-    st.loads = []
-
-    async def load(kind: Kind, name: str, team: str | None = None) -> Resolved:
-        st.loads.append((name, team))
-        return Resolved(f"{team}:{name}", "env", None, None, 300, 0)
-
-    st.cache._loader = load
-    st.audit = Recorder()
-    return st
+    return recording_state(tmp_path, multi_team="team" in listen or "peer_teams" in listen, **listen)
 
 
 def front_for(state: Any, tcp_token: bytes | None = None) -> FastFront:
