@@ -24,7 +24,7 @@ from urllib.parse import quote
 import pytest
 
 from tests.servers.fault_proxy import FaultProxy
-from tests.servers.openbao import OpenBao
+from tests.servers.openbao import OpenBao, approle, approle_auth
 from tests.servers.stores import Harness
 from tests.support.broker_process import BrokerProcess
 from tests.support.leakcheck import plant
@@ -182,16 +182,8 @@ def _vault_approle(bao: OpenBao, data_path: str, files: Path) -> dict[str, str]:
     """An AppRole whose policy reads Airflow's layout except ``variables/acc_denied``: the role's files."""
     client = bao.client()
     client.sys.create_or_update_policy("acceptance", VAULT_POLICY.format(data=data_path))
-    if "approle/" not in client.sys.list_auth_methods()["data"]:
-        client.sys.enable_auth_method("approle")
-    client.auth.approle.create_or_update_approle(
-        "acceptance", token_policies=["acceptance"], token_ttl="1h", token_max_ttl="2h"
-    )
-    role_id = client.auth.approle.read_role_id("acceptance")["data"]["role_id"]
-    secret_id = client.auth.approle.generate_secret_id("acceptance")["data"]["secret_id"]
-    (files / "role_id").write_text(role_id)
-    (files / "secret_id").write_text(secret_id)
-    return {"method": "approle", "role_id_file": str(files / "role_id"), "secret_id_file": str(files / "secret_id")}
+    approle(client, "acceptance", ["acceptance"], "1h", "2h", files)
+    return approle_auth(files, "acceptance")
 
 
 def _revoke_approle_tokens(bao: OpenBao) -> None:

@@ -89,3 +89,27 @@ class OpenBao:
         if self._root is None:
             self._root = self.client()
         self._root.secrets.kv.v2.create_or_update_secret(path=path, secret=data, mount_point=mount)
+
+
+def approle(
+    client: hvac.Client, role: str, policies: list[str], ttl: str, max_ttl: str, files: Path
+) -> tuple[str, str]:
+    """An AppRole login for ``policies`` (the method enabled when it is not yet), its role and secret ids written
+    to ``files``/``{role}.role_id`` and ``{role}.secret_id``: returns them."""
+    if "approle/" not in client.sys.list_auth_methods()["data"]:
+        client.sys.enable_auth_method("approle")
+    client.auth.approle.create_or_update_approle(role, token_policies=policies, token_ttl=ttl, token_max_ttl=max_ttl)
+    role_id: str = client.auth.approle.read_role_id(role)["data"]["role_id"]
+    secret_id: str = client.auth.approle.generate_secret_id(role)["data"]["secret_id"]
+    (files / f"{role}.role_id").write_text(role_id)
+    (files / f"{role}.secret_id").write_text(secret_id)
+    return role_id, secret_id
+
+
+def approle_auth(files: Path, role: str) -> dict[str, str]:
+    """The broker's ``auth`` section for the AppRole ``approle`` made in ``files``."""
+    return {
+        "method": "approle",
+        "role_id_file": str(files / f"{role}.role_id"),
+        "secret_id_file": str(files / f"{role}.secret_id"),
+    }

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from tests.servers.openbao import OpenBao
+from tests.servers.openbao import OpenBao, approle, approle_auth
 from tests.servers.tokenreview import TokenReviewServer
 from tests.support.leakcheck import plant
 
@@ -86,7 +86,7 @@ class VaultEnv:
     def backend(self, method: str = "approle", **overrides: Any) -> dict[str, Any]:
         auth: dict[str, Any] = {"method": method}
         if method == "approle":
-            auth |= {"role_id_file": str(self.files / "role_id"), "secret_id_file": str(self.files / "secret_id")}
+            auth = approle_auth(self.files, "airflow")
         elif method in ("kubernetes", "jwt"):
             auth |= {"role": "airflow", "token_path": str(self.files / f"{method}.token")}
         elif method == "token":
@@ -141,21 +141,8 @@ def vault_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VaultEnv]:
             path="airflow/variables/v1var", mount_point="kv1", secret={"value": "kv1-value"}
         )
         # approle with short tokens so renewal and re-login happen within a test
-        c.sys.enable_auth_method("approle")
-        c.auth.approle.create_or_update_approle(
-            "airflow", token_policies=["airflow-read"], token_ttl="60s", token_max_ttl="10m"
-        )
-        c.auth.approle.create_or_update_approle(
-            "short", token_policies=["airflow-read"], token_ttl="3s", token_max_ttl="8s"
-        )
-        role_id = c.auth.approle.read_role_id("airflow")["data"]["role_id"]
-        secret_id = c.auth.approle.generate_secret_id("airflow")["data"]["secret_id"]
-        (files / "role_id").write_text(role_id)
-        (files / "secret_id").write_text(secret_id)
-        short_role = c.auth.approle.read_role_id("short")["data"]["role_id"]
-        short_secret = c.auth.approle.generate_secret_id("short")["data"]["secret_id"]
-        (files / "short_role_id").write_text(short_role)
-        (files / "short_secret_id").write_text(short_secret)
+        role_id, secret_id = approle(c, "airflow", ["airflow-read"], "60s", "10m", files)
+        approle(c, "short", ["airflow-read"], "3s", "8s", files)
         # jwt with a key made here
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         pub = (

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from tests.integration.vault.conftest import CONFIG_VALUE, PASSWORD, VARIABLE, VaultEnv
-from tests.servers.openbao import ROOT_TOKEN, OpenBao
+from tests.servers.openbao import ROOT_TOKEN, OpenBao, approle_auth
 from tests.support.broker_process import wait_for
 
 EXPECTED_FIELDS = {
@@ -73,10 +73,7 @@ def test_kv1_with_mount_from_the_id(broker_factory: Any, vault_env: VaultEnv) ->
 def test_token_renewal_then_relogin_at_max_ttl(broker_factory: Any, vault_env: VaultEnv) -> None:
     backend = vault_env.backend(
         "approle",
-        auth={
-            "role_id_file": str(vault_env.files / "short_role_id"),
-            "secret_id_file": str(vault_env.files / "short_secret_id"),
-        },
+        auth=approle_auth(vault_env.files, "short"),
         token_min_ttl=0.5,
     )
     broker = broker_factory({"backends": [backend]})
