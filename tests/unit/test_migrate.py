@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -133,11 +134,16 @@ def test_what_cannot_be_migrated_is_refused(tmp_path: Path) -> None:
         migrate(None, {"AIRFLOW__SECRETS__BACKEND": "broker.airflow.BrokerSecretsBackend"})
 
 
+def without_airflow_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test's process environment holds no ``AIRFLOW__*`` setting: only the file given is read."""
+    for key in [k for k in os.environ if k.startswith("AIRFLOW__")]:
+        monkeypatch.delenv(key)
+
+
 def test_the_cli_writes_the_file_and_prints_the_airflow_settings(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    for key in [k for k in __import__("os").environ if k.startswith("AIRFLOW__")]:
-        monkeypatch.delenv(key)
+    without_airflow_settings(monkeypatch)
     cfg = tmp_path / "airflow.cfg"
     cfg.write_text(VAULT_CFG)
     out = tmp_path / "broker.yaml"
@@ -157,8 +163,7 @@ def test_copied_deprecated_and_dropped_ignored_kwargs_print_the_load_warning(
     from broker.backends.vault import VaultConfig
     from broker.providerkw import notice
 
-    for key in [k for k in __import__("os").environ if k.startswith("AIRFLOW__")]:
-        monkeypatch.delenv(key)
+    without_airflow_settings(monkeypatch)
     vault = tmp_path / "vault.cfg"
     vault.write_text(VAULT_CFG.replace('"mount_point"', '"global_secrets_path": "common", "mount_point"'))
     out = tmp_path / "broker.yaml"
@@ -179,8 +184,7 @@ def test_copied_deprecated_and_dropped_ignored_kwargs_print_the_load_warning(
 
 
 def test_a_moved_kwarg_is_written_under_the_broker_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in [k for k in __import__("os").environ if k.startswith("AIRFLOW__")]:
-        monkeypatch.delenv(key)
+    without_airflow_settings(monkeypatch)
     cfg = tmp_path / "airflow.cfg"
     cfg.write_text(
         CFGS["azure"].replace('"client_secret"', '"workload_identity_tenant_id": "tenant-1", "client_secret"')
