@@ -107,10 +107,6 @@ class Backend(AwsBackend):
         out.append(f"{prefix}{sep}{name}" if prefix else name)
         return out
 
-    def locate(self, kind: Kind, name: str) -> str | None:
-        paths = self.candidates(kind, name)
-        return paths[0] if paths else None
-
     async def fetch(self, kind: Kind, path: str) -> SecretValue:
         """GetSecretValue, one attempt; ``version`` is the VersionId.
 

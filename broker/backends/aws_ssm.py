@@ -47,10 +47,6 @@ class Backend(AwsBackend):
         ids.append(name)
         return [path if (path := f"{prefix}/{one}").startswith("/") else f"/{path}" for one in ids]
 
-    def locate(self, kind: Kind, name: str) -> str | None:
-        paths = self.candidates(kind, name)
-        return paths[0] if paths else None
-
     async def fetch(self, kind: Kind, path: str) -> SecretValue:
         """GetParameter with decryption, one attempt; ``version`` is the parameter's version number.
 

@@ -143,10 +143,6 @@ class Backend(rest.RestBackend):
         paths = [(f"{prefix}{sep}{one}" if prefix else one).replace("_", sep) for one in ids]
         return [path for path in paths if SECRET_NAME.fullmatch(path)]
 
-    def locate(self, kind: Kind, name: str) -> str | None:
-        paths = self.candidates(kind, name)
-        return paths[0] if paths else None
-
     # ------------------------------------------------------------------------------------------ challenge
 
     def _accept_challenge(self, header: str | None, what: str) -> None:

@@ -290,11 +290,14 @@ def ssl_context(ca_cert: Path | None) -> ssl.SSLContext:
 
 
 class Backend(ABC):
-    """A secret store. Subclasses set ``config_model`` and implement ``locate`` and ``fetch``."""
+    """A secret store. Subclasses set ``config_model`` and implement ``locate`` or ``candidates``, and ``fetch``."""
 
     config_model: ClassVar[type[BackendConfig]] = BackendConfig
 
     def __init__(self, config: BackendConfig, ctx: BackendContext) -> None:
+        cls = type(self)
+        if cls.locate is Backend.locate and cls.candidates is Backend.candidates:
+            raise TypeError(f"{cls.__name__} must define locate or candidates (each defaults to the other)")
         self.config = config
         self.ctx = ctx
 
@@ -302,10 +305,14 @@ class Backend(ABC):
     def name(self) -> str:
         return self.config.name
 
-    @abstractmethod
     def locate(self, kind: Kind, name: str) -> str | None:
         """The store's secret path for an Airflow id, or None when this backend does not serve it
-        (kind disabled by a null prefix, id outside a lookup pattern). Pure: no I/O."""
+        (kind disabled by a null prefix, id outside a lookup pattern). Pure: no I/O.
+
+        This default is the first of ``candidates`` for no team: a store writes one of the two.
+        """
+        paths = self.candidates(kind, name)
+        return paths[0] if paths else None
 
     def candidates(self, kind: Kind, name: str, team: str | None = None, *, multi_team: bool = False) -> list[str]:
         """The store paths to try for an Airflow id, in order (the first one found answers); empty when this

@@ -160,10 +160,6 @@ class Backend(rest.RestBackend):
         ids.append(f"{prefix}{sep}{name}")
         return [secret_id for secret_id in ids if SECRET_ID.fullmatch(secret_id)]
 
-    def locate(self, kind: Kind, name: str) -> str | None:
-        paths = self.candidates(kind, name)
-        return paths[0] if paths else None
-
     def _project(self) -> str:
         project = self.config.project_id or self.identity.project_id
         if not project:

@@ -178,9 +178,9 @@ class RestBackend(Backend):
     """A store read with requests that carry the identity's token: the session, the token source and their
     lifecycle.
 
-    A plug-in sets ``identity`` in its constructor and writes ``locate``, ``fetch`` (with ``authorized``)
-    and ``check``; it may change the session's headers, how a token is sent, and which status means
-    "this token is refused".
+    A plug-in sets ``identity`` in its constructor and writes ``candidates`` (or ``locate``), ``fetch`` (with
+    ``authorized``) and ``check``; it may change the session's headers, how a token is sent, and which status
+    means "this token is refused".
     """
 
     identity: TokenSource

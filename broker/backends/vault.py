@@ -254,10 +254,6 @@ class Backend(rest.RestBackend):
             out.append(f"{mount}/{path}" if mount else path)
         return out
 
-    def locate(self, kind: Kind, name: str) -> str | None:
-        paths = self.candidates(kind, name)
-        return paths[0] if paths else None
-
     def kv_path(self, secret_path: str) -> str:
         """The API path (under ``/v1/``) that reads a secret of the layout."""
         mount = self.config.mount_point
