@@ -25,6 +25,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from broker.backends.base import (
+    TEAM_SEP,
     AccessDenied,
     Backend,
     BackendConfig,
@@ -347,10 +348,15 @@ class AwsBackend(Backend):
 
     # ------------------------------------------------------------------------------------ layout
 
-    def allowed(self, kind: Kind, name: str) -> bool:
-        """Airflow's ``*_lookup_pattern``: ids that do not match are never looked up (no AWS call)."""
+    def served_prefix(self, kind: Kind, name: str, multi_team: bool) -> str | None:
+        """The kind's prefix when this backend looks ``name`` up at all, else None: the kind is off (a null
+        prefix), the id is outside Airflow's ``*_lookup_pattern`` (no AWS call), or, with multi-team, it holds
+        "--" and so could name another team's secret."""
+        prefix = layout_key(self.config, kind, "prefix")
+        if prefix is None or (multi_team and TEAM_SEP in name):
+            return None
         pattern = layout_key(self.config, kind, "lookup_pattern")
-        return not pattern or re.match(pattern, name, re.IGNORECASE) is not None
+        return prefix if not pattern or re.match(pattern, name, re.IGNORECASE) is not None else None
 
     # ------------------------------------------------------------------------------------ identity
 

@@ -24,7 +24,6 @@ from broker.backends.base import (
     Kind,
     RateLimitConfig,
     SecretValue,
-    layout_key,
 )
 from broker.providerkw import Ignored
 
@@ -95,9 +94,9 @@ class Backend(AwsBackend):
     service = "secretsmanager"
 
     def candidates(self, kind: Kind, name: str, team: str | None = None, *, multi_team: bool = False) -> list[str]:
-        prefix = layout_key(self.config, kind, "prefix")
-        if prefix is None or not self.allowed(kind, name) or (multi_team and TEAM_SEP in name):
-            return []  # multi-team: an id with "--" could name another team's secret
+        prefix = self.served_prefix(kind, name, multi_team)
+        if prefix is None:
+            return []
         sep = self.config.sep
         # Airflow strips trailing separators from a non-empty prefix, and an empty prefix means the id alone.
         prefix = prefix.rstrip(sep) if prefix else prefix

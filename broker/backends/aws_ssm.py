@@ -19,7 +19,6 @@ from broker.backends.base import (
     Kind,
     RateLimitConfig,
     SecretValue,
-    layout_key,
 )
 
 
@@ -39,9 +38,9 @@ class Backend(AwsBackend):
     service = "ssm"
 
     def candidates(self, kind: Kind, name: str, team: str | None = None, *, multi_team: bool = False) -> list[str]:
-        prefix = layout_key(self.config, kind, "prefix")
-        if prefix is None or not self.allowed(kind, name) or (multi_team and TEAM_SEP in name):
-            return []  # multi-team: an id with "--" could name another team's parameter
+        prefix = self.served_prefix(kind, name, multi_team)
+        if prefix is None:
+            return []
         prefix = prefix.rstrip("/")
         ids = [f"{team}{TEAM_SEP}{name}"] if team and kind is not Kind.CONFIG else []
         ids.append(name)
