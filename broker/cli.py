@@ -8,8 +8,12 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from broker import __version__
+
+if TYPE_CHECKING:
+    from broker.config import BrokerConfig
 
 EXIT_OK, EXIT_NOT_FOUND, EXIT_ERROR = 0, 1, 2
 
@@ -68,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     return _serve(args)
 
 
-def _load(path_arg: str | None) -> tuple[object, Path | None] | None:
+def _load(path_arg: str | None) -> tuple[BrokerConfig, Path | None] | None:
     from broker.backends.base import ConfigurationError
     from broker.config import config_source, load_config
 
@@ -86,7 +90,6 @@ def _load(path_arg: str | None) -> tuple[object, Path | None] | None:
 def _serve(args: argparse.Namespace) -> int:
     from broker.app import serve
     from broker.backends.base import ConfigurationError
-    from broker.config import BrokerConfig
     from broker.logging import setup_logging
     from broker.server.listener import ListenError
 
@@ -94,7 +97,6 @@ def _serve(args: argparse.Namespace) -> int:
     if loaded is None:
         return EXIT_ERROR
     config, path = loaded
-    assert isinstance(config, BrokerConfig)
     setup_logging(config.logging.level)
     try:
         return serve(config, path)
@@ -184,13 +186,10 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from broker.config import BrokerConfig
-
     loaded = _load(args.config)
     if loaded is None:
         return EXIT_ERROR
     config, _ = loaded
-    assert isinstance(config, BrokerConfig)
     if args.validate_only:
         print(
             f"config ok: {len(config.backends)} backend(s): "
