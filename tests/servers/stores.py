@@ -66,6 +66,25 @@ class Harness:
         return {**self.backend, **overrides}
 
 
+def _seed(cloud: Any, store: str) -> None:
+    """The acceptance keys as variables, and the secrets outside Airflow's layout that must never be read."""
+    for key in _keys():
+        cloud.add(f"airflow-variables-{key}", value_of(store, key))
+    for name in ("outside", "airflow-variables", "airflow-config-outside"):
+        cloud.add(name, OUTSIDE)
+
+
+def _tls_proxy(upstream: str, fault_ca: Any, throttle_body: bytes) -> FaultProxy:
+    """A started fault proxy that ends and re-opens TLS with the test CA; throttled, it answers 429 with
+    ``Retry-After: 1`` and ``throttle_body``."""
+    return FaultProxy(
+        upstream,
+        listen_tls=fault_ca.server_context(),
+        upstream_tls=_client_tls(fault_ca),
+        throttle=(429, {"Retry-After": "1"}, throttle_body),
+    ).start()
+
+
 def _client_tls(ca: TestCA) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(ca.ca_path))
 
@@ -152,20 +171,12 @@ def harnesses(tmp_path_factory: pytest.TempPathFactory, fault_ca: TestCA) -> Ite
         # GCP: Secret Manager over TLS; the proxy terminates and re-opens TLS with the test CA
         gcp = GcpServers(fault_ca)
         stops.append(gcp.stop)
-        for key in _keys():
-            gcp.cloud.add(f"airflow-variables-{key}", value_of("gcp", key))
-        for name in ("outside", "airflow-variables", "airflow-config-outside"):
-            gcp.cloud.add(name, OUTSIDE)
-        proxy = FaultProxy(
+        _seed(gcp.cloud, "gcp")
+        proxy = _tls_proxy(
             gcp.secret_manager.url,
-            listen_tls=fault_ca.server_context(),
-            upstream_tls=_client_tls(fault_ca),
-            throttle=(
-                429,
-                {"Retry-After": "1"},
-                b'{"error": {"code": 429, "message": "Quota exceeded", "status": "RESOURCE_EXHAUSTED"}}',
-            ),
-        ).start()
+            fault_ca,
+            b'{"error": {"code": 429, "message": "Quota exceeded", "status": "RESOURCE_EXHAUSTED"}}',
+        )
         stops.append(proxy.stop)
         gcp_env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "GCE_", "CLOUDSDK_"))}
         gcp_env |= gcp.env() | {"CLOUDSDK_CONFIG": str(work / "gcloud")}
@@ -188,16 +199,10 @@ def harnesses(tmp_path_factory: pytest.TempPathFactory, fault_ca: TestCA) -> Ite
         # Azure: Key Vault over TLS behind the proxy; Entra reached directly
         azure = AzureServers(fault_ca)
         stops.append(azure.stop)
-        for key in _keys():
-            azure.cloud.add(f"airflow-variables-{key}", value_of("azure", key))  # keys have no "_"
-        for name in ("outside", "airflow-variables", "airflow-config-outside"):
-            azure.cloud.add(name, OUTSIDE)
-        proxy = FaultProxy(
-            azure.key_vault.url,
-            listen_tls=fault_ca.server_context(),
-            upstream_tls=_client_tls(fault_ca),
-            throttle=(429, {"Retry-After": "1"}, b'{"error": {"code": "Throttled", "message": "Too many requests"}}'),
-        ).start()
+        _seed(azure.cloud, "azure")  # keys have no "_"
+        proxy = _tls_proxy(
+            azure.key_vault.url, fault_ca, b'{"error": {"code": "Throttled", "message": "Too many requests"}}'
+        )
         stops.append(proxy.stop)
         token_file = work / "azure-token"
         token_file.write_text(azure.cloud.federated_token)
