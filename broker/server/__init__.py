@@ -159,12 +159,16 @@ def build_api_app(state: BrokerState, *, tcp_token: bytes | None = None) -> web.
             partition.last_used = state.clock.now()
 
     app.router.add_route("*", ANY_UNDER_V1, secret, expect_handler=expect_handler)
-    app.router.add_get("/healthz", _healthz, expect_handler=expect_handler)
-    app.router.add_get("/readyz", _readyz, expect_handler=expect_handler)
-    app.router.add_get("/openapi.json", _openapi, expect_handler=expect_handler)
-    app.router.add_route(
-        "*", ANY_PATH, _no_route(frozenset({"/healthz", "/readyz", "/openapi.json"})), expect_handler=expect_handler
-    )
+    return _with_plain_routes(app, {"/healthz": _healthz, "/readyz": _readyz, "/openapi.json": _openapi})
+
+
+def _with_plain_routes(
+    app: web.Application, get: dict[str, Callable[[web.Request], Awaitable[web.Response]]]
+) -> web.Application:
+    """Add the GET-only routes, then our own catch-all for every other path, and the head timeout."""
+    for path, handler in get.items():
+        app.router.add_get(path, handler, expect_handler=expect_handler)
+    app.router.add_route("*", ANY_PATH, _no_route(frozenset(get)), expect_handler=expect_handler)
     return with_header_timeout(app)
 
 
@@ -366,13 +370,7 @@ def build_metrics_app(state: BrokerState) -> web.Application:
         body = generate_latest(state.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    app.router.add_get("/metrics", metrics, expect_handler=expect_handler)
-    app.router.add_get("/healthz", _healthz, expect_handler=expect_handler)
-    app.router.add_get("/readyz", _readyz, expect_handler=expect_handler)
-    app.router.add_route(
-        "*", ANY_PATH, _no_route(frozenset({"/metrics", "/healthz", "/readyz"})), expect_handler=expect_handler
-    )
-    return with_header_timeout(app)
+    return _with_plain_routes(app, {"/metrics": metrics, "/healthz": _healthz, "/readyz": _readyz})
 
 
 # ---------------------------------------------------------------------------------------------- sockets
