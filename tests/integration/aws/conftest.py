@@ -12,7 +12,7 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from broker.backends.base import Backend, BackendContext
 from broker.clock import SystemClock
 from broker.metrics import Metrics
 from tests.servers.aws_proxy import AwsProxy
+from tests.servers.httpd import LoopbackHTTPServer
 from tests.servers.moto import MotoServer
 from tests.support.leakcheck import plant
 
@@ -166,7 +167,7 @@ class PodIdentityAgent:
             def log_message(self, *args: Any) -> None:
                 return
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = LoopbackHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1/credentials"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 

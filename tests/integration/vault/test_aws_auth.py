@@ -16,7 +16,7 @@ import os
 import re
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -25,6 +25,7 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from tests.integration.vault.conftest import VARIABLE, VaultEnv
+from tests.servers.httpd import LoopbackHTTPServer
 from tests.support.broker_process import wait_for
 
 BOUND_ROLE = "arn:aws:iam::123456789012:role/airflow-broker"
@@ -87,8 +88,7 @@ class VaultAwsLogin:
             def log_message(self, *args: Any) -> None:
                 return
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = LoopbackHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
