@@ -2,8 +2,8 @@
 
 2,000 lookups over 500 distinct names in about 2 s, ``rate_limit: {per_second: 20}``: the store sees at most
 the limit over the elapsed time plus the burst; the values in use are refreshed before they expire (served
-as fresh hits throughout); nothing that exists is answered "not found" because of the limit; the flood of
-unknown names pushes out negative entries only; and after the storm the values in use are still cached.
+as fresh hits throughout); nothing that exists is answered "not found" because of the limit; no value is
+evicted; and after the storm the values in use are still cached.
 
 Nothing here depends on how fast this machine is: ``cache.max_entries`` has room for every value the storm
 can fetch (so which values stay cached is not a race between hot reads and cold loads in the LRU), and the
@@ -125,9 +125,8 @@ def test_storm_is_held_to_the_limit_and_values_in_use_stay_fresh(
         timeout=30,
         what="a refresh of every value in use",
     )
-    # values were never pushed out of the cache; the unknown names only pushed out negative entries
+    # no value was pushed out of the cache (the unknown names are remembered in the negative LRU only)
     assert broker.metric("broker_cache_events_total", event="eviction") == 0
-    assert broker.metric("broker_cache_events_total", event="negative_eviction") > 0
     # the limit is never "not found": existing names are found or refused, unknown ones not found or refused
     assert {s for (group, s) in outcomes if group == "exists"} <= {200, 429}
     assert {s for (group, s) in outcomes if group == "unknown"} <= {404, 429}
