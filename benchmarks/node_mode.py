@@ -88,6 +88,7 @@ class Node:
 
     def __init__(self, work: Path, secrets: int) -> None:
         self.work = work
+        work.mkdir(parents=True, exist_ok=True)
         self.names = [f"var_{i}" for i in range(secrets)]
         self.api = KubernetesAPI().start()
         broker_pod = self.api.add_pod("credential-broker", "credential-broker-node", node=NODE)
