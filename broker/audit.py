@@ -249,7 +249,7 @@ class AuditLog:
 
     def _open(self) -> int:
         output = self.config.output
-        stream = self.streams.get(output)
+        stream = self.streams.get(output) if isinstance(output, str) else None
         if stream is not None:
             return stream
         now = self.clock.now()

@@ -12,8 +12,8 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from broker.backends import EXTRAS, REGISTRY, load_type
 from broker.backends.base import BackendConfig, ConfigurationError
-from broker.configtypes import Duration, StrictModel
-from broker.node.config import NodeConfig, node_errors
+from broker.configtypes import Duration, StrictModel, rooted
+from broker.node.config import NodeConfig, anchor_overrides, node_errors
 from broker.providerkw import translate
 
 DEFAULT_SOCKET = Path("/run/broker/broker.sock")
@@ -173,17 +173,19 @@ class AuditConfig(StrictModel):
     """The audit trail of reads (``broker.audit``): one JSON line per secret lookup, never a value."""
 
     enabled: bool = False
-    output: str = "stderr"  # "stderr", "stdout", or an absolute file path
+    output: Literal["stderr", "stdout"] | Path = "stderr"  # a stream, or a file path
     name_hmac_key_file: Path | None = None  # log hmac-sha256(key, name) instead of the name
     queue_size: int = Field(default=65_536, ge=100, le=10_000_000)
     readiness: bool = False  # /readyz fails while the stream cannot be written
 
-    @field_validator("output")
+    @field_validator("output", mode="before")
     @classmethod
-    def _output(cls, value: str) -> str:
-        if value not in ("stderr", "stdout") and not Path(value).is_absolute():
-            raise ValueError(f'output must be "stderr", "stdout" or an absolute file path, got {value!r}')
-        return value
+    def _stream_or_path(cls, value: Any) -> Any:
+        if value in ("stderr", "stdout") or isinstance(value, Path):
+            return value
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f'output must be "stderr", "stdout" or a file path, got {value!r}')
+        return Path(value)
 
 
 class ShutdownConfig(StrictModel):
@@ -375,13 +377,22 @@ def config_source(cli_path: str | None) -> Path | None:
 def load_config(path: Path | None) -> BrokerConfig:
     """Load and validate; None means the embedded default. Raises ConfigurationError.
 
-    Relative paths in a config file are taken from the file's directory, so a config works whatever the
-    current directory; the embedded default keeps resolving against the current directory.
+    Relative paths in a config file are taken from the file's directory (``rooted``), so a config works
+    whatever the current directory; the embedded default keeps resolving against the current directory.
     """
     if path is None:
         return validate_config(embedded_default())
     config = validate_config(read_config_file(path))
-    return anchor_paths(config, path.parent.absolute())
+    return anchor_config(config, path.parent.absolute())
+
+
+def anchor_config(config: BrokerConfig, base: Path) -> BrokerConfig:
+    """``config`` with every relative path in it under ``base``: the models' ``Path`` keys, and the paths in
+    node mode's per-identity overrides (raw mappings, read through the backend models they merge into)."""
+    config = anchor_paths(config, base)
+    if config.node is not None:
+        config = config.model_copy(update={"node": anchor_overrides(config.node, config.backends, base)})
+    return config
 
 
 def anchor_paths(model: M, base: Path) -> M:
@@ -389,7 +400,7 @@ def anchor_paths(model: M, base: Path) -> M:
 
     def anchor(value: Any) -> Any:
         if isinstance(value, Path):
-            return value if value.is_absolute() else base / value
+            return rooted(value, base)
         if isinstance(value, BaseModel):
             return anchor_paths(value, base)
         if isinstance(value, list):

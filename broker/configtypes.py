@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict
@@ -26,6 +27,12 @@ def parse_duration(value: Any) -> Any:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+def rooted(path: Path, base: Path) -> Path:
+    """The one rule for a path written in a config file: a relative one is taken from ``base``, the file's
+    directory; an absolute one (every built-in default is) stays as it is."""
+    return path if path.is_absolute() else base / path
 
 
 class StrictModel(BaseModel):

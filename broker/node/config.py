@@ -6,9 +6,9 @@ import functools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from broker.configtypes import Duration, StrictModel
+from broker.configtypes import Duration, StrictModel, rooted
 
 if TYPE_CHECKING:
     from broker.backends.base import BackendConfig
@@ -108,6 +108,34 @@ def identity_chain(
             raise ValueError("; ".join(problems))
         errors.extend(problems)
     return out
+
+
+def anchor_overrides(node: NodeConfig, templates: list[BackendConfig], base: Path) -> NodeConfig:
+    """``node`` with the relative paths its identities' overrides set taken from ``base``.
+
+    An override is a raw mapping: which of its values are paths is read from the backend model it merges
+    into, so a path key any backend type adds is covered. Expects a validated config (``node_errors`` empty).
+    """
+    identities = []
+    for identity in node.identities:
+        chain = {cfg.name: cfg for cfg in identity_chain(identity, templates)}
+        overrides = {name: _anchor_raw(raw, chain[name], base) for name, raw in identity.overrides.items()}
+        identities.append(identity.model_copy(update={"overrides": overrides}))
+    return node.model_copy(update={"identities": identities})
+
+
+def _anchor_raw(raw: Any, validated: Any, base: Path) -> Any:
+    """``raw`` (as written) with each value that ``validated`` (the model it became) holds as a relative path
+    taken from ``base``."""
+    if isinstance(validated, Path) and isinstance(raw, str | Path):
+        return str(rooted(validated, base))
+    if isinstance(raw, dict) and isinstance(validated, BaseModel):
+        return {key: _anchor_raw(value, getattr(validated, key, None), base) for key, value in raw.items()}
+    if isinstance(raw, dict) and isinstance(validated, dict):
+        return {key: _anchor_raw(value, validated.get(key), base) for key, value in raw.items()}
+    if isinstance(raw, list) and isinstance(validated, list) and len(raw) == len(validated):
+        return [_anchor_raw(r, v, base) for r, v in zip(raw, validated, strict=True)]
+    return raw
 
 
 def _pod_identity_problems(cfg: BackendConfig) -> list[str]:

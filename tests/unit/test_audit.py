@@ -103,15 +103,17 @@ def test_a_short_or_missing_key_is_a_config_error(tmp_path: Path) -> None:
         assert err.value.errors[0].startswith("audit.name_hmac_key_file:")
 
 
-def test_output_must_be_a_stream_or_an_absolute_path() -> None:
+def test_output_is_a_stream_or_a_file_path() -> None:
     backends = [{"name": "f", "type": "file"}]
     with pytest.raises(ConfigurationError) as err:
-        validate_config({"audit": {"output": "audit.log", "color": 1}, "backends": backends})
+        validate_config({"audit": {"output": "", "color": 1}, "backends": backends})
     assert sorted(err.value.errors) == [
         "audit.color: unknown key",
-        'audit.output: output must be "stderr", "stdout" or an absolute file path, got \'audit.log\'',
+        'audit.output: output must be "stderr", "stdout" or a file path, got \'\'',
     ]
     assert validate_config({"audit": {"enabled": True}, "backends": backends}).audit.output == "stderr"
+    relative = validate_config({"audit": {"output": "audit.log"}, "backends": backends}).audit.output
+    assert relative == Path("audit.log")  # taken from the config file's directory by load_config
 
 
 async def test_a_full_disk_never_fails_a_record_and_is_counted_and_reported() -> None:
