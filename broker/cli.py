@@ -199,6 +199,38 @@ def _check(args: argparse.Namespace) -> int:
     return asyncio.run(_check_backends(config, strict=args.strict))
 
 
+def _check_local_files(config: BrokerConfig) -> tuple[bool, bool]:
+    """Print a line per file the daemon reads or writes at start (the listener's token, the audit key and
+    output); (all usable, some warned)."""
+    from broker.app import read_token
+    from broker.audit import read_hmac_key
+    from broker.backends.base import ConfigurationError
+
+    ok, warned = True, False
+    readers = []
+    if config.listen.tcp is not None and config.listen.token_file is not None:
+        readers.append(("listen.token_file", config.listen.token_file, read_token))
+    if config.audit.enabled and config.audit.name_hmac_key_file is not None:
+        readers.append(("audit.name_hmac_key_file", config.audit.name_hmac_key_file, read_hmac_key))
+    for key, path, read in readers:
+        try:
+            read(path)
+        except ConfigurationError as exc:
+            ok = False
+            print(f"FAIL  {exc.errors[0]}")
+        else:
+            print(f"ok    {key}: {path}")
+    output = config.audit.output
+    if config.audit.enabled and isinstance(output, Path):
+        writable = os.access(output, os.W_OK) if output.exists() else os.access(output.parent, os.W_OK | os.X_OK)
+        if writable:
+            print(f"ok    audit.output: {output}")
+        else:
+            warned = True
+            print(f"WARN  audit.output: cannot write {output}: its lines would be dropped and counted")
+    return ok, warned
+
+
 async def _check_backends(config: object, *, strict: bool) -> int:
     from broker.backends.base import BackendContext, BrokerError
     from broker.clock import SystemClock
@@ -209,7 +241,7 @@ async def _check_backends(config: object, *, strict: bool) -> int:
     assert isinstance(config, BrokerConfig)
     executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="broker-check")
     ctx = BackendContext(executor=executor, clock=SystemClock(), metrics=Metrics())
-    ok, warned = True, False
+    ok, warned = _check_local_files(config)
     try:
         for guard in build_guards(config.backends, ctx):
             label = f"{guard.name} ({guard.backend.config.type})"

@@ -393,6 +393,55 @@ def test_relative_paths_in_a_config_file_resolve_against_its_directory(tmp_path:
     assert relative.returncode == 0, relative.stdout + relative.stderr
 
 
+def test_check_from_another_directory_takes_every_path_from_the_config_files_directory(tmp_path: Path) -> None:
+    conf = tmp_path / "conf"
+    write_secrets(conf / "secrets")
+    (conf / "keys").mkdir()
+    (conf / "keys" / "api-token").write_text("t" * 32)
+    (conf / "keys" / "names.key").write_text("k" * 32)
+    (conf / "audit").mkdir()
+    (conf / "broker.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "listen": {
+                    "socket": "run/broker.sock",
+                    "tcp": f"127.0.0.1:{free_port()}",
+                    "token_file": "keys/api-token",
+                },
+                "audit": {"enabled": True, "output": "audit/reads.jsonl", "name_hmac_key_file": "keys/names.key"},
+                "backends": [{"name": "files", "type": "file", "connections_file_path": "secrets/connections.json"}],
+            }
+        )
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "broker", "check", "--strict", "--config", str(conf / "broker.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=elsewhere,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for line in (
+        f"ok    listen.token_file: {conf}/keys/api-token",
+        f"ok    audit.name_hmac_key_file: {conf}/keys/names.key",
+        f"ok    audit.output: {conf}/audit/reads.jsonl",
+        f"files: {conf}/secrets/connections.json",
+    ):
+        assert line in result.stdout, result.stdout
+    (conf / "audit").rmdir()
+    missing = subprocess.run(
+        [sys.executable, "-m", "broker", "check", "--strict", "--config", str(conf / "broker.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=elsewhere,
+    )
+    assert missing.returncode == 2
+    assert f"WARN  audit.output: cannot write {conf}/audit/reads.jsonl" in missing.stdout
+
+
 def test_busy_listeners_are_named_and_log_no_stray_stop(
     broker_factory: Any, files_backend: dict[str, Any], tmp_path: Path
 ) -> None:
