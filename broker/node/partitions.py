@@ -54,7 +54,12 @@ class Partition:
             self.guards, cache.ttl, cache.max_stale, cache.negative_ttl, multi_team=config.multi_team
         )
         self.cache = SecretCache(
-            self._load, clock=state.clock, config=cache, leases=config.leases, metrics=state.metrics
+            self._load,
+            clock=state.clock,
+            config=cache,
+            leases=config.leases,
+            metrics=state.metrics,
+            lease_gauges=state.lease_gauges,
         )
         self.last_used = state.clock.now()
         self.active = 0  # requests being served now: a busy partition is never closed

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from broker.backends.base import Overloaded
+from broker.backends.base import Lease, Overloaded
 from broker.clock import FakeClock
 from broker.config import validate_config
 from broker.node.partitions import NodeService, Partition
@@ -151,3 +151,46 @@ async def test_thousand_identities_churn_within_the_bound(make: Any) -> None:
     assert service.state.metrics.node_released._value.get() == 1000
     # 950 identities opened and released: what stays is the verdict-free bookkeeping, not 950 partitions
     assert after - base < 512 * 1024, f"{(after - base) / 1024:.0f} KiB kept after release"
+
+
+class LeaseGiver:
+    """Stands for a partition's guarded ``vault`` backend: grants are tracked by hand, revocations succeed."""
+
+    name = "vault"
+
+    async def renew(self, lease: Lease, increment: float | None = None) -> Lease:
+        return lease
+
+    async def revoke(self, lease: Lease) -> None:
+        return None
+
+
+async def test_the_lease_gauges_add_up_every_partitions_leases(make: Any) -> None:
+    service, clock = make(["a", "b"])
+    exp = clock.wall() + 3600
+    _, pa = await service.caller(fake_token("a", exp))
+    _, pb = await service.caller(fake_token("b", exp))
+    giver = LeaseGiver()
+    now = clock.now()
+    for i in range(3):
+        pa.cache.leases.track(giver, Lease(f"database/creds/a/{i}", 600, True, now))
+    pb.cache.leases.track(giver, Lease("database/creds/b/0", 120, True, now))
+
+    def gauges() -> tuple[float | None, float | None]:
+        registry = service.state.metrics.registry
+        return (
+            registry.get_sample_value("broker_leases_active", {"backend": "vault"}),
+            registry.get_sample_value("broker_lease_min_expiry_seconds", {"backend": "vault"}),
+        )
+
+    assert gauges() == (4, 120)  # one series for the backend: the sum, and the soonest of any partition
+    clock.advance(20)
+    assert gauges() == (4, 100)
+    pa.cache.leases.revoke_soon(giver, Lease("database/creds/a/0", 600, True, now))
+    assert gauges() == (3, 100)
+    service._close(pb)  # b's leases revoked with its partition: a's are still held
+    await service.drained()
+    assert gauges() == (2, 580)
+    service._close(pa)
+    await service.drained()
+    assert gauges() == (0, 0)
