@@ -170,20 +170,22 @@ class Broker:
         if not keys:
             self.state.prefetched = True
             return
-        team = self.state.config.listen.team  # a bound listener is served its team's values only
-        self.state.cache.pin(keys, team)
+        self.state.cache.pin(keys)
         pending = list(keys)
         attempt = 0
         while pending:
             failed = []
-            for kind, name in pending:
+            for kind, name, team in pending:
                 try:
                     await self.state.cache.get(kind, name, team)
                 except BrokerError as exc:
                     if exc.code == "not_found":
-                        log.warning("prefetch key not found in any backend", extra={"kind": kind.value, "key": name})
+                        log.warning(
+                            "prefetch key not found in any backend",
+                            extra={"kind": kind.value, "key": name, "team": team},
+                        )
                     else:
-                        failed.append((kind, name))
+                        failed.append((kind, name, team))
             pending = failed
             if pending:
                 await self.backoff.wait(attempt)

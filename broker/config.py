@@ -123,6 +123,11 @@ class ListenConfig(StrictModel):
             raise ValueError("token_file is required when tcp is set")
         return self
 
+    def served_teams(self) -> list[str | None]:
+        """Every team a caller can be served as, each once: ``team`` (the TCP listener's, and that of callers
+        no ``peer_teams`` entry binds), then the teams of ``peer_teams`` in order."""
+        return list(dict.fromkeys([self.team, *(entry.team for entry in self.peer_teams)]))
+
     @property
     def tcp_address(self) -> tuple[str, int] | None:
         return _parse_hostport(self.tcp, "tcp") if self.tcp else None
@@ -314,11 +319,19 @@ def _prefetch_errors(config: BrokerConfig) -> list[str]:
     from broker.resolver import name_problem
 
     out = []
+    names = 0
     for kind in ("connections", "variables", "config"):
+        names += len(set(getattr(config.prefetch, kind)))
         for i, name in enumerate(getattr(config.prefetch, kind)):
             problem = name_problem(name)
             if problem:
                 out.append(f"prefetch.{kind}[{i}]: {problem}")
+    teams = len(config.listen.served_teams())
+    if names * teams > config.cache.max_entries:
+        out.append(
+            f"prefetch: {names} names warmed for each of {teams} teams (listen.team and listen.peer_teams) make "
+            f"{names * teams} entries, more than cache.max_entries ({config.cache.max_entries})"
+        )
     return out
 
 

@@ -107,13 +107,17 @@ class BrokerState:
         remember_secret(kind, resolved)
         return resolved
 
-    def prefetch_keys(self) -> list[tuple[Kind, str]]:
+    def prefetch_keys(self) -> list[tuple[Kind, str, str | None]]:
+        """The prefetch list for every team a caller can be served as (a bound caller reads its team's
+        values only), each key once."""
         p = self.config.prefetch
-        return (
+        names = (
             [(Kind.CONNECTION, n) for n in p.connections]
             + [(Kind.VARIABLE, n) for n in p.variables]
             + [(Kind.CONFIG, n) for n in p.config]
         )
+        teams = self.config.listen.served_teams()
+        return list(dict.fromkeys((kind, name, team) for team in teams for kind, name in names))
 
     def not_ready_reasons(self) -> list[str]:
         reasons = []

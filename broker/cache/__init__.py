@@ -496,9 +496,9 @@ class SecretCache:
         else:
             due.append(entry.spelled)
 
-    def pin(self, keys: Iterable[tuple[Kind, str]], team: str | None = None) -> None:
-        """Keep exactly these ids of ``team`` warm even when nobody reads them (the prefetch list)."""
-        self._pinned = {(kind, name, team) for kind, name in keys}
+    def pin(self, keys: Iterable[Key]) -> None:
+        """Keep exactly these (kind, id, team) warm even when nobody reads them (the prefetch list)."""
+        self._pinned = set(keys)
 
     def invalidate(self, kind: Kind | None = None, name: str | None = None) -> int:
         """Forget one id (for every team), every key of a kind, or everything, and disown the loads of those

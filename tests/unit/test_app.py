@@ -54,9 +54,9 @@ class Harness:
         doc["shutdown"] = {"drain_delay": 0, "grace": 1}
         self.path.write_text(yaml.safe_dump({**doc, **top, "backends": list(backends)}))
 
-    async def start(self, *backends: dict[str, Any]) -> Broker:
+    async def start(self, *backends: dict[str, Any], **top: Any) -> Broker:
         """A broker on this chain whose backends are starting (as ``Broker.start`` does, without listeners)."""
-        self.write(*backends)
+        self.write(*backends, **top)
         broker = Broker(load_config(self.path), self.path, clock=self.clock)
 
         async def no_wait(_: float) -> None:
@@ -306,3 +306,20 @@ async def test_shutdown_during_a_read_through_a_retired_backend_closes_it_once(h
     harness.broker = None
     assert read.done()
     assert fake(b).closes == 1 and fake(b).after_close == []
+
+
+async def test_prefetch_warms_the_list_for_every_team_a_caller_is_served_as(harness: Harness) -> None:
+    listen = {
+        "socket": str(harness.path.parent / "b.sock"),
+        "team": "shared",
+        "peer_teams": [{"uid": 50001, "team": "etl"}, {"uid": 50002, "team": "science"}, {"gid": 60000, "team": "etl"}],
+    }
+    broker = await harness.start(A, multi_team=True, listen=listen, prefetch={"variables": ["x", "x"]})
+    await until(lambda: broker.state.prefetched, "prefetch warm")
+    teams = ["shared", "etl", "science"]  # listen.team, then each peer team once
+    assert broker.state.prefetch_keys() == [(V, "x", team) for team in teams]
+    for team in teams:
+        entry = broker.state.cache.peek(V, "x", team)
+        assert entry is not None and entry.value == "1", team
+    assert broker.state.cache.peek(V, "x") is None  # no caller is served with no team
+    assert fake(broker.state.guards[0]).fetches == ["x"] * 3  # one load per team, none twice

@@ -311,7 +311,7 @@ async def test_scheduler_refreshes_only_keys_read_since_fetch(loader: ScriptedLo
 async def test_pinned_keys_stay_warm_unread(loader: ScriptedLoader, clock: FakeClock) -> None:
     loader.answers["p"] = "v1"
     cache = make_cache(loader, clock)
-    cache.pin([(V, "p")])
+    cache.pin([(V, "p", None)])
     await cache.get(V, "p")
     for _ in range(4):
         clock.advance(76)
