@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+from collections.abc import Callable, Hashable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
@@ -10,6 +11,45 @@ from broker import __version__
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 BACKEND_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class SharedGauge:
+    """A gauge labelled by backend that several sources write: in node mode every identity partition builds
+    its own backends under the same names, so each lease keeper keeps its own value here and the series
+    reads ``combine`` over them when Prometheus scrapes. A source that closes withdraws its value. With no
+    source left the series reads ``idle``, or is removed when ``idle`` is None. With one source (sidecar
+    mode) the series reads that source's value. No label names the partition: it would grow with the
+    service accounts, and name them.
+    """
+
+    def __init__(self, gauge: Gauge, combine: Callable[[list[float]], float], *, idle: float | None = None) -> None:
+        self.gauge = gauge
+        self._combine = combine
+        self._idle = idle
+        self._values: dict[str, dict[Hashable, float | Callable[[], float]]] = {}
+
+    def set(self, source: Hashable, backend: str, value: float | Callable[[], float]) -> None:
+        """``source``'s value for ``backend``: a number, or a function read at each scrape."""
+        values = self._values.get(backend)
+        if values is None:
+            values = self._values[backend] = {}
+            self.gauge.labels(backend).set_function(lambda: self._read(backend))
+        values[source] = value
+
+    def withdraw(self, source: Hashable, backend: str) -> None:
+        """Forget ``source``'s value for ``backend`` (a source that never set one is ignored)."""
+        values = self._values.get(backend)
+        if values is None or values.pop(source, None) is None:
+            return
+        if not values and self._idle is None:
+            del self._values[backend]
+            self.gauge.remove(backend)
+
+    def _read(self, backend: str) -> float:
+        values = tuple(self._values.get(backend, {}).values())
+        if not values:
+            return self._idle or 0.0
+        return self._combine([value() if callable(value) else value for value in values])
 
 
 class Metrics:
@@ -79,18 +119,24 @@ class Metrics:
             ["backend"],
             registry=r,
         )
-        self.leases_active = Gauge("broker_leases_active", "Leases held for dynamic secrets.", ["backend"], registry=r)
+        self.leases_active = SharedGauge(
+            Gauge("broker_leases_active", "Leases held for dynamic secrets.", ["backend"], registry=r), sum, idle=0.0
+        )
         self.lease_renewals = Counter(
             "broker_lease_renewals_total",
             "Lease renewals by outcome (ok, capped, failed, rotated, revoked).",
             ["backend", "outcome"],
             registry=r,
         )
-        self.lease_expiry = Gauge(
-            "broker_lease_min_expiry_seconds",
-            "Seconds until the soonest held lease expires.",
-            ["backend"],
-            registry=r,
+        self.lease_expiry = SharedGauge(
+            Gauge(
+                "broker_lease_min_expiry_seconds",
+                "Seconds until the soonest held lease expires.",
+                ["backend"],
+                registry=r,
+            ),
+            min,
+            idle=0.0,
         )
         self.identity_expiry = Gauge(
             "broker_identity_expiry_seconds",

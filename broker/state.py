@@ -13,7 +13,7 @@ from broker.backends import load_type
 from broker.backends.base import BackendConfig, BackendContext, Kind
 from broker.backends.guard import Guard
 from broker.cache import Entry, SecretCache
-from broker.cache.leases import LeaseGauges, LeaseHolder
+from broker.cache.leases import LeaseHolder
 from broker.clock import Clock, SystemClock
 from broker.config import BrokerConfig
 from broker.logging import SECRETS
@@ -78,15 +78,12 @@ class BrokerState:
         self.guards = build_guards(config.backends if config.node is None else [], self.ctx)
         self.retired: list[Guard] = []  # out of the chain but still holding leases
         self.resolver = self._resolver(config, self.guards)
-        # Every cache of the process (node mode: one per identity partition) reports its leases to one tally.
-        self.lease_gauges = LeaseGauges(self.metrics, self.clock)
         self.cache = SecretCache(
             self._load,
             clock=self.clock,
             config=config.cache,
             leases=config.leases,
             metrics=self.metrics,
-            lease_gauges=self.lease_gauges,
         )
         self.inflight = 0
         self.prefetched = not self.prefetch_keys()

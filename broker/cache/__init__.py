@@ -32,7 +32,7 @@ from typing import Any
 
 from broker.backends.base import AccessDenied, BrokerError, Kind, Lease, SecretNotFound, is_transient
 from broker.backoff import Backoff
-from broker.cache.leases import LeaseGauges, LeaseHolder, LeaseKeeper
+from broker.cache.leases import LeaseHolder, LeaseKeeper
 from broker.clock import Clock
 from broker.config import CacheConfig, LeasesConfig
 from broker.metrics import Metrics
@@ -219,14 +219,13 @@ class SecretCache:
         leases: LeasesConfig,
         metrics: Metrics,
         rng: random.Random | None = None,
-        lease_gauges: LeaseGauges | None = None,
     ) -> None:
         self._loader = loader
         self._clock = clock
         self.config = config
         self.leases_config = leases
         self._metrics = metrics
-        self.leases = LeaseKeeper(clock, metrics, lease_gauges)
+        self.leases = LeaseKeeper(clock, metrics)
         self._rng = rng or random.Random()  # noqa: S311 - jitter only
         self.backoff = Backoff(RETRY_BASE, RETRY_CAP, floor=RETRY_FLOOR, rng=self._rng)
         self._entries = _LRU(config.max_entries, self._evicted)

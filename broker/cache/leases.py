@@ -1,5 +1,5 @@
 """The lease keeper: every lease the broker handed out, the backend that granted it, renew and revoke calls,
-and the lease gauges (``LeaseGauges``, shared by every keeper of a process).
+and the lease gauges.
 
 A lease is held against the object that granted it (its guarded backend), never against a backend name: a
 reload may rename, remove or replace that backend while callers still use the credential, and the lease must
@@ -33,56 +33,17 @@ class LeaseHolder(Protocol):
     async def revoke(self, lease: Lease) -> None: ...
 
 
-class LeaseGauges:
-    """``broker_leases_active`` and ``broker_lease_min_expiry_seconds`` per backend, over every keeper that
-    reports here: node mode keeps one cache, and so one keeper, per identity partition, and its backends share
-    their names across partitions. The count is the sum over keepers, the expiry the soonest of any, read at
-    scrape time. The label stays the backend name: an identity label would grow with the service accounts.
-    """
-
-    def __init__(self, metrics: Metrics, clock: Clock) -> None:
-        self._metrics = metrics
-        self._clock = clock
-        self._counts: Counter[str] = Counter()
-        self._soonest: dict[str, dict[LeaseKeeper, float]] = {}  # backend -> keeper -> its soonest expiry
-        self._reported: dict[LeaseKeeper, dict[str, tuple[int, float]]] = {}
-
-    def report(self, keeper: LeaseKeeper, tally: dict[str, tuple[int, float]]) -> None:
-        """Replace what ``keeper`` holds: backend -> (leases, soonest expiry as a clock time); {} when none."""
-        old = self._reported.pop(keeper, {})
-        if tally:
-            self._reported[keeper] = tally
-        for backend in old.keys() - tally.keys():
-            self._soonest[backend].pop(keeper, None)
-        for backend, (_, soonest) in tally.items():
-            if backend not in self._soonest:
-                self._soonest[backend] = {}
-                self._metrics.lease_expiry.labels(backend).set_function(self._expiry(backend))
-            self._soonest[backend][keeper] = soonest
-        for backend in old.keys() | tally.keys():
-            self._counts[backend] += tally.get(backend, (0, 0.0))[0] - old.get(backend, (0, 0.0))[0]
-            self._metrics.leases_active.labels(backend).set(self._counts[backend])
-
-    def _expiry(self, backend: str) -> Callable[[], float]:
-        def seconds() -> float:
-            soonest = self._soonest[backend]
-            return max(0.0, min(soonest.values()) - self._clock.now()) if soonest else 0.0
-
-        return seconds
-
-
 class LeaseKeeper:
     """Live leases by id, each with its holder. Background revocations are owned here and drained on close.
 
     ``on_free`` is told of each holder whose last lease went (revoked, or expired) and that has no revocation
-    under way any more: a backend a reload took out of the chain can then be closed. ``gauges`` is shared by
-    every keeper of the process (one of its own when not given).
+    under way any more: a backend a reload took out of the chain can then be closed.
     """
 
-    def __init__(self, clock: Clock, metrics: Metrics, gauges: LeaseGauges | None = None) -> None:
+    def __init__(self, clock: Clock, metrics: Metrics) -> None:
         self._clock = clock
         self._metrics = metrics
-        self._gauges = gauges if gauges is not None else LeaseGauges(metrics, clock)
+        self._gauged: set[str] = set()
         self._live: dict[str, tuple[LeaseHolder, Lease]] = {}
         self._revoking: Counter[LeaseHolder] = Counter()  # revocations under way, per holder
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -156,12 +117,23 @@ class LeaseKeeper:
             self._freed(holders)
 
     def update_gauges(self) -> None:
-        """Report the count and soonest expiry per backend; a backend whose last lease went reads 0."""
+        """Report the count and soonest expiry per backend to the process's shared lease gauges (node mode:
+        every partition's keeper reports there; the count is their sum, the expiry the soonest of any, read at
+        scrape time). A backend whose last lease went reads 0."""
         tally: dict[str, tuple[int, float]] = {}
         for holder, lease in self._live.values():
             count, soonest = tally.get(holder.name, (0, lease.expires_at))
             tally[holder.name] = (count + 1, min(soonest, lease.expires_at))
-        self._gauges.report(self, tally)
+        for backend in self._gauged - tally.keys():
+            self._metrics.leases_active.withdraw(self, backend)
+            self._metrics.lease_expiry.withdraw(self, backend)
+        for backend, (count, soonest) in tally.items():
+            self._metrics.leases_active.set(self, backend, count)
+            self._metrics.lease_expiry.set(self, backend, self._seconds_until(soonest))
+        self._gauged = set(tally)
+
+    def _seconds_until(self, deadline: float) -> Callable[[], float]:
+        return lambda: max(0.0, deadline - self._clock.now())
 
     async def aclose(self, *, revoke: bool, timeout: float) -> None:  # noqa: ASYNC109
         """Finish background revocations; then revoke every live lease when asked, each through its holder."""

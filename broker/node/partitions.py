@@ -59,7 +59,6 @@ class Partition:
             config=cache,
             leases=config.leases,
             metrics=state.metrics,
-            lease_gauges=state.lease_gauges,
         )
         self.last_used = state.clock.now()
         self.active = 0  # requests being served now: a busy partition is never closed

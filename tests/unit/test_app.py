@@ -226,7 +226,7 @@ async def test_a_retired_backend_is_closed_when_its_last_lease_expires(harness: 
     await broker.state.cache.run_due()  # prunes the expired lease
     await until(lambda: fake(old_b).closes == 1, "the retired b closed")
     assert broker.state.retired == []
-    assert broker.state.metrics.leases_active.labels("b")._value.get() == 0
+    assert broker.state.metrics.registry.get_sample_value("broker_leases_active", {"backend": "b"}) == 0
     await broker.stop()
     harness.broker = None
     assert fake(old_b).closes == 1 and fake(old_b).revoked == []  # expired: nothing to give back

@@ -1,0 +1,56 @@
+"""SharedGauge: one series per backend over every source that writes it, combined at scrape time."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import Gauge
+
+from broker.metrics import Metrics, SharedGauge
+
+
+def reading(metrics: Metrics, name: str, backend: str = "vault") -> float | None:
+    return metrics.registry.get_sample_value(name, {"backend": backend})
+
+
+@pytest.mark.parametrize(
+    ("attribute", "gauge", "a", "b", "combined"),
+    [
+        ("leases_active", "broker_leases_active", 3, 1, 4),
+        ("lease_expiry", "broker_lease_min_expiry_seconds", 600, 120, 120),
+    ],
+)
+def test_each_gauge_combines_its_sources(attribute: str, gauge: str, a: float, b: float, combined: float) -> None:
+    metrics = Metrics()
+    shared: SharedGauge = getattr(metrics, attribute)
+    first, second = object(), object()
+    shared.set(first, "vault", a)
+    assert reading(metrics, gauge) == a  # one source (sidecar mode): its own value
+    shared.set(second, "vault", b)
+    assert reading(metrics, gauge) == combined
+    shared.withdraw(second, "vault")
+    assert reading(metrics, gauge) == a
+
+
+def test_the_series_goes_with_its_last_source_unless_it_has_an_idle_reading() -> None:
+    metrics = Metrics()
+    up = SharedGauge(Gauge("up", "", ["backend"], registry=metrics.registry), min)
+    count = SharedGauge(Gauge("count", "", ["backend"], registry=metrics.registry), sum, idle=0.0)
+    source = object()
+    up.set(source, "vault", 1)
+    count.set(source, "vault", 2)
+    up.withdraw(source, "vault")
+    count.withdraw(source, "vault")
+    up.withdraw(object(), "vault")  # a source that never wrote: nothing to forget
+    assert reading(metrics, "up") is None
+    assert reading(metrics, "count") == 0
+    up.set(source, "vault", 0)  # the series comes back with a new source
+    assert reading(metrics, "up") == 0
+
+
+def test_a_function_is_read_at_each_scrape() -> None:
+    metrics = Metrics()
+    left = [300.0]
+    metrics.lease_expiry.set(object(), "vault", lambda: left[0])
+    assert reading(metrics, "broker_lease_min_expiry_seconds") == 300
+    left[0] = 120.0
+    assert reading(metrics, "broker_lease_min_expiry_seconds") == 120
