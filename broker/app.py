@@ -325,7 +325,7 @@ class Broker:
 async def close_backend(guard: Guard) -> None:
     """Close one backend's sessions and tasks; a failure is logged, never raised (shutdown goes on)."""
     try:
-        await guard.backend.aclose()
+        await guard.aclose()
     except Exception:
         log.exception("backend close failed", extra={"backend": guard.name})
         return

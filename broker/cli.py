@@ -256,7 +256,7 @@ async def _check_backends(config: object, *, strict: bool) -> int:
                     warned = True
                     print(f"WARN  {label}: {warning}")
             finally:
-                await guard.backend.aclose()
+                await guard.aclose()
     finally:
         executor.shutdown(wait=False, cancel_futures=True)
     if warned and ok:

@@ -13,13 +13,19 @@ LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
 BACKEND_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
+def soonest_expiry(seconds_left: list[float]) -> float:
+    """The soonest of several expiries in seconds, where -1 is "does not expire" (-1 only when none does)."""
+    expiring = [s for s in seconds_left if s >= 0]
+    return min(expiring) if expiring else -1.0
+
+
 class SharedGauge:
     """A gauge labelled by backend that several sources write: in node mode every identity partition builds
-    its own backends under the same names, so each lease keeper keeps its own value here and the series
-    reads ``combine`` over them when Prometheus scrapes. A source that closes withdraws its value. With no
-    source left the series reads ``idle``, or is removed when ``idle`` is None. With one source (sidecar
-    mode) the series reads that source's value. No label names the partition: it would grow with the
-    service accounts, and name them.
+    its own backends under the same names, so each guard, token source and lease keeper keeps its own value
+    here and the series reads ``combine`` over them when Prometheus scrapes. A source that closes withdraws
+    its value. With no source left the series reads ``idle``, or is removed when ``idle`` is None. With one
+    source (sidecar mode) the series reads that source's value. No label names the partition: it would grow
+    with the service accounts, and name them.
     """
 
     def __init__(self, gauge: Gauge, combine: Callable[[list[float]], float], *, idle: float | None = None) -> None:
@@ -107,17 +113,24 @@ class Metrics:
             buckets=BACKEND_BUCKETS,
             registry=r,
         )
-        self.backend_up = Gauge(
-            "broker_backend_up",
-            "1 when the backend's last call succeeded or answered authoritatively.",
-            ["backend"],
-            registry=r,
+        self.backend_up = SharedGauge(
+            Gauge(
+                "broker_backend_up",
+                "1 when the backend's last call succeeded or answered authoritatively (node mode: in every "
+                "identity partition).",
+                ["backend"],
+                registry=r,
+            ),
+            min,
         )
-        self.circuit_open = Gauge(
-            "broker_backend_circuit_open",
-            "1 while the backend's circuit breaker is open (calls fail fast).",
-            ["backend"],
-            registry=r,
+        self.circuit_open = SharedGauge(
+            Gauge(
+                "broker_backend_circuit_open",
+                "1 while the backend's circuit breaker is open (calls fail fast; node mode: in any partition).",
+                ["backend"],
+                registry=r,
+            ),
+            max,
         )
         self.leases_active = SharedGauge(
             Gauge("broker_leases_active", "Leases held for dynamic secrets.", ["backend"], registry=r), sum, idle=0.0
@@ -138,11 +151,15 @@ class Metrics:
             min,
             idle=0.0,
         )
-        self.identity_expiry = Gauge(
-            "broker_identity_expiry_seconds",
-            "Seconds until the backend's login token or cloud credential expires (-1 when it does not expire).",
-            ["backend"],
-            registry=r,
+        self.identity_expiry = SharedGauge(
+            Gauge(
+                "broker_identity_expiry_seconds",
+                "Seconds until the backend's login token or cloud credential expires (-1 when it does not "
+                "expire; node mode: the soonest of any partition).",
+                ["backend"],
+                registry=r,
+            ),
+            soonest_expiry,
         )
         self.logins = Counter(
             "broker_logins_total",

@@ -506,11 +506,12 @@ class AwsBackend(Backend):
         """Export the credentials' expiry and count each new set as a login (botocore refreshes them)."""
         # botocore exposes no public accessor for the expiry of refreshable credentials.
         expiry: datetime | None = getattr(self._credentials, "_expiry_time", None)
-        gauge = self.ctx.metrics.identity_expiry.labels(backend=self.name)
+        gauge = self.ctx.metrics.identity_expiry
         if expiry is None:
-            gauge.set(-1)
+            gauge.set(self, self.name, -1)
             return
-        gauge.set(expiry.timestamp() - self.ctx.clock.wall())
+        # Never below 0: -1 means "does not expire", and an expired credential is refreshed at its next use.
+        gauge.set(self, self.name, max(0.0, expiry.timestamp() - self.ctx.clock.wall()))
         if expiry != self._seen_expiry:
             self._seen_expiry = expiry
             self.ctx.metrics.logins.labels(backend=self.name, outcome="ok").inc()
@@ -545,3 +546,6 @@ class AwsBackend(Backend):
 
     def not_ready_reason(self) -> str | None:
         return None if self._client is not None else "AWS client not built"
+
+    async def aclose(self) -> None:
+        self.ctx.metrics.identity_expiry.withdraw(self, self.name)

@@ -161,6 +161,15 @@ class Guard:
         """Return once no call is under way (each is bounded by the backend's timeout and retries)."""
         await self._idle.wait()
 
+    async def aclose(self) -> None:
+        """Close the backend's sessions and tasks, and withdraw its gauges (node mode: another partition's
+        backend of the same name keeps its own). Raises what the backend's close raises."""
+        try:
+            await self.backend.aclose()
+        finally:
+            self.metrics.backend_up.withdraw(self, self.name)
+            self.metrics.circuit_open.withdraw(self, self.name)
+
     def not_ready_reason(self) -> str | None:
         # An open circuit does not make the pod unready: cached values are still served, and failing
         # readiness would take Airflow's own containers out of service during a store outage.
@@ -214,7 +223,7 @@ class Guard:
                         self.breaker.success()  # the store answered; it is up
                     raise
                 if use_breaker and self.breaker.failure(clock.now()):
-                    self.metrics.circuit_open.labels(self.name).set(1)
+                    self.metrics.circuit_open.set(self, self.name, 1)
                     log.warning("circuit opened", extra={"backend": self.name, "cooldown": self.breaker.cooldown})
                 delay = self.backoff.delay(attempt, exc.retry_after)
                 if attempt + 1 >= attempts or clock.now() + delay >= deadline:
@@ -225,7 +234,7 @@ class Guard:
                 if self.breaker.is_open:
                     log.info("circuit closed", extra={"backend": self.name})
                 self.breaker.success()
-                self.metrics.circuit_open.labels(self.name).set(0)
+                self.metrics.circuit_open.set(self, self.name, 0)
             return result
         assert last is not None
         raise last
@@ -273,4 +282,4 @@ class Guard:
             self.metrics.backend_latency.labels(self.name, operation).observe(time.perf_counter() - started)
             if operation in ("fetch", "login", "check"):
                 up = exc_seen is None or not is_transient(exc_seen)
-                self.metrics.backend_up.labels(self.name).set(1 if up else 0)
+                self.metrics.backend_up.set(self, self.name, 1 if up else 0)

@@ -137,7 +137,7 @@ class TokenSource(ABC):
         token = self._token
         if token is not None:
             left = -1.0 if math.isinf(token.expires_at) else max(0.0, token.expires_at - self.ctx.clock.now())
-            self.ctx.metrics.identity_expiry.labels(backend=self.backend_name).set(left)
+            self.ctx.metrics.identity_expiry.set(self, self.backend_name, left)
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -179,6 +179,7 @@ class TokenSource(ABC):
             self._show_expiry()
 
     async def aclose(self) -> None:
+        self.ctx.metrics.identity_expiry.withdraw(self, self.backend_name)
         if self._refresher is not None:
             self._refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

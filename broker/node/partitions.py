@@ -103,7 +103,7 @@ class Partition:
                 with contextlib.suppress(asyncio.CancelledError, BrokerError):
                     await task
         await self.cache.aclose(revoke_leases=revoke_leases)
-        await asyncio.gather(*(g.backend.aclose() for g in self.guards), return_exceptions=True)
+        await asyncio.gather(*(g.aclose() for g in self.guards), return_exceptions=True)
         self._token = None
 
 

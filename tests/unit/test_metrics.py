@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client import Gauge
 
-from broker.metrics import Metrics, SharedGauge
+from broker.metrics import Metrics, SharedGauge, soonest_expiry
 
 
 def reading(metrics: Metrics, name: str, backend: str = "vault") -> float | None:
@@ -13,8 +13,25 @@ def reading(metrics: Metrics, name: str, backend: str = "vault") -> float | None
 
 
 @pytest.mark.parametrize(
+    ("values", "soonest"),
+    [
+        ([600.0], 600.0),
+        ([-1.0], -1.0),  # does not expire
+        ([-1.0, 300.0, 600.0], 300.0),  # one that never expires does not hide one that does
+        ([0.0, -1.0], 0.0),  # expired
+    ],
+)
+def test_soonest_expiry(values: list[float], soonest: float) -> None:
+    assert soonest_expiry(values) == soonest
+
+
+@pytest.mark.parametrize(
     ("attribute", "gauge", "a", "b", "combined"),
     [
+        ("backend_up", "broker_backend_up", 1, 0, 0),  # up only when every partition's backend is
+        ("circuit_open", "broker_backend_circuit_open", 0, 1, 1),  # open when any partition's circuit is
+        ("identity_expiry", "broker_identity_expiry_seconds", 600, 300, 300),
+        ("identity_expiry", "broker_identity_expiry_seconds", -1, 300, 300),
         ("leases_active", "broker_leases_active", 3, 1, 4),
         ("lease_expiry", "broker_lease_min_expiry_seconds", 600, 120, 120),
     ],

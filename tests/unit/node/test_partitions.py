@@ -5,6 +5,7 @@ service account shared by its pods, the freshest token kept, the bound on identi
 from __future__ import annotations
 
 import base64
+import contextlib
 import gc
 import json
 import tracemalloc
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from broker.backends.base import Lease, Overloaded
+from broker.backends.base import BackendUnavailable, Kind, Lease, Overloaded, SecretValue
 from broker.clock import FakeClock
 from broker.config import validate_config
 from broker.node.partitions import NodeService, Partition
@@ -28,7 +29,7 @@ def fake_token(sa: str, exp: float, pod: str = "p") -> str:
     return "Bearer " + f"{part({'alg': 'RS256'})}.{part({'exp': exp, 'sa': sa, 'pod': pod})}.sig"
 
 
-def config(accounts: list[str], **node: Any) -> Any:
+def config(accounts: list[str], vault: dict[str, Any] | None = None, **node: Any) -> Any:
     return validate_config(
         {
             "listen": {"socket": "./unused.sock"},
@@ -45,6 +46,7 @@ def config(accounts: list[str], **node: Any) -> Any:
                     "type": "vault",
                     "url": "http://127.0.0.1:1",
                     "auth": {"method": "kubernetes", "role": "r"},
+                    **(vault or {}),
                 }
             ],
         }
@@ -60,9 +62,9 @@ async def make(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Any]:
 
     monkeypatch.setattr(Partition, "ready", no_login)
 
-    def build(accounts: list[str], **node: Any) -> tuple[NodeService, FakeClock]:
+    def build(accounts: list[str], vault: dict[str, Any] | None = None, **node: Any) -> tuple[NodeService, FakeClock]:
         clock = FakeClock()
-        state = BrokerState(config(accounts, **node), clock=clock)
+        state = BrokerState(config(accounts, vault, **node), clock=clock)
         states.append(state)
         service = state.node
         assert service is not None
@@ -194,3 +196,74 @@ async def test_the_lease_gauges_add_up_every_partitions_leases(make: Any) -> Non
     service._close(pa)
     await service.drained()
     assert gauges() == (0, 0)
+
+
+class Store:
+    """Stands for the vault server one partition's backend reaches: up or down, and the token's lifetime."""
+
+    def __init__(self, partition: Partition, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.guard = partition.guards[0]
+        self.up = True
+        backend: Any = self.guard.backend
+        monkeypatch.setattr(backend, "fetch", self._fetch)
+        self._identity = backend.identity
+        self._lifetime = 0.0
+        monkeypatch.setattr(self._identity, "_acquire", self._login)
+
+    async def _fetch(self, kind: Kind, path: str) -> SecretValue:
+        if not self.up:
+            raise BackendUnavailable("vault: connection refused")
+        return SecretValue("v")
+
+    async def _login(self) -> tuple[str, float]:
+        return "tok", self._lifetime
+
+    async def read(self) -> None:
+        with contextlib.suppress(BackendUnavailable):
+            await self.guard.fetch(Kind.VARIABLE, "x")
+
+    async def log_in(self, lifetime: float) -> None:
+        self._lifetime = lifetime
+        await self._identity.token()
+
+
+async def test_the_backend_gauges_cover_every_partitions_backend(make: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    service, clock = make(["a", "b"], vault={"retries": 0, "circuit_breaker": {"threshold": 1, "cooldown": 5}})
+    exp = clock.wall() + 3600
+    _, pa = await service.caller(fake_token("a", exp))
+    _, pb = await service.caller(fake_token("b", exp))
+    a, b = Store(pa, monkeypatch), Store(pb, monkeypatch)
+
+    def gauges() -> tuple[float | None, float | None, float | None]:
+        registry = service.state.metrics.registry
+        return (
+            registry.get_sample_value("broker_backend_up", {"backend": "vault"}),
+            registry.get_sample_value("broker_backend_circuit_open", {"backend": "vault"}),
+            registry.get_sample_value("broker_identity_expiry_seconds", {"backend": "vault"}),
+        )
+
+    await b.log_in(300)
+    await a.log_in(600)
+    await a.read()
+    await b.read()
+    assert gauges() == (1, 0, 300)  # one series for the backend; the expiry is the soonest of any partition
+    names = {"broker_backend_up", "broker_backend_circuit_open", "broker_identity_expiry_seconds"}
+    labels = [s.labels for m in service.state.metrics.registry.collect() if m.name in names for s in m.samples]
+    assert labels == [{"backend": "vault"}] * 3  # no label names the identity
+    b.up = False
+    await b.read()
+    await a.read()  # a's backend is fine: it does not hide b's
+    assert gauges() == (0, 1, 300)
+    clock.advance(5)
+    b.up = True
+    await b.read()  # the probe after the cool-down succeeds
+    assert gauges() == (1, 0, 300)
+    b.up = False
+    await b.read()
+    assert gauges() == (0, 1, 300)
+    service._close(pb)  # what b's backend said goes with its partition
+    await service.drained()
+    assert gauges() == (1, 0, 600)
+    service._close(pa)  # no partition has a vault backend: nothing to say about one
+    await service.drained()
+    assert gauges() == (None, None, None)
