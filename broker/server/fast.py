@@ -110,6 +110,8 @@ class FastProtocol(asyncio.Protocol):
         self.inner: asyncio.Protocol | None = None
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
+        # Python 3.11's get_running_loop() makes a getpid() system call: once per connection, not per read.
+        self.loop = asyncio.get_running_loop()
         self.buf = b""
         self.pending: asyncio.Task[Any] | None = None
         # per-request parse results
@@ -120,7 +122,7 @@ class FastProtocol(asyncio.Protocol):
         self.request_ids: list[bytes] | None = None
         self.complete = False
         self.keep_alive = False
-        self.last_activity = asyncio.get_running_loop().time()
+        self.last_activity = self.loop.time()
         self.audit = front.state.audit
         self.caller: Caller | None = None  # set once per connection when the audit trail is on
         self.bound: str | None = None  # the team this connection's caller is bound to
@@ -175,7 +177,7 @@ class FastProtocol(asyncio.Protocol):
             self._hand_off(b"")  # aiohttp answers every request on it with 403 and counts it
 
     def data_received(self, data: bytes) -> None:
-        self.last_activity = asyncio.get_running_loop().time()
+        self.last_activity = self.loop.time()
         if self.inner is not None:
             self.inner.data_received(data)
             return
@@ -247,7 +249,7 @@ class FastProtocol(asyncio.Protocol):
             # A miss (or anything but a plain fresh hit): the application's own lookup, in order. A refused
             # team goes there too: lookup() refuses it, logs it and audits it.
             transport.pause_reading()
-            self.pending = asyncio.get_running_loop().create_task(
+            self.pending = self.loop.create_task(
                 self._slow(kind, name, asked, self._rid(), self.asserted)
             )
             return
