@@ -35,6 +35,11 @@ if TYPE_CHECKING:
 
 DRAIN_QUIET = 0.2  # seconds without a byte before an idle kept-alive connection is closed on shutdown
 _MAX_TARGETS = 4096
+_MAX_HEADS, _MAX_HEAD_SIZE = 256, 1024
+
+# What a request head says, as the parser read it: the target, X-Broker-Token values, whether it carried a
+# proxy header, X-Request-Id values, the asserted X-Airflow-* headers.
+_Head = tuple[bytes, "list[bytes] | None", bool, "list[bytes] | None", "list[tuple[str, bytes]] | None"]
 
 
 def _serialise(response: web.Response, request_id: bytes) -> bytes:
@@ -59,6 +64,16 @@ class FastFront:
         # Request targets already read (raw URL -> kind, name, team): repeated lookups skip decoding and checks.
         self.targets: dict[bytes, tuple[Kind, str, str | None]] = {}
         self.latency = {k: metrics.request_latency.labels(k.value) for k in Kind}
+        # Request heads already read, byte for byte: a client repeating a lookup sends the same head, and the
+        # parser reads the same bytes the same way, so it is not run again (the checks on what it read are).
+        self.heads: dict[bytes, _Head] = {}
+
+    def remember(self, head: bytes, read: _Head) -> None:
+        if len(head) > _MAX_HEAD_SIZE or read[3] is not None:  # a request id is usually new every time
+            return
+        if len(self.heads) >= _MAX_HEADS:
+            self.heads.clear()
+        self.heads[head] = read
 
     def target(self, url: bytes) -> tuple[Kind, str, str | None] | None:
         """(kind, name, team) for a lookup the fast path may answer (``edge.fast_target``), else None."""
@@ -249,13 +264,25 @@ class FastProtocol(asyncio.Protocol):
             # A miss (or anything but a plain fresh hit): the application's own lookup, in order. A refused
             # team goes there too: lookup() refuses it, logs it and audits it.
             transport.pause_reading()
-            self.pending = self.loop.create_task(
-                self._slow(kind, name, asked, self._rid(), self.asserted)
-            )
+            self.pending = self.loop.create_task(self._slow(kind, name, asked, self._rid(), self.asserted))
             return
 
     def _parse(self, head: bytes) -> tuple[Kind, str, str | None] | None:
         """(kind, name, team) when ``head`` is a complete, qualifying GET; None to hand it to aiohttp."""
+        read = self.front.heads.get(head)
+        if read is None:
+            read = self._read(head)
+            if read is None:
+                return None
+            self.front.remember(head, read)
+        url, self.tokens, forwarded, self.request_ids, self.asserted = read
+        token = self.front.tcp_token
+        if token is not None and (forwarded or not edge.token_ok(self.tokens or [], token)):
+            return None  # refused: aiohttp answers it with the same rules
+        return self.front.target(url)
+
+    def _read(self, head: bytes) -> _Head | None:
+        """What the parser reads in ``head``, when it is one complete keep-alive HTTP/1.1 GET without Expect."""
         self.url, self.forwarded, self.expect = b"", False, False
         self.tokens = self.request_ids = None
         self.asserted = None
@@ -268,10 +295,7 @@ class FastProtocol(asyncio.Protocol):
             return None
         if not self.keep_alive or self.expect:
             return None
-        token = self.front.tcp_token
-        if token is not None and (self.forwarded or not edge.token_ok(self.tokens or [], token)):
-            return None  # refused: aiohttp answers it with the same rules
-        return self.front.target(self.url)
+        return self.url, self.tokens, self.forwarded, self.request_ids, self.asserted
 
     def _hit(self, kind: Kind, name: str, team: str | None) -> bytes | None:
         """The prepared answer for a fresh hit, or None when the cache has to do more than look."""

@@ -197,6 +197,26 @@ async def test_the_token_rule_on_the_fast_path(tmp_path: Path, headers: list[str
     st.executor.shutdown(wait=False)
 
 
+async def test_a_repeated_head_is_answered_and_checked_like_the_first(tmp_path: Path) -> None:
+    st = make_state(tmp_path)
+    await st.cache.get(Kind.VARIABLE, "k", None)
+    front = front_for(st, TOKEN)
+    token = f"X-Broker-Token: {TOKEN.decode()}"
+    for _ in range(2):
+        proto, transport, _ = connect(front)
+        proto.data_received(get("/v1/variables/k", token) * 3 + get("/v1/variables/k", token, "X-Request-Id: mine"))
+        got = answers(transport.written)
+        assert [(s, b["value"], b["cache"]) for s, _, b in got] == [(200, "None:k", "hit")] * 4
+        ids = [h["X-Request-Id"] for _, h, _ in got]
+        assert len(set(ids[:3])) == 3 and ids[3] == "mine"  # a new id for each request that brought none
+    for refused in (get("/v1/variables/k", token, "X-Forwarded-For: 10.0.0.1"), get("/v1/variables/k")):
+        for _ in range(2):
+            proto, transport, inner = connect(front)
+            proto.data_received(refused)
+            assert transport.written == b"" and inner.data == refused
+    st.executor.shutdown(wait=False)
+
+
 async def test_a_refused_peer_is_handed_to_aiohttp_at_once(tmp_path: Path, unix_pair: socket.socket) -> None:
     st = make_state(tmp_path, allowed_uids=[os.getuid() + 1])
     proto, _, inner = connect(front_for(st), unix_pair)
