@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import platform
+from bisect import bisect_left
 from collections.abc import Callable, Hashable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.metrics_core import Metric
 
 from broker import __version__
 
@@ -58,12 +60,60 @@ class SharedGauge:
         return self._combine([value() if callable(value) else value for value in values])
 
 
+class HitTally:
+    """Requests answered on the fast path for one kind, counted in plain integers on the event loop and added
+    to ``broker_requests_total{outcome="hit"}`` and ``broker_request_duration_seconds`` whenever the registry
+    is collected: a Prometheus counter or histogram takes a lock and several calls for each update."""
+
+    __slots__ = ("_bounds", "_buckets", "_counter", "_histogram", "_sum", "count")
+
+    def __init__(self, counter: Counter, histogram: Histogram) -> None:
+        self._counter = counter
+        self._histogram = histogram
+        self._bounds = (*LATENCY_BUCKETS, float("inf"))
+        self._buckets = [0] * len(self._bounds)
+        self._sum = 0.0
+        self.count = 0
+
+    def add(self, seconds: float) -> None:
+        self.count += 1
+        self._sum += seconds
+        self._buckets[bisect_left(self._bounds, seconds)] += 1  # the first bucket whose bound is >= seconds
+
+    def flush(self) -> None:
+        if not self.count:
+            return
+        self._counter.inc(self.count)
+        # Histogram has no public way to add many observations at once; these are its own value cells.
+        self._histogram._sum.inc(self._sum)
+        for cell, n in zip(self._histogram._buckets, self._buckets, strict=True):
+            if n:
+                cell.inc(n)
+        self._buckets = [0] * len(self._bounds)
+        self._sum = 0.0
+        self.count = 0
+
+
+class _FlushTallies:
+    """Registered before every metric, so each collection adds the tallies first."""
+
+    def __init__(self) -> None:
+        self.tallies: dict[str, HitTally] = {}
+
+    def collect(self) -> list[Metric]:
+        for tally in self.tallies.values():
+            tally.flush()
+        return []
+
+
 class Metrics:
     """Every metric the broker exports. Build one per process (tests build their own)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
+        self._tallies = _FlushTallies()
+        r.register(self._tallies)
         self.build_info = Info("broker_build", "Version of the running broker.", registry=r)
         self.build_info.info({"version": __version__, "python": platform.python_version()})
         self.requests = Counter(
@@ -202,3 +252,11 @@ class Metrics:
         self.node_released = Counter(
             "broker_node_identities_released_total", "Node mode: identity partitions closed for idleness.", registry=r
         )
+
+    def hit_tally(self, kind: str) -> HitTally:
+        """The fast path's tally of hits for ``kind`` (one per kind, shared by every listener)."""
+        tally = self._tallies.tallies.get(kind)
+        if tally is None:
+            tally = HitTally(self.requests.labels(kind, "hit"), self.request_latency.labels(kind))
+            self._tallies.tallies[kind] = tally
+        return tally

@@ -60,10 +60,9 @@ class FastFront:
         self.connections: set[FastProtocol] = set()
         self.draining = False
         metrics = state.metrics
-        self.hit_counters = {k: metrics.requests.labels(k.value, "hit") for k in Kind}
+        self.hit_tallies = {k: metrics.hit_tally(k.value) for k in Kind}
         # Request targets already read (raw URL -> kind, name, team): repeated lookups skip decoding and checks.
         self.targets: dict[bytes, tuple[Kind, str, str | None]] = {}
-        self.latency = {k: metrics.request_latency.labels(k.value) for k in Kind}
         # Request heads already read, byte for byte: a client repeating a lookup sends the same head, and the
         # parser reads the same bytes the same way, so it is not run again (the checks on what it read are).
         self.heads: dict[bytes, _Head] = {}
@@ -326,8 +325,7 @@ class FastProtocol(asyncio.Protocol):
                 caller=self.caller,
                 asserted=self.asserted,
             )
-        self.front.hit_counters[kind].inc()
-        self.front.latency[kind].observe(time.perf_counter() - started)
+        self.front.hit_tallies[kind].add(time.perf_counter() - started)
         return answer
 
     def _rid(self) -> bytes:

@@ -1,11 +1,12 @@
-"""SharedGauge: one series per backend over every source that writes it, combined at scrape time."""
+"""SharedGauge: one series per backend over every source that writes it, combined at scrape time; the fast
+path's hit tallies: what they add to the registry equals observing every hit one by one."""
 
 from __future__ import annotations
 
 import pytest
-from prometheus_client import Gauge
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
-from broker.metrics import Metrics, SharedGauge, soonest_expiry
+from broker.metrics import LATENCY_BUCKETS, Metrics, SharedGauge, soonest_expiry
 
 
 def reading(metrics: Metrics, name: str, backend: str = "vault") -> float | None:
@@ -71,3 +72,38 @@ def test_a_function_is_read_at_each_scrape() -> None:
     assert reading(metrics, "broker_lease_min_expiry_seconds") == 300
     left[0] = 120.0
     assert reading(metrics, "broker_lease_min_expiry_seconds") == 120
+
+
+DURATIONS = [0.00005, 0.0001, 0.0001000001, 0.0004, 0.003, 0.7, 10.0, 12.5, *LATENCY_BUCKETS]
+
+
+def exposition(metrics: Metrics) -> list[str]:
+    text = generate_latest(metrics.registry).decode()
+    return [
+        line
+        for line in text.splitlines()
+        if line.startswith(("broker_requests_total{", "broker_request_duration_seconds_")) and "_created" not in line
+    ]
+
+
+@pytest.mark.parametrize("collect_between", [False, True])
+def test_a_tally_exports_what_observing_each_hit_would(collect_between: bool) -> None:
+    tallied, observed = Metrics(CollectorRegistry()), Metrics(CollectorRegistry())
+    tally = tallied.hit_tally("variable")
+    for i, seconds in enumerate(DURATIONS):
+        tally.add(seconds)
+        observed.requests.labels("variable", "hit").inc()
+        observed.request_latency.labels("variable").observe(seconds)
+        if collect_between and i % 3 == 0:
+            exposition(tallied)
+    assert exposition(tallied) == exposition(observed)
+    assert tallied.registry.get_sample_value("broker_requests_total", {"kind": "variable", "outcome": "hit"}) == len(
+        DURATIONS
+    )
+    assert exposition(tallied) == exposition(observed)  # a second collection adds nothing
+
+
+def test_a_tally_is_one_per_kind() -> None:
+    metrics = Metrics(CollectorRegistry())
+    assert metrics.hit_tally("variable") is metrics.hit_tally("variable")
+    assert metrics.hit_tally("variable") is not metrics.hit_tally("connection")

@@ -121,12 +121,11 @@ async def test_a_miss_then_hits_in_order_with_one_load(tmp_path: Path) -> None:
 async def test_a_bound_listener_serves_its_hits_on_the_fast_path(tmp_path: Path) -> None:
     st = make_state(tmp_path, team="alpha")
     await st.cache.get(Kind.CONNECTION, "db", "alpha")
-    hits = st.metrics.requests.labels("connection", "hit")
     proto, transport, inner = connect(front_for(st))
     proto.data_received(get("/v1/connections/db") + get("/v1/connections/db?team=alpha"))
     assert proto.pending is None  # both answered at once: no lookup task
     assert [(s, b["value"], b["cache"]) for s, _, b in answers(transport.written)] == [(200, "alpha:db", "hit")] * 2
-    assert hits._value.get() == 2
+    assert st.metrics.registry.get_sample_value("broker_requests_total", {"kind": "connection", "outcome": "hit"}) == 2
     assert st.audit.lines == [("connection", "db", "found", "alpha")] * 2
     transport.written = b""
     proto.data_received(get("/v1/connections/db?team=gamma"))
