@@ -60,6 +60,22 @@ class SharedGauge:
         return self._combine([value() if callable(value) else value for value in values])
 
 
+class CountTally:
+    """A counter's increments kept as a plain integer on the event loop, added to the counter whenever the
+    registry is collected (for the hottest counts: a Prometheus counter takes a lock and several calls)."""
+
+    __slots__ = ("_counter", "count")
+
+    def __init__(self, counter: Counter) -> None:
+        self._counter = counter
+        self.count = 0
+
+    def flush(self) -> None:
+        if self.count:
+            self._counter.inc(self.count)
+            self.count = 0
+
+
 class HitTally:
     """Requests answered on the fast path for one kind, counted in plain integers on the event loop and added
     to ``broker_requests_total{outcome="hit"}`` and ``broker_request_duration_seconds`` whenever the registry
@@ -98,10 +114,10 @@ class _FlushTallies:
     """Registered before every metric, so each collection adds the tallies first."""
 
     def __init__(self) -> None:
-        self.tallies: dict[str, HitTally] = {}
+        self.tallies: list[CountTally | HitTally] = []
 
     def collect(self) -> list[Metric]:
-        for tally in self.tallies.values():
+        for tally in self.tallies:
             tally.flush()
         return []
 
@@ -114,6 +130,7 @@ class Metrics:
         r = self.registry
         self._tallies = _FlushTallies()
         r.register(self._tallies)
+        self._hit_tallies: dict[str, HitTally] = {}
         self.build_info = Info("broker_build", "Version of the running broker.", registry=r)
         self.build_info.info({"version": __version__, "python": platform.python_version()})
         self.requests = Counter(
@@ -142,6 +159,8 @@ class Metrics:
             ["event"],
             registry=r,
         )
+        self.cache_hits = CountTally(self.cache_events.labels("hit"))
+        self._tallies.tallies.append(self.cache_hits)
         self.cache_entries = Gauge(
             "broker_cache_entries", "Entries held in the cache (including negative).", registry=r
         )
@@ -255,8 +274,9 @@ class Metrics:
 
     def hit_tally(self, kind: str) -> HitTally:
         """The fast path's tally of hits for ``kind`` (one per kind, shared by every listener)."""
-        tally = self._tallies.tallies.get(kind)
+        tally = self._hit_tallies.get(kind)
         if tally is None:
             tally = HitTally(self.requests.labels(kind, "hit"), self.request_latency.labels(kind))
-            self._tallies.tallies[kind] = tally
+            self._hit_tallies[kind] = tally
+            self._tallies.tallies.append(tally)
         return tally

@@ -225,7 +225,6 @@ class SecretCache:
         self.config = config
         self.leases_config = leases
         self._metrics = metrics
-        self._hits = metrics.cache_events.labels("hit")  # looked up once: labels() takes a lock per call
         self.leases = LeaseKeeper(clock, metrics)
         self._rng = rng or random.Random()  # noqa: S311 - jitter only
         self.backoff = Backoff(RETRY_BASE, RETRY_CAP, floor=RETRY_FLOOR, rng=self._rng)
@@ -262,7 +261,7 @@ class SecretCache:
         if now >= entry.fetched_at + entry.ttl or (now >= entry.refresh_at and entry.lease is None):
             return None
         entry.last_access = now
-        self._hits.inc()
+        self._metrics.cache_hits.count += 1
         return entry
 
     async def get(self, kind: Kind, name: str, team: str | None = None) -> tuple[Entry, Status]:
@@ -280,7 +279,7 @@ class SecretCache:
                 if entry.head is None:
                     self._metrics.cache_events.labels("negative_hit").inc()
                     raise SecretNotFound(f"{kind} not found in any backend")
-                self._hits.inc()
+                self._metrics.cache_hits.count += 1
                 if now >= entry.refresh_at and entry.lease is None and key not in self._inflight:
                     self._spawn_load(key)
                 return entry, Status.HIT

@@ -107,3 +107,11 @@ def test_a_tally_is_one_per_kind() -> None:
     metrics = Metrics(CollectorRegistry())
     assert metrics.hit_tally("variable") is metrics.hit_tally("variable")
     assert metrics.hit_tally("variable") is not metrics.hit_tally("connection")
+
+
+def test_cache_hits_are_counted_on_collection() -> None:
+    metrics = Metrics(CollectorRegistry())
+    metrics.cache_hits.count += 3
+    assert metrics.registry.get_sample_value("broker_cache_events_total", {"event": "hit"}) == 3
+    metrics.cache_hits.count += 1
+    assert metrics.registry.get_sample_value("broker_cache_events_total", {"event": "hit"}) == 4
