@@ -1,8 +1,8 @@
 """Cost of one fast-path cache hit, in-process: a FastProtocol fed GETs over a transport that only counts
 what is written, against a warm cache, 50 pipelined requests per read and one request per read (as wrk
-and broker.client send them: the per-read work counts in full). No sockets, no client: the figure is the broker's own work per
-hit (parsing, edge rules, the answer), and the minimum over many short repeats, so another process sharing
-the cores moves it little.
+and broker.client send them: the per-read work counts in full). No sockets, no client: the figure is the
+broker's own work per hit (parsing, edge rules, the answer), and the minimum over many short repeats, so
+another process sharing the cores moves it little.
 
 Variants: the unix socket, the socket bound to a team (``listen.team``), and loopback TCP with its token.
 Usage: python benchmarks/fast_path_cost.py [--repeats 60] [--requests 20000]
