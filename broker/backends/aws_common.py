@@ -210,7 +210,6 @@ OPERATIONS = {
     "sts": frozenset({"GetCallerIdentity", "AssumeRole", "AssumeRoleWithWebIdentity"}),
 }
 _LOADER_LOCK = threading.Lock()
-_ENDPOINTS_LOCK = threading.Lock()
 _LOADER: Any = None
 
 
@@ -219,47 +218,30 @@ def shared_loader(data_path: str | None) -> Any:
 
     botocore's loader caches what it reads (endpoints, partitions, each service model, as parsed JSON);
     one loader per backend read and held them once per backend. Its endpoints table keeps only the
-    services in ``SERVICES``: the whole table is about 7 MiB once parsed, for some 400 services.
+    services in ``SERVICES`` and the service models of ``OPERATIONS`` only those operations, each read
+    one entry at a time (``endpoints_for``, ``model_for``).
     """
     global _LOADER
     with _LOADER_LOCK:
         if _LOADER is None:
             from botocore.loaders import JSONFileLoader, Loader
 
-            class UndocumentedJSON(JSONFileLoader):
-                """Drops every documentation string while parsing (SSM's model is mostly prose): what is
-                never kept is never allocated all at once either, and the peak is what the process keeps."""
+            class TrimmedJSON(JSONFileLoader):
+                """Drops every documentation string while parsing (SSM's model is mostly prose), and reads
+                the endpoints table and the models of the services the broker calls trimmed."""
 
                 def _load_file(self, full_path: str, open_method: Any) -> Any:
                     if not os.path.isfile(full_path):
                         return None
                     with open_method(full_path, "rb") as fp:
                         payload = fp.read().decode("utf-8")
+                    base = os.path.basename(full_path)
+                    if base == "endpoints.json":
+                        return endpoints_for(payload, SERVICES)
+                    service = os.path.basename(os.path.dirname(os.path.dirname(full_path)))
+                    if base.startswith("service-2.json") and service in OPERATIONS:
+                        return model_for(payload, OPERATIONS[service])
                     return json.loads(payload, object_pairs_hook=_undocumented)
-
-            class TrimmedLoader(Loader):
-                _endpoints: tuple[Any, str] | None = None
-
-                _models: dict[str, tuple[Any, str]] = {}
-
-                def load_data_with_path(self, name: str) -> Any:
-                    service, _, rest = name.partition("/")
-                    if service in OPERATIONS and rest.endswith("/service-2"):
-                        with _ENDPOINTS_LOCK:
-                            if name not in self._models:
-                                full, path = super().load_data_with_path(name)
-                                getattr(self, "_cache", {}).pop(("load_data_with_path", name), None)
-                                self._models[name] = (_trimmed_model(full, OPERATIONS[service]), path)
-                            return self._models[name]
-                    if name != "endpoints":
-                        return super().load_data_with_path(name)
-                    with _ENDPOINTS_LOCK:
-                        if self._endpoints is None:
-                            full, path = super().load_data_with_path(name)
-                            # drop the full table from the cache botocore's instance_cache keeps
-                            getattr(self, "_cache", {}).pop(("load_data_with_path", name), None)
-                            self._endpoints = (_trimmed_endpoints(full), path)
-                        return self._endpoints
 
             # AWS_DATA_PATH, read as botocore's own create_loader reads it
             paths = (
@@ -267,7 +249,7 @@ def shared_loader(data_path: str | None) -> Any:
                 if data_path is None
                 else [os.path.expanduser(os.path.expandvars(p)) for p in data_path.split(os.pathsep)]
             )
-            _LOADER = TrimmedLoader(extra_search_paths=paths, file_loader=UndocumentedJSON())
+            _LOADER = Loader(extra_search_paths=paths, file_loader=TrimmedJSON())
         return _LOADER
 
 
@@ -278,46 +260,151 @@ def _undocumented(pairs: list[tuple[str, Any]]) -> OrderedDict[str, Any]:
     return OrderedDict((k, v) for k, v in pairs if k not in _DOC_KEYS)
 
 
-def _trimmed_endpoints(full: dict[str, Any]) -> dict[str, Any]:
-    """botocore's endpoints table with only ``SERVICES`` in each partition, as freshly allocated objects
-    (a JSON round trip), so the memory of the full table is returned once it is dropped."""
-
-    partitions = [
-        {**p, "services": {k: v for k, v in p.get("services", {}).items() if k in SERVICES}}
-        for p in full.get("partitions", [])
-    ]
-    return dict(json.loads(json.dumps({**full, "partitions": partitions})))
+def _plain_undocumented(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    return {k: v for k, v in pairs if k not in _DOC_KEYS}
 
 
-def _trimmed_model(full: dict[str, Any], operations: frozenset[str]) -> dict[str, Any]:
-    """A service model with only ``operations``, the shapes they reach and the service's error shapes, and
-    no documentation: SSM's whole model is about 1,400 shapes for 150 operations (several MiB once parsed),
-    and botocore builds a client method for every operation it lists. Freshly allocated (a JSON round trip)."""
+class _Reader:
+    """Reads a JSON document one member at a time, so that what is dropped is parsed and freed one
+    member at a time too. A whole botocore table parsed at once (the endpoints table is about 7 MiB
+    parsed, SSM's model several MiB) leaves its freed memory with the process as half-used pools."""
 
-    shapes: dict[str, Any] = full.get("shapes", {})
-    ops = {name: op for name, op in full.get("operations", {}).items() if name in operations}
-    pending = [name for name, shape in shapes.items() if shape.get("exception")]
-    for op in ops.values():
-        pending += [ref["shape"] for ref in (op.get("input"), op.get("output"), *op.get("errors", [])) if ref]
+    def __init__(self, text: str, what: str) -> None:
+        self.text = text
+        self.what = what
+        self._decode = json.JSONDecoder(object_pairs_hook=_plain_undocumented).raw_decode
+
+    def skip(self, i: int) -> int:
+        match = _SPACE.match(self.text, i)
+        return match.end() if match else i
+
+    def expect(self, i: int, char: str) -> int:
+        i = self.skip(i)
+        if self.text[i : i + 1] != char:
+            raise ValueError(f"{self.what}: expected {char!r} at {i}")
+        return i + 1
+
+    def value(self, i: int) -> tuple[Any, int]:
+        return self._decode(self.text, self.skip(i))
+
+    def members(self, i: int, read: Callable[[str, int], tuple[Any, int]]) -> tuple[dict[str, Any], int]:
+        """The object at ``i``, each member read by ``read(key, index)``; members it returns as
+        ``_DROP`` are left out."""
+        out: dict[str, Any] = {}
+        i = self.skip(self.expect(i, "{"))
+        if self.text[i : i + 1] == "}":
+            return out, i + 1
+        while True:
+            key, i = self.value(i)
+            if not isinstance(key, str):
+                raise ValueError(f"{self.what}: expected a key at {i}")  # noqa: TRY004 - malformed text, as json raises
+            item, i = read(key, self.expect(i, ":"))
+            if item is not _DROP and key not in _DOC_KEYS:
+                out[key] = item
+            i = self.skip(i)
+            if self.text[i : i + 1] == "}":
+                return out, i + 1
+            i = self.expect(i, ",")
+
+    def items(self, i: int, read: Callable[[int], tuple[Any, int]]) -> tuple[list[Any], int]:
+        out: list[Any] = []
+        i = self.skip(self.expect(i, "["))
+        if self.text[i : i + 1] == "]":
+            return out, i + 1
+        while True:
+            item, i = read(i)
+            out.append(item)
+            i = self.skip(i)
+            if self.text[i : i + 1] == "]":
+                return out, i + 1
+            i = self.expect(i, ",")
+
+    def document(self, read: Callable[[str, int], tuple[Any, int]]) -> dict[str, Any]:
+        out, end = self.members(0, read)
+        if self.skip(end) != len(self.text):
+            raise ValueError(f"{self.what}: extra data at {end}")
+        return out
+
+
+_DROP = object()
+_SPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
+
+
+def endpoints_for(text: str, services: frozenset[str]) -> dict[str, Any]:
+    """botocore's endpoints table (``endpoints.json``) with only ``services`` in each partition: the whole
+    table (some 400 services) is never built at once. Raises ValueError when the text is not JSON."""
+    reader = _Reader(text, "endpoints.json")
+
+    def service(name: str, i: int) -> tuple[Any, int]:
+        item, end = reader.value(i)
+        return (item if name in services else _DROP), end
+
+    def partition(key: str, i: int) -> tuple[Any, int]:
+        return reader.members(i, service) if key == "services" else reader.value(i)
+
+    def top(key: str, i: int) -> tuple[Any, int]:
+        if key == "partitions":
+            return reader.items(i, lambda j: reader.members(j, partition))
+        return reader.value(i)
+
+    return reader.document(top)
+
+
+def model_for(text: str, operations: frozenset[str]) -> dict[str, Any]:
+    """A service model (``service-2.json``) with only ``operations``, the shapes they reach and the
+    service's error shapes, and no documentation: SSM's whole model is about 1,400 shapes for 150
+    operations, and botocore builds a client method for every operation it lists. Read twice, one shape at
+    a time: first which shapes each one refers to, then only the shapes kept. Raises ValueError when the
+    text is not JSON."""
+    reader = _Reader(text, "service-2.json")
+    refs: dict[str, list[str]] = {}
+    pending: list[str] = []
+
+    def operation(name: str, i: int) -> tuple[Any, int]:
+        op, end = reader.value(i)
+        if name not in operations:
+            return _DROP, end
+        pending.extend(ref["shape"] for ref in (op.get("input"), op.get("output"), *op.get("errors", [])) if ref)
+        return op, end
+
+    def shape_refs(name: str, i: int) -> tuple[Any, int]:
+        shape, end = reader.value(i)
+        links = [shape.get("member"), shape.get("key"), shape.get("value"), *shape.get("members", {}).values()]
+        refs[name] = [ref["shape"] for ref in links if ref]
+        if shape.get("exception"):
+            pending.append(name)
+        return _DROP, end
+
+    def first(key: str, i: int) -> tuple[Any, int]:
+        if key == "operations":
+            return reader.members(i, operation)
+        if key == "shapes":
+            return reader.members(i, shape_refs)
+        return reader.value(i)
+
+    model = reader.document(first)
     keep: set[str] = set()
     while pending:
         name = pending.pop()
-        if name in keep or name not in shapes:
+        if name in keep or name not in refs:
             continue
         keep.add(name)
-        shape = shapes[name]
-        refs = [shape.get("member"), shape.get("key"), shape.get("value"), *shape.get("members", {}).values()]
-        pending += [ref["shape"] for ref in refs if ref]
+        pending += refs[name]
+    refs.clear()
 
-    def undocumented(node: Any) -> Any:
-        if isinstance(node, dict):
-            return {k: undocumented(v) for k, v in node.items() if k not in _DOC_KEYS}
-        if isinstance(node, list):
-            return [undocumented(v) for v in node]
-        return node
+    def kept_shape(name: str, i: int) -> tuple[Any, int]:
+        shape, end = reader.value(i)
+        return (shape if name in keep else _DROP), end
 
-    trimmed = {**full, "operations": ops, "shapes": {name: shapes[name] for name in sorted(keep)}}
-    return dict(json.loads(json.dumps(undocumented(trimmed))))
+    def second(key: str, i: int) -> tuple[Any, int]:
+        if key == "shapes":
+            return reader.members(i, kept_shape)
+        return _DROP, reader.value(i)[1]
+
+    if "shapes" in model:
+        shapes = reader.document(second)["shapes"]
+        model["shapes"] = {name: shapes[name] for name in sorted(shapes)}
+    return model
 
 
 def _as_refreshed(creds: dict[str, Any]) -> dict[str, str]:

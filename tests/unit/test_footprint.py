@@ -121,3 +121,82 @@ def test_an_aws_client_on_the_trimmed_model_serialises_and_parses_its_calls() ->
         )
         assert client.get_parameter(Name="/a", WithDecryption=True)["Parameter"]["Version"] == 3
     assert not hasattr(client, "put_parameter")
+
+
+def _botocore_data(name: str) -> str:
+    import gzip
+
+    import botocore
+
+    base = Path(botocore.__file__).parent / "data"
+    plain = base / f"{name}.json"
+    if plain.exists():
+        return plain.read_text(encoding="utf-8")
+    [packed] = base.glob(f"{name}.json.gz")
+    return gzip.decompress(packed.read_bytes()).decode("utf-8")
+
+
+def _without_docs(node: object) -> object:
+    if isinstance(node, dict):
+        return {k: _without_docs(v) for k, v in node.items() if k not in ("documentation", "documentationUrl")}
+    if isinstance(node, list):
+        return [_without_docs(v) for v in node]
+    return node
+
+
+def test_the_endpoints_table_read_member_by_member_is_the_full_table_filtered() -> None:
+    pytest.importorskip("botocore")
+    from broker.backends.aws_common import SERVICES, endpoints_for
+
+    text = _botocore_data("endpoints")
+    full = json.loads(text)
+    expected = {
+        **full,
+        "partitions": [
+            {**p, "services": {k: v for k, v in p["services"].items() if k in SERVICES}} for p in full["partitions"]
+        ],
+    }
+    assert json.dumps(endpoints_for(text, SERVICES)) == json.dumps(expected)
+
+
+@pytest.mark.parametrize("service", ["secretsmanager", "ssm", "sts"])
+def test_a_model_read_shape_by_shape_keeps_what_its_operations_reach(service: str) -> None:
+    pytest.importorskip("botocore")
+    from botocore.loaders import Loader
+
+    from broker.backends.aws_common import OPERATIONS, model_for
+
+    version = Loader().determine_latest_version(service, "service-2")
+    text = _botocore_data(f"{service}/{version}/service-2")
+    full: dict = json.loads(text)  # type: ignore[type-arg]
+    shapes = full["shapes"]
+    reach = [n for n, s in shapes.items() if s.get("exception")]
+    for name in OPERATIONS[service]:
+        op = full["operations"][name]
+        reach += [ref["shape"] for ref in (op.get("input"), op.get("output"), *op.get("errors", [])) if ref]
+    kept: set[str] = set()
+    while reach:
+        name = reach.pop()
+        if name not in kept:
+            kept.add(name)
+            shape = shapes[name]
+            links = [shape.get("member"), shape.get("key"), shape.get("value"), *shape.get("members", {}).values()]
+            reach += [ref["shape"] for ref in links if ref]
+    expected = {
+        **full,
+        "operations": {n: op for n, op in full["operations"].items() if n in OPERATIONS[service]},
+        "shapes": {n: shapes[n] for n in sorted(kept)},
+    }
+    assert json.dumps(model_for(text, OPERATIONS[service])) == json.dumps(_without_docs(expected))
+
+
+@pytest.mark.parametrize(
+    "text", ["", "[]", '{"partitions": [{"services": {"sts": }}]}', '{"a": 1', '{"a": 1} x', "{1: 2}"]
+)
+def test_a_table_that_is_not_json_is_an_error(text: str) -> None:
+    from broker.backends.aws_common import SERVICES, endpoints_for, model_for
+
+    with pytest.raises(ValueError, match=r"\S"):
+        endpoints_for(text, SERVICES)
+    with pytest.raises(ValueError, match=r"\S"):
+        model_for(text, frozenset({"GetParameter"}))
