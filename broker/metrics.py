@@ -28,23 +28,27 @@ class SharedGauge:
     its value. With no source left the series reads ``idle``, or is removed when ``idle`` is None. With one
     source (sidecar mode) the series reads that source's value. No label names the partition: it would grow
     with the service accounts, and name them.
+
+    A gauge without labels (each partition's cache writes the entry counts) is written with ``backend``
+    None; it needs an ``idle`` reading, since its one series cannot be removed.
     """
 
     def __init__(self, gauge: Gauge, combine: Callable[[list[float]], float], *, idle: float | None = None) -> None:
         self.gauge = gauge
         self._combine = combine
         self._idle = idle
-        self._values: dict[str, dict[Hashable, float | Callable[[], float]]] = {}
+        self._values: dict[str | None, dict[Hashable, float | Callable[[], float]]] = {}
 
-    def set(self, source: Hashable, backend: str, value: float | Callable[[], float]) -> None:
+    def set(self, source: Hashable, backend: str | None, value: float | Callable[[], float]) -> None:
         """``source``'s value for ``backend``: a number, or a function read at each scrape."""
         values = self._values.get(backend)
         if values is None:
             values = self._values[backend] = {}
-            self.gauge.labels(backend).set_function(lambda: self._read(backend))
+            series = self.gauge if backend is None else self.gauge.labels(backend)
+            series.set_function(lambda: self._read(backend))
         values[source] = value
 
-    def withdraw(self, source: Hashable, backend: str) -> None:
+    def withdraw(self, source: Hashable, backend: str | None) -> None:
         """Forget ``source``'s value for ``backend`` (a source that never set one is ignored)."""
         values = self._values.get(backend)
         if values is None or values.pop(source, None) is None:
@@ -53,7 +57,7 @@ class SharedGauge:
             del self._values[backend]
             self.gauge.remove(backend)
 
-    def _read(self, backend: str) -> float:
+    def _read(self, backend: str | None) -> float:
         values = tuple(self._values.get(backend, {}).values())
         if not values:
             return self._idle or 0.0
@@ -161,13 +165,24 @@ class Metrics:
         )
         self.cache_hits = CountTally(self.cache_events.labels("hit"))
         self._tallies.tallies.append(self.cache_hits)
-        self.cache_entries = Gauge(
-            "broker_cache_entries", "Entries held in the cache (including negative).", registry=r
+        self.cache_entries = SharedGauge(
+            Gauge(
+                "broker_cache_entries",
+                "Entries held in the cache (including negative; node mode: in every partition's cache).",
+                registry=r,
+            ),
+            sum,
+            idle=0.0,
         )
-        self.cache_negative_entries = Gauge(
-            "broker_cache_negative_entries",
-            "Names remembered as not found (bounded by cache.negative_max_entries, apart from max_entries).",
-            registry=r,
+        self.cache_negative_entries = SharedGauge(
+            Gauge(
+                "broker_cache_negative_entries",
+                "Names remembered as not found (bounded by cache.negative_max_entries, apart from max_entries; "
+                "node mode: in every partition's cache).",
+                registry=r,
+            ),
+            sum,
+            idle=0.0,
         )
         self.backend_calls = Counter(
             "broker_backend_calls_total",

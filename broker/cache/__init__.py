@@ -475,8 +475,9 @@ class SecretCache:
         return entry
 
     def _count(self) -> None:
-        self._metrics.cache_entries.set(len(self._entries) + len(self._negatives))
-        self._metrics.cache_negative_entries.set(len(self._negatives))
+        # Node mode: every partition's cache reports its own counts; the series read their sum.
+        self._metrics.cache_entries.set(self, None, len(self._entries) + len(self._negatives))
+        self._metrics.cache_negative_entries.set(self, None, len(self._negatives))
 
     def _evicted(self, entry: Entry) -> None:
         self._metrics.cache_events.labels("eviction").inc()
@@ -630,4 +631,6 @@ class SecretCache:
             task.cancel()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout)
+        self._metrics.cache_entries.withdraw(self, None)
+        self._metrics.cache_negative_entries.withdraw(self, None)
         await self.leases.aclose(revoke=revoke_leases, timeout=timeout)

@@ -65,6 +65,19 @@ def test_the_series_goes_with_its_last_source_unless_it_has_an_idle_reading() ->
     assert reading(metrics, "up") == 0
 
 
+def test_an_unlabelled_gauge_reads_the_sum_of_its_sources() -> None:
+    metrics = Metrics()
+    first, second = object(), object()
+    metrics.cache_entries.set(first, None, 5)
+    assert metrics.registry.get_sample_value("broker_cache_entries") == 5  # one cache (sidecar mode): its own
+    metrics.cache_entries.set(second, None, 2)
+    metrics.cache_entries.set(first, None, 4)
+    assert metrics.registry.get_sample_value("broker_cache_entries") == 6
+    metrics.cache_entries.withdraw(first, None)
+    metrics.cache_entries.withdraw(second, None)
+    assert metrics.registry.get_sample_value("broker_cache_entries") == 0
+
+
 def test_a_function_is_read_at_each_scrape() -> None:
     metrics = Metrics()
     left = [300.0]

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from broker.backends.base import BackendUnavailable, Kind, Lease, Overloaded, SecretValue
+from broker.backends.base import BackendUnavailable, Kind, Lease, Overloaded, SecretNotFound, SecretValue
 from broker.clock import FakeClock
 from broker.config import validate_config
 from broker.node.partitions import NodeService, Partition
@@ -213,6 +213,8 @@ class Store:
     async def _fetch(self, kind: Kind, path: str) -> SecretValue:
         if not self.up:
             raise BackendUnavailable("vault: connection refused")
+        if "unknown" in path:
+            raise SecretNotFound("vault: no such secret")
         return SecretValue("v")
 
     async def _login(self) -> tuple[str, float]:
@@ -267,3 +269,35 @@ async def test_the_backend_gauges_cover_every_partitions_backend(make: Any, monk
     service._close(pa)  # no partition has a vault backend: nothing to say about one
     await service.drained()
     assert gauges() == (None, None, None)
+
+
+async def test_the_cache_gauges_add_up_every_partitions_entries(make: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    service, clock = make(["a", "b"])
+    exp = clock.wall() + 3600
+    _, pa = await service.caller(fake_token("a", exp))
+    _, pb = await service.caller(fake_token("b", exp))
+    Store(pa, monkeypatch), Store(pb, monkeypatch)
+
+    async def look_up(partition: Partition, *names: str) -> None:
+        for name in names:
+            with contextlib.suppress(SecretNotFound):
+                await partition.cache.get(Kind.VARIABLE, name)
+
+    def gauges() -> tuple[float | None, float | None]:
+        registry = service.state.metrics.registry
+        return (
+            registry.get_sample_value("broker_cache_entries"),
+            registry.get_sample_value("broker_cache_negative_entries"),
+        )
+
+    await look_up(pa, "x", "y", "unknown1")
+    await look_up(pb, "x", "unknown1", "unknown2")
+    assert gauges() == (6, 3)  # every partition's cache, not the last one to change
+    await look_up(pa, "z")
+    assert gauges() == (7, 3)
+    service._close(pb)
+    await service.drained()
+    assert gauges() == (4, 1)
+    service._close(pa)
+    await service.drained()
+    assert gauges() == (0, 0)
