@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import random
+from collections import OrderedDict
 from typing import Any
 
 import pytest
@@ -18,7 +19,7 @@ from broker.backends.base import (
     Lease,
     SecretNotFound,
 )
-from broker.cache import Entry, SecretCache, Status
+from broker.cache import _LRU, Entry, SecretCache, Status, spelled
 from broker.clock import FakeClock
 from broker.config import CacheConfig, LeasesConfig
 from broker.metrics import Metrics
@@ -364,6 +365,41 @@ async def test_lru_bound_holds(loader: ScriptedLoader, clock: FakeClock) -> None
         loader.answers[f"k{i}"] = "v"
         await cache.get(V, f"k{i}")
     assert cache.peek(V, "k90") is not None
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_lru_evicts_exactly_the_least_recently_used(seed: int) -> None:
+    """Gets, puts, pops and evictions in any mix, checked against an OrderedDict kept in use order (the
+    two dicts of the LRU hand over from one to the other as evictions run through the older one)."""
+    rng = random.Random(seed)
+    evicted: list[str] = []
+    lru = _LRU(8, lambda entry: evicted.append(entry.spelled))
+    model: OrderedDict[str, Entry] = OrderedDict()
+    expected: list[str] = []
+    for _ in range(2000):
+        key = (V, f"k{rng.randrange(20)}", None)
+        text = spelled(key)
+        op = rng.random()
+        if op < 0.4:
+            got = lru.get(key)
+            assert got is model.get(text)
+            if got is not None:
+                model.move_to_end(text)
+        elif op < 0.9:
+            entry = Entry(
+                spelled=text, head=b"", backend=None, fetched_at=0, ttl=1, stale=0, refresh_at=0, last_access=0
+            )
+            lru.put(entry)
+            model[text] = entry
+            model.move_to_end(text)
+            while len(model) > 8:
+                expected.append(model.popitem(last=False)[0])
+        else:
+            assert lru.pop(key) is model.pop(text, None)
+        assert lru.peek(key) is model.get(text)
+        assert evicted == expected and len(lru) == len(model)
+        assert [entry for _, entry in lru.items()] == list(model.values())
+    assert len(expected) > 100
 
 
 async def test_client_cancellation_does_not_cancel_the_load(loader: ScriptedLoader, clock: FakeClock) -> None:
