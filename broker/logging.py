@@ -32,10 +32,23 @@ _PATTERNS = [
 MIN_SECRET_LEN = 4
 _LONG = 8  # values this long are filed under a piece this long (far more distinct pieces than of 4)
 _ANCHOR_SCAN = 512  # positions of a value looked at for its anchor (a long value needs only one)
+_OFFSET_BITS = 9  # an anchor's offset in its value is below _ANCHOR_SCAN
+_HASH_BITS = 64
+_HASH_MASK = (1 << _HASH_BITS) - 1
+_OFFSET_MASK = (1 << _OFFSET_BITS) - 1
 # Every piece of a text is cut by C-level map() over prepared slices (several times faster than a loop),
 # prepared for the longest text seen so far (in powers of two, up to _MAX_SLICES): most log lines are short,
 # and 2 x 2048 slices held from start-up cost about half a MiB.
 _MAX_SLICES = 2048
+
+Filed = int | list[int]  # what an anchor holds: one value's signature, or several (oldest first)
+
+
+def _signature(value: str, offset: int) -> int:
+    """One number for a value filed under the piece at ``offset`` of it: the value's hash, that offset and
+    the value's length (36 bytes for a value shorter than 131,072 characters, where a copy of a value takes
+    49 and its length)."""
+    return hash(value) & _HASH_MASK | (offset | len(value) << _OFFSET_BITS) << _HASH_BITS
 
 
 class SecretRegistry:
@@ -45,66 +58,130 @@ class SecretRegistry:
     filed under one anchor, one of its own 8-character pieces (4 for values shorter than 8), chosen as the
     piece the fewest other values are filed under (so values sharing a shape, like connection JSON, still spread
     out). A text can contain a value only if it contains that value's anchor, so scrubbing a text looks up
-    each of the text's pieces once and compares only the few values filed under the pieces it finds.
+    each of the text's pieces once and checks only the few values filed under the pieces it finds.
 
-    Bounded: past ``limit`` values the oldest are forgotten (they are usually long rotated away).
+    The values themselves are not kept (the cache holds each value already, in its encoded answer): a value
+    is filed under its anchor as its signature (its hash, the anchor's offset in it and its length). Where a
+    text holds an anchor at ``p``, the text's piece ``[p - offset, p - offset + length)`` is scrubbed when
+    its hash is the value's: a text holding the value is always scrubbed, and another text of the same length
+    and hash would be too (more redaction, never less; a 64-bit hash with a per-process key).
+
+    Bounded: past ``limit`` values the least recently registered are forgotten (they are usually long rotated
+    away). Registering a value again makes it the newest, and the others filed under its anchor with it (the
+    order is kept per anchor: most anchors hold one value). The anchors are kept in two dicts: ``_recent`` in
+    registration order, and ``_older``, registered before any of ``_recent``, newest first, so the oldest is
+    its last item, which ``popitem`` takes in constant time; when ``_older`` runs out, ``_recent`` becomes it.
     """
 
     def __init__(self, limit: int = 100_000) -> None:
-        self._values: dict[str, str] = {}  # value -> its anchor, oldest first
-        # anchor -> the value filed under it, or the values when more than one (most anchors hold one:
-        # no list for them, which halves what the registry keeps per value)
-        self._anchors: dict[str, str | list[str]] = {}
+        self._recent: dict[str, Filed] = {}
+        self._older: dict[str, Filed] = {}
+        self._count = 0
         self._sizes = {MIN_SECRET_LEN: 0, _LONG: 0}  # anchors of each length (a length with none is not cut)
         self._limit = limit
         self._slices: dict[int, tuple[slice, ...]] = {MIN_SECRET_LEN: (), _LONG: ()}
 
     def __len__(self) -> int:
-        return len(self._values)
+        return self._count
+
+    def _filed(self, anchor: str) -> Filed | None:
+        filed = self._recent.get(anchor)
+        if filed is None and self._older:
+            return self._older.get(anchor)
+        return filed
+
+    def _take(self, anchor: str) -> Filed | None:
+        filed = self._recent.pop(anchor, None)
+        if filed is None and self._older:
+            return self._older.pop(anchor, None)
+        return filed
+
+    def __contains__(self, value: str) -> bool:
+        """Whether ``value`` is registered (or a value of the same length and hash under the same anchor)."""
+        return len(value) >= MIN_SECRET_LEN and self._look_up(value)[0] is not None
+
+    def _look_up(self, value: str) -> tuple[tuple[str, int] | None, str, int]:
+        """Where ``value`` is filed (its anchor and signature), None when it is not registered; and the piece
+        it would be filed under, with its offset: the first no value is filed under, else the least loaded."""
+        size = _LONG if len(value) >= _LONG else MIN_SECRET_LEN
+        n = min(len(value) - size + 1, _ANCHOR_SCAN)
+        pieces = list(map(value.__getitem__, self._cuts(size, n)[:n]))
+        filed = list(map(self._recent.get, pieces))
+        if self._older:
+            older = self._older.get
+            filed = [f if f is not None else older(piece) for f, piece in zip(filed, pieces, strict=True)]
+        taken = [i for i, f in enumerate(filed) if f is not None]
+        for i in taken:
+            signature = _signature(value, i)
+            f = filed[i]
+            if f == signature or (isinstance(f, list) and signature in f):
+                return (pieces[i], signature), pieces[i], i
+        if len(taken) < n:
+            free = filed.index(None)
+            return None, pieces[free], free
+
+        def load(i: int) -> int:
+            f = filed[i]
+            return len(f) if isinstance(f, list) else 1
+
+        best = min(taken, key=load)
+        return None, pieces[best], best
 
     def add(self, value: str) -> None:
         if len(value) < MIN_SECRET_LEN:
             return
-        anchor = self._values.pop(value, None)
-        if anchor is None:
-            anchor = self._anchor_for(value)
-            filed = self._anchors.get(anchor)
+        found, anchor, offset = self._look_up(value)
+        if found is not None:
+            anchor, signature = found
+            filed = self._take(anchor)
+            if isinstance(filed, list):
+                filed.remove(signature)
+                filed.append(signature)
+            self._recent[anchor] = signature if filed is None else filed  # (re)inserted last: the newest
+        else:
+            signature = _signature(value, offset)
+            filed = self._take(anchor)
             if filed is None:
-                self._anchors[anchor] = value
+                self._recent[anchor] = signature
                 self._sizes[len(anchor)] += 1
-            elif isinstance(filed, str):
-                self._anchors[anchor] = [filed, value]
+            elif isinstance(filed, int):
+                self._recent[anchor] = [filed, signature]
             else:
-                filed.append(value)
-        self._values[value] = anchor  # (re)inserted last: the newest
-        while len(self._values) > self._limit:
-            self.discard(next(iter(self._values)))
+                filed.append(signature)
+                self._recent[anchor] = filed
+            self._count += 1
+        while self._count > self._limit:
+            self._forget_oldest()
 
-    def _anchor_for(self, value: str) -> str:
-        size = _LONG if len(value) >= _LONG else MIN_SECRET_LEN
-        best, load = value[:size], None
-        for i in range(min(len(value) - size + 1, _ANCHOR_SCAN)):
-            piece = value[i : i + size]
-            filed = self._anchors.get(piece)
-            if filed is None:
-                return piece
-            count = 1 if isinstance(filed, str) else len(filed)
-            if load is None or count < load:
-                best, load = piece, count
-        return best
+    def _forget_oldest(self) -> None:
+        if not self._older:
+            self._older = dict(reversed(self._recent.items()))
+            self._recent = {}
+        anchor, filed = self._older.popitem()
+        self._count -= 1
+        if isinstance(filed, int):
+            self._sizes[len(anchor)] -= 1
+        else:
+            del filed[0]
+            self._older[anchor] = filed[0] if len(filed) == 1 else filed  # still the last: the oldest
 
     def discard(self, value: str) -> None:
-        anchor = self._values.pop(value, None)
-        if anchor is None:
+        if len(value) < MIN_SECRET_LEN:
             return
-        filed = self._anchors[anchor]
-        if isinstance(filed, str):
-            del self._anchors[anchor]
+        found = self._look_up(value)[0]
+        if found is None:
+            return
+        anchor, signature = found
+        where = self._recent if anchor in self._recent else self._older
+        filed = where[anchor]
+        self._count -= 1
+        if isinstance(filed, int):
+            del where[anchor]
             self._sizes[len(anchor)] -= 1
             return
-        filed.remove(value)
+        filed.remove(signature)
         if len(filed) == 1:
-            self._anchors[anchor] = filed[0]
+            where[anchor] = filed[0]
 
     def _cuts(self, size: int, n: int) -> tuple[slice, ...]:
         cuts = self._slices[size]
@@ -113,9 +190,8 @@ class SecretRegistry:
             cuts = self._slices[size] = tuple(slice(i, i + size) for i in range(length))
         return cuts
 
-    def candidates(self, text: str) -> list[str]:
-        """The registered values filed under a piece of ``text``: the only ones that can occur in it."""
-        anchors = self._anchors
+    def _anchors_in(self, text: str) -> list[tuple[str, Filed]]:
+        """The anchors among the pieces of ``text``, with what is filed under each."""
         pieces: set[str] = set()
         for size, count in self._sizes.items():
             n = len(text) - size + 1
@@ -124,21 +200,56 @@ class SecretRegistry:
                 pieces.update(
                     map(text.__getitem__, cuts[:n] if n <= len(cuts) else (slice(i, i + size) for i in range(n)))
                 )
-        found: list[str] = []
-        for piece in filter(anchors.__contains__, pieces):
-            filed = anchors[piece]
-            if isinstance(filed, str):
-                found.append(filed)
-            else:
-                found.extend(filed)
+        found = [(piece, filed) for piece in pieces if (filed := self._recent.get(piece)) is not None]
+        if self._older:
+            found += [(piece, filed) for piece in pieces if (filed := self._older.get(piece)) is not None]
         return found
 
+    def candidates(self, text: str) -> list[int]:
+        """The signatures of the values filed under a piece of ``text``: the only values that can occur in it."""
+        out: list[int] = []
+        for _, filed in self._anchors_in(text):
+            if isinstance(filed, int):
+                out.append(filed)
+            else:
+                out.extend(filed)
+        return out
+
+    def spans(self, text: str) -> list[tuple[int, int]]:
+        """Where registered values occur in ``text``: (start, end) pairs, sorted, overlapping ones merged."""
+        found: list[tuple[int, int]] = []
+        for anchor, filed in self._anchors_in(text):
+            signatures = (filed,) if isinstance(filed, int) else filed
+            at = text.find(anchor)
+            while at >= 0:
+                for signature in signatures:
+                    start = at - (signature >> _HASH_BITS & _OFFSET_MASK)
+                    end = start + (signature >> (_HASH_BITS + _OFFSET_BITS))
+                    if start >= 0 and end <= len(text) and hash(text[start:end]) & _HASH_MASK == signature & _HASH_MASK:
+                        found.append((start, end))
+                at = text.find(anchor, at + 1)
+        found.sort()
+        merged: list[tuple[int, int]] = []
+        for start, end in found:
+            if merged and start < merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+            else:
+                merged.append((start, end))
+        return merged
+
     def scrub(self, text: str) -> str:
-        found = [value for value in self.candidates(text) if value in text]
-        # Longest first: a value that contains another is scrubbed whole.
-        for value in sorted(found, key=len, reverse=True):
-            text = text.replace(value, "***")
-        return text
+        """``text`` with every registered value in it replaced by ``***`` (values that overlap or contain
+        one another as one)."""
+        spans = self.spans(text)
+        if not spans:
+            return text
+        parts: list[str] = []
+        last = 0
+        for start, end in spans:
+            parts += (text[last:start], "***")
+            last = end
+        parts.append(text[last:])
+        return "".join(parts)
 
 
 SECRETS = SecretRegistry()

@@ -5,9 +5,11 @@ from __future__ import annotations
 import io
 import json
 import logging
+import random
 
 import pytest
 
+import broker.logging
 from broker.logging import SECRETS, JsonFormatter, RedactingFilter, SecretRegistry, redact
 
 
@@ -101,3 +103,118 @@ def test_values_sharing_every_piece_are_all_found() -> None:
         registry.add(value)
     assert registry.scrub("xx aaaaaa yy") == "xx *** yy"
     assert registry.scrub("baaaa") == "***"
+
+
+def occurrences(text: str, values: set[str]) -> list[tuple[int, int]]:
+    """Where the values occur in ``text``, found the plain way: merged (start, end) pairs."""
+    found = sorted(
+        (start, start + len(value))
+        for value in values
+        for start in range(len(text) - len(value) + 1)
+        if text.startswith(value, start)
+    )
+    merged: list[tuple[int, int]] = []
+    for start, end in found:
+        if merged and start < merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_every_occurrence_of_a_registered_value_is_scrubbed_and_nothing_else(seed: int) -> None:
+    """Values of a small alphabet (so they share pieces and anchors, overlap and contain one another), texts
+    made of them and of noise, values registered, registered again and discarded: the registry scrubs
+    exactly where a registered value occurs, as a plain search for every value would."""
+    rng = random.Random(seed)
+    registry = SecretRegistry()
+    registered: set[str] = set()
+    pool = ["".join(rng.choice("ab-") for _ in range(rng.randrange(4, 14))) for _ in range(300)]
+    for step in range(600):
+        value = rng.choice(pool)
+        if rng.random() < 0.8:
+            registry.add(value)
+            registered.add(value)
+        else:
+            registry.discard(value)
+            registered.discard(value)
+        assert len(registry) == len(registered)
+        if step % 5 == 0:
+            text = "".join(rng.choice([*pool[:40], "x", "ab", " "]) for _ in range(rng.randrange(1, 12)))
+            assert registry.spans(text) == occurrences(text, registered)
+
+
+def test_a_value_is_found_at_either_end_of_a_text_overlapping_or_next_to_another() -> None:
+    registry = SecretRegistry()
+    for value in ("begin-secret-1", "end-secret-22", "short"):
+        registry.add(value)
+    assert registry.scrub("begin-secret-1") == "***"
+    assert registry.scrub("begin-secret-1 and end-secret-22") == "*** and ***"
+    assert registry.scrub("begin-secret-1end-secret-22") == "******"
+    registry.add("secret-1end")  # overlaps both: the three are scrubbed as one
+    assert registry.scrub("[begin-secret-1end-secret-22]") == "[***]"
+    assert registry.scrub("begin-secret") == "begin-secret"  # a part of a value is not a value
+    assert registry.scrub("shor") == "shor" and registry.scrub("x short") == "x ***"
+
+
+def test_values_filed_under_one_anchor_are_each_found_and_forgotten_alone() -> None:
+    registry = SecretRegistry()
+    registry.add("12345678")
+    registry.add("2345678X")
+    registry.add("12345678X")  # every piece is another value's anchor: filed with one of them
+    assert len(registry.candidates("12345678")) == 2
+    assert registry.scrub("a 12345678X b 2345678X c 12345678 d") == "a *** b *** c *** d"
+    registry.discard("12345678")
+    assert registry.scrub("a 12345678X b 2345678X c 12345678 d") == "a *** b *** c 12345678 d"
+    registry.discard("12345678X")
+    assert registry.scrub("12345678X") == "1***"
+    registry.add("12345678X")  # registered again after it was forgotten
+    registry.add("12345678X")  # and again: still one value
+    assert len(registry) == 2 and registry.scrub("12345678X") == "***"
+
+
+def test_a_text_with_a_value_s_hash_is_scrubbed_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hash collision can only scrub more: the registry does not keep the values to compare."""
+    registry = SecretRegistry()
+    monkeypatch.setattr(broker.logging, "hash", lambda text: len(text), raising=False)
+    registry.add("secret-value-1")
+    assert registry.scrub("x secret-value-1 y") == "x *** y"
+    assert registry.scrub("x secret-value-2 y") == "x *** y"  # same anchor, length and (fake) hash
+    assert registry.scrub("x secret-valu y") == "x secret-valu y"
+
+
+def test_past_its_limit_the_registry_forgets_the_oldest_anchor_first() -> None:
+    registry = SecretRegistry(limit=100)
+    values = [f"value-{i:04d}-tail" for i in range(1000)]
+    for i, value in enumerate(values):
+        registry.add(value)
+        registry.add(values[0])  # in use all along: never forgotten
+        assert len(registry) == min(i + 1, 100)
+    assert registry.scrub(values[0]) == "***"
+    assert [registry.scrub(value) == "***" for value in values[-99:]] == [True] * 99
+    assert registry.scrub(values[-100]) == values[-100]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_bounded_registry_scrubs_exactly_the_values_it_still_holds(seed: int) -> None:
+    """Past its limit values are forgotten, the last registered never; what is still held (``in``) is
+    ``len`` values, and a text is scrubbed exactly where one of them occurs."""
+    rng = random.Random(seed)
+    registry = SecretRegistry(limit=20)
+    pool = ["".join(rng.choice("ab-") for _ in range(rng.randrange(4, 14))) for _ in range(200)]
+    ever: set[str] = set()
+    for step in range(900):
+        value = rng.choice(pool)
+        if rng.random() < 0.85:
+            registry.add(value)
+            ever.add(value)
+            assert value in registry
+        else:
+            registry.discard(value)
+            assert value not in registry
+        if step % 3 == 0:
+            held = {v for v in ever if v in registry}
+            assert len(held) == len(registry) <= 20
+            text = "".join(rng.choice([*pool[:40], "x", "ab", " "]) for _ in range(rng.randrange(1, 12)))
+            assert registry.spans(text) == occurrences(text, held)
