@@ -89,6 +89,17 @@ def encode_head(resolved: Resolved) -> bytes:
 
 
 @dataclass(slots=True, kw_only=True, eq=False, repr=False)
+class _Rare:
+    """An entry's fields that only leased entries and failing refreshes set, kept apart: an entry without them
+    holds one slot for them instead of four (32 bytes)."""
+
+    source: LeaseHolder | None = None
+    failures: int = 0
+    retry_at: float = 0.0
+    lease_capped: bool = False
+
+
+@dataclass(slots=True, kw_only=True, eq=False, repr=False)
 class Entry:
     """One cached answer, paid up to ``max_entries`` times: slotted, no dict, lock or task per entry. The value
     is kept once, as the encoded answer (``head``); the resolver's record is not kept. Times are kept as
@@ -104,10 +115,44 @@ class Entry:
     refresh_at: float
     last_access: float
     lease: Lease | None = None
-    source: LeaseHolder | None = None  # the guarded backend that granted ``lease``
-    failures: int = 0
-    retry_at: float = 0.0
-    lease_capped: bool = False
+    rare: _Rare | None = None  # what few entries have: set on first use
+
+    @property
+    def source(self) -> LeaseHolder | None:
+        """The guarded backend that granted ``lease``."""
+        return self.rare.source if self.rare is not None else None
+
+    @property
+    def failures(self) -> int:
+        """Failed refreshes or renewals in a row."""
+        return self.rare.failures if self.rare is not None else 0
+
+    @failures.setter
+    def failures(self, count: int) -> None:
+        self._rare().failures = count
+
+    @property
+    def retry_at(self) -> float:
+        """Until when a failed refresh is not tried again by a read (0: no failure)."""
+        return self.rare.retry_at if self.rare is not None else 0.0
+
+    @retry_at.setter
+    def retry_at(self, at: float) -> None:
+        self._rare().retry_at = at
+
+    @property
+    def lease_capped(self) -> bool:
+        """The lease cannot be renewed for its full duration: a new one is fetched instead."""
+        return self.rare.lease_capped if self.rare is not None else False
+
+    @lease_capped.setter
+    def lease_capped(self, capped: bool) -> None:
+        self._rare().lease_capped = capped
+
+    def _rare(self) -> _Rare:
+        if self.rare is None:
+            self.rare = _Rare()
+        return self.rare
 
     @property
     def key(self) -> Key:
@@ -452,8 +497,7 @@ class SecretCache:
                 refresh_at=self._renew_time(lease, now),
                 last_access=now,
                 lease=lease,
-                source=resolved.source,
-                lease_capped=not lease.renewable,
+                rare=_Rare(source=resolved.source, lease_capped=not lease.renewable),
             )
             if resolved.source is not None:
                 self.leases.track(resolved.source, lease)

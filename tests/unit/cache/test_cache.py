@@ -712,3 +712,14 @@ async def test_not_found_is_remembered_for_the_chains_negative_ttl(loader: Scrip
     with pytest.raises(SecretNotFound):
         await cache.get(V, "short")
     assert loader.calls["short"] == 2
+
+
+async def test_an_entry_without_a_lease_or_failure_holds_no_side_object(
+    loader: ScriptedLoader, clock: FakeClock
+) -> None:
+    loader.answers["k"] = "v"
+    cache = make_cache(loader, clock)
+    entry, _ = await cache.get(V, "k")
+    assert entry.rare is None and entry.failures == 0 and entry.retry_at == 0.0 and not entry.lease_capped
+    entry.failures += 1
+    assert entry.rare is not None and entry.failures == 1 and entry.source is None
