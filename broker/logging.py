@@ -33,7 +33,10 @@ MIN_SECRET_LEN = 4
 _LONG = 8  # values this long are filed under a piece this long (far more distinct pieces than of 4)
 _ANCHOR_SCAN = 512  # positions of a value looked at for its anchor (a long value needs only one)
 _OFFSET_BITS = 9  # an anchor's offset in its value is below _ANCHOR_SCAN
-_HASH_BITS = 64
+# 40 bits of the value's hash: with the offset and a length below 2,048 a signature fits in 60 bits, a Python
+# int of two digits (32 bytes allocated, 48 for three); a text that is not the value is scrubbed in its place
+# once in 2**40 texts that hold its anchor at the right place and have its length.
+_HASH_BITS = 40
 _HASH_MASK = (1 << _HASH_BITS) - 1
 _OFFSET_MASK = (1 << _OFFSET_BITS) - 1
 # Every piece of a text is cut by C-level map() over prepared slices (several times faster than a loop),
@@ -46,8 +49,8 @@ Filed = int | list[int]  # what an anchor holds: one value's signature, or sever
 
 def _signature(value: str, offset: int) -> int:
     """One number for a value filed under the piece at ``offset`` of it: the value's hash, that offset and
-    the value's length (36 bytes for a value shorter than 131,072 characters, where a copy of a value takes
-    49 and its length)."""
+    the value's length (32 bytes for a value shorter than 2,048 characters, where a copy of the value would
+    take 49 and its length)."""
     return hash(value) & _HASH_MASK | (offset | len(value) << _OFFSET_BITS) << _HASH_BITS
 
 
@@ -64,7 +67,8 @@ class SecretRegistry:
     is filed under its anchor as its signature (its hash, the anchor's offset in it and its length). Where a
     text holds an anchor at ``p``, the text's piece ``[p - offset, p - offset + length)`` is scrubbed when
     its hash is the value's: a text holding the value is always scrubbed, and another text of the same length
-    and hash would be too (more redaction, never less; a 64-bit hash with a per-process key).
+    and hash would be too (more redaction, never less; 40 bits of a hash with a per-process key). Two values
+    with one signature under one anchor are filed once, and scrubbed, kept and forgotten as one.
 
     Bounded: past ``limit`` values the least recently registered are forgotten (they are usually long rotated
     away). Registering a value again makes it the newest, and the others filed under its anchor with it (the

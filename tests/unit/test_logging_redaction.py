@@ -218,3 +218,19 @@ def test_a_bounded_registry_scrubs_exactly_the_values_it_still_holds(seed: int) 
             assert len(held) == len(registry) <= 20
             text = "".join(rng.choice([*pool[:40], "x", "ab", " "]) for _ in range(rng.randrange(1, 12)))
             assert registry.spans(text) == occurrences(text, held)
+
+
+def test_a_long_value_filed_far_into_itself_is_found() -> None:
+    """A value longer than a short signature holds (2,048 characters), filed under a piece hundreds of
+    characters in (every earlier piece is another value's anchor)."""
+    rng = random.Random(7)
+    long_value = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(3000))
+    registry = SecretRegistry()
+    for i in range(400):
+        registry.add(long_value[i : i + 8])
+    registry.add(long_value)
+    assert len(registry.candidates(long_value[400:408])) == 1
+    assert registry.scrub(f"{long_value}!{long_value[:-1]}") == "***!" + registry.scrub(long_value[:-1])
+    assert long_value not in registry.scrub(f"x{long_value}")
+    registry.discard(long_value)
+    assert long_value not in registry and len(registry) == 400
