@@ -65,6 +65,8 @@ def unspelled(text: str) -> Key:
 Loader = Callable[[Kind, str, str | None], Awaitable[Resolved]]
 INF = float("inf")
 BUCKET = 1.0  # seconds per scheduler bucket (entries are looked at again until they are due)
+JITTER_STEPS = 1024  # refresh-ahead jitter in this many steps: one float per step, shared by the entries
+MAX_SPAN_SETS = 16  # TTLs (with the config's refresh settings) whose spans are kept: 40 KiB each at most
 RETRY_BASE, RETRY_CAP, RETRY_FLOOR = 1.0, 30.0, 0.5  # seconds between failed refreshes or renewals
 
 
@@ -103,8 +105,9 @@ class _Rare:
 class Entry:
     """One cached answer, paid up to ``max_entries`` times: slotted, no dict, lock or task per entry. The value
     is kept once, as the encoded answer (``head``); the resolver's record is not kept. Times are kept as
-    spans from ``fetched_at`` whose floats are shared with the config (``ttl``, ``stale``), so a fresh entry
-    holds two floats of its own (``fetched_at``, ``refresh_at``)."""
+    spans from ``fetched_at`` whose floats are shared: with the config (``ttl``, ``stale``), and for the
+    refresh-ahead time with every entry that drew the same jitter (``refresh_in``), so a fresh entry holds one
+    float of its own (``fetched_at``)."""
 
     spelled: str  # its key as one string (``spelled``)
     head: bytes | None  # the served JSON up to its per-request fields; None: remembered as not found
@@ -112,7 +115,7 @@ class Entry:
     fetched_at: float
     ttl: float  # fresh until fetched_at + ttl
     stale: float  # then servable for this long while refreshes fail
-    refresh_at: float
+    refresh_in: float  # refreshed (or its lease renewed) from fetched_at + refresh_in
     last_access: float
     lease: Lease | None = None
     rare: _Rare | None = None  # what few entries have: set on first use
@@ -157,6 +160,14 @@ class Entry:
     @property
     def key(self) -> Key:
         return unspelled(self.spelled)
+
+    @property
+    def refresh_at(self) -> float:
+        return self.fetched_at + self.refresh_in
+
+    @refresh_at.setter
+    def refresh_at(self, at: float) -> None:
+        self.refresh_in = at - self.fetched_at
 
     @property
     def usable_until(self) -> float:
@@ -310,6 +321,8 @@ class SecretCache:
         self._due: dict[int, list[str]] = {}
         self._buckets: list[int] = []
         self._pinned: set[Key] = set()
+        # (ttl, refresh_ahead, refresh_jitter) -> the refresh-ahead spans drawn so far, by jitter step
+        self._spans: dict[tuple[float, float, float], list[float | None]] = {}
 
     # ------------------------------------------------------------------------------------------ reads
 
@@ -329,7 +342,8 @@ class SecretCache:
         if entry is None or entry.head is None:
             return None
         now = self._clock.now()
-        if now >= entry.fetched_at + entry.ttl or (now >= entry.refresh_at and entry.lease is None):
+        fetched_at = entry.fetched_at
+        if now >= fetched_at + entry.ttl or (now >= fetched_at + entry.refresh_in and entry.lease is None):
             return None
         entry.last_access = now
         self._metrics.cache_hits.count += 1
@@ -449,7 +463,7 @@ class SecretCache:
                         fetched_at=now,
                         ttl=negative_ttl,
                         stale=0.0,
-                        refresh_at=INF,
+                        refresh_in=INF,
                         last_access=now,
                     )
                 )
@@ -494,7 +508,7 @@ class SecretCache:
                 fetched_at=now,
                 ttl=self._lease_hard_expiry(lease) - now,
                 stale=0.0,
-                refresh_at=self._renew_time(lease, now),
+                refresh_in=self._renew_time(lease, now) - now,
                 last_access=now,
                 lease=lease,
                 rare=_Rare(source=resolved.source, lease_capped=not lease.renewable),
@@ -502,10 +516,7 @@ class SecretCache:
             if resolved.source is not None:
                 self.leases.track(resolved.source, lease)
             return entry
-        refresh_at = INF
-        if self.config.refresh_ahead > 0:
-            jitter = 1 - self._rng.uniform(0, self.config.refresh_jitter)
-            refresh_at = now + resolved.ttl * self.config.refresh_ahead * jitter
+        refresh_in = self._refresh_span(resolved.ttl) if self.config.refresh_ahead > 0 else INF
         return Entry(
             spelled=spelled(key),
             head=head,
@@ -513,9 +524,24 @@ class SecretCache:
             fetched_at=now,
             ttl=resolved.ttl,
             stale=resolved.max_stale,
-            refresh_at=refresh_at,
+            refresh_in=refresh_in,
             last_access=now,
         )
+
+    def _refresh_span(self, ttl: float) -> float:
+        """When to refresh an entry fresh for ``ttl``, from its fetch: ``refresh_ahead`` of it, less a jitter
+        drawn from JITTER_STEPS steps up to ``refresh_jitter``; each span's float is made once and shared."""
+        ahead, jitter = self.config.refresh_ahead, self.config.refresh_jitter
+        spans = self._spans.get((ttl, ahead, jitter))
+        if spans is None:
+            if len(self._spans) >= MAX_SPAN_SETS:
+                self._spans.clear()
+            spans = self._spans[(ttl, ahead, jitter)] = [None] * JITTER_STEPS
+        step = self._rng.randrange(JITTER_STEPS)
+        span = spans[step]
+        if span is None:
+            span = spans[step] = ttl * ahead * (1 - jitter * step / JITTER_STEPS)
+        return span
 
     @staticmethod
     def _lease_hard_expiry(lease: Lease) -> float:

@@ -19,7 +19,7 @@ from broker.backends.base import (
     Lease,
     SecretNotFound,
 )
-from broker.cache import _LRU, Entry, SecretCache, Status, spelled
+from broker.cache import _LRU, JITTER_STEPS, Entry, SecretCache, Status, spelled
 from broker.clock import FakeClock
 from broker.config import CacheConfig, LeasesConfig
 from broker.metrics import Metrics
@@ -333,6 +333,12 @@ async def test_refresh_jitter_spreads_refresh_times(clock: FakeClock) -> None:
     times = {round(cache.peek(V, f"k{i}").refresh_at, 3) for i in range(50)}
     assert len(times) > 40
     assert all(clock.now() + 100 * 0.75 * 0.8 - 1e-6 <= t <= clock.now() + 75 for t in times)
+    # the spans are drawn from JITTER_STEPS floats made once: entries that drew the same one share it
+    for i in range(50, 3000):
+        loader.answers[f"k{i}"] = "v"
+        await cache.get(V, f"k{i}")
+    spans = {id(cache.peek(V, f"k{i}").refresh_in) for i in range(3000)}  # type: ignore[union-attr]
+    assert len(spans) <= JITTER_STEPS
 
 
 async def test_evicted_entries_are_freed_although_their_refresh_is_scheduled(
@@ -387,7 +393,7 @@ def test_lru_evicts_exactly_the_least_recently_used(seed: int) -> None:
                 model.move_to_end(text)
         elif op < 0.9:
             entry = Entry(
-                spelled=text, head=b"", backend=None, fetched_at=0, ttl=1, stale=0, refresh_at=0, last_access=0
+                spelled=text, head=b"", backend=None, fetched_at=0, ttl=1, stale=0, refresh_in=0, last_access=0
             )
             lru.put(entry)
             model[text] = entry
