@@ -29,6 +29,7 @@ from broker.providerkw import ProviderKwarg
 
 if TYPE_CHECKING:
     from broker.metrics import Metrics
+    from broker.ratelimit import SharedBuckets
 
 T = TypeVar("T")
 
@@ -257,13 +258,15 @@ class BackendContext:
 
     ``workload_token`` is set in node mode only: the latest verified projected token of a pod of the
     identity this backend serves (None when none is valid). Backends that log in with the pod's token use
-    it instead of a token file; it may be called from worker threads.
+    it instead of a token file; it may be called from worker threads. ``rate_limits``, also node mode only,
+    are the node's token buckets, shared by every partition's backend of a name.
     """
 
     executor: ThreadPoolExecutor
     clock: Clock
     metrics: Metrics
     workload_token: Callable[[], str | None] | None = None
+    rate_limits: SharedBuckets | None = None
 
     def pod_token(self) -> str:
         """The caller's token in node mode. Raises AccessDenied when no pod of the identity holds a valid one."""

@@ -128,12 +128,17 @@ class Guard:
         self._idle = asyncio.Event()
         self._idle.set()
         self.bucket: TokenBucket | None = None
+        self._waits: dict[Priority, float] = {}
         limit = backend.config.rate_limit
         if limit is not None:
             # Refreshes of entries in use may wait as long as one call to the store may take.
             refresh_wait = max(limit.max_wait, backend.config.timeout)
-            self.bucket = TokenBucket(
-                limit.per_second, limit.burst, miss_wait=limit.max_wait, refresh_wait=refresh_wait
+            self._waits = {Priority.REFRESH: refresh_wait, Priority.MISS: limit.max_wait}
+            shared = backend.ctx.rate_limits
+            self.bucket = (
+                shared.bucket(self.name, limit, refresh_wait)
+                if shared is not None
+                else TokenBucket(limit.per_second, limit.burst, miss_wait=limit.max_wait, refresh_wait=refresh_wait)
             )
 
     @property
@@ -248,7 +253,7 @@ class Guard:
         prio = PRIORITY.get() if operation == "fetch" else Priority.REFRESH
         label = prio.name.lower()
         try:
-            waited = await bucket.acquire(prio)
+            waited = await bucket.acquire(prio, self, self._waits[prio])
         except Overloaded:
             self.metrics.rate_limited.labels(self.name, label, "refused").inc()
             self.metrics.backend_calls.labels(self.name, operation, "overloaded").inc()

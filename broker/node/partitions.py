@@ -5,7 +5,8 @@ latest verified token of any pod of that identity, so every pod of the identity 
 cache, and no entry ever crosses to another identity (the caches are different objects). Partitions
 unused for ``idle_timeout`` are closed: cache dropped, leases revoked, backends closed (Vault logs out).
 At most ``max_identities`` exist; past that, a new identity closes the least recently used idle one or
-is refused with 429.
+is refused with 429. A backend's ``rate_limit`` is the node's, not each partition's: every partition's
+backend of a name draws from one token bucket (``SharedBuckets``), the partitions taking turns.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from broker.backends.base import AccessDenied, BackendContext, BrokerError, Kind
 from broker.cache import SecretCache
 from broker.node.config import identity_chain
 from broker.node.verify import PodIdentity, TokenVerifier, bearer, node_name, token_claims
+from broker.ratelimit import SharedBuckets
 from broker.resolver import Resolved, Resolver
 
 if TYPE_CHECKING:
@@ -33,7 +35,7 @@ log = logging.getLogger("broker.node")
 class Partition:
     """The backends, resolver and cache of one workload identity."""
 
-    def __init__(self, key: tuple[str, str], state: BrokerState) -> None:
+    def __init__(self, key: tuple[str, str], state: BrokerState, rate_limits: SharedBuckets) -> None:
         from broker.state import build_guards, remember_secret
 
         config = state.config
@@ -46,7 +48,11 @@ class Partition:
         self._token_exp = 0.0
         self._wall = state.clock.wall
         self.ctx = BackendContext(
-            executor=state.executor, clock=state.clock, metrics=state.metrics, workload_token=self.current_token
+            executor=state.executor,
+            clock=state.clock,
+            metrics=state.metrics,
+            workload_token=self.current_token,
+            rate_limits=rate_limits,
         )
         self.guards = build_guards(identity_chain(identity, config.backends), self.ctx)
         cache = config.cache
@@ -116,6 +122,7 @@ class NodeService:
         self.state = state
         self.config = node
         self.verifier = TokenVerifier(node, state.ctx, node_name(node))
+        self.rate_limits = SharedBuckets()
         self.partitions: collections.OrderedDict[tuple[str, str], Partition] = collections.OrderedDict()
         self._closing: set[asyncio.Task[Any]] = set()
 
@@ -157,7 +164,7 @@ class NodeService:
             if idle is None:
                 raise Overloaded("every identity partition on this node is busy; retry shortly")
             self._close(idle)
-        partition = Partition(key, self.state)
+        partition = Partition(key, self.state, self.rate_limits)
         self.partitions[key] = partition
         self.state.metrics.node_identities.set(len(self.partitions))
         log.info("identity partition opened", extra={"identities": len(self.partitions)})
@@ -182,6 +189,8 @@ class NodeService:
         self.config = new.node
         old, self.verifier = self.verifier, TokenVerifier(new.node, self.state.ctx, node_name(new.node))
         self._spawn(old.aclose())
+        # The new config's limits; the partitions being closed keep the old buckets for their last calls.
+        self.rate_limits = SharedBuckets()
         partitions = list(self.partitions.values())
         for partition in partitions:
             self._close(partition)

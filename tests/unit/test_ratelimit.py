@@ -12,7 +12,7 @@ import pytest
 from broker.backends.base import BackendContext, Kind, Lease, Overloaded, RateLimitConfig, SecretValue
 from broker.clock import FakeClock
 from broker.metrics import Metrics
-from broker.ratelimit import PRIORITY, Priority, TokenBucket, priority
+from broker.ratelimit import PRIORITY, Priority, SharedBuckets, TokenBucket, priority
 from tests.unit.test_guard_resolver import Scripted, guard
 
 
@@ -103,6 +103,54 @@ async def test_a_cancelled_waiter_gives_its_place_up() -> None:
     await asyncio.gather(first, return_exceptions=True)
     tick.t = 0.1
     assert await asyncio.wait_for(bucket.acquire(Priority.MISS), 5) == 0.0
+
+
+async def test_sources_take_turns_so_a_busy_one_cannot_starve_another() -> None:
+    bucket = TokenBucket(200, 1, miss_wait=5, refresh_wait=5)
+    busy, quiet = object(), object()
+    await bucket.acquire(Priority.MISS, busy)  # the bucket is empty now
+    order: list[str] = []
+
+    async def take(source: object, label: str) -> None:
+        await bucket.acquire(Priority.MISS, source)
+        order.append(label)
+
+    tasks = [asyncio.create_task(take(busy, f"busy{i}")) for i in range(4)]
+    await asyncio.sleep(0)
+    tasks += [asyncio.create_task(take(quiet, f"quiet{i}")) for i in range(2)]
+    await asyncio.wait_for(asyncio.gather(*tasks), 5)
+    # each source's calls in their own order, the sources in turn, one token each
+    assert order == ["busy0", "quiet0", "busy1", "quiet1", "busy2", "busy3"]
+
+
+async def test_a_busy_source_is_refused_before_a_quiet_one_is() -> None:
+    tick = Tick()  # never moves
+    bucket = TokenBucket(10, 1, miss_wait=0.25, refresh_wait=5, now=tick)
+    busy, quiet = object(), object()
+    await bucket.acquire(Priority.MISS, busy)
+    # 0.1 s per token: two of busy's misses fit in 0.25 s, its third would wait 0.3 s
+    waiting = [asyncio.create_task(bucket.acquire(Priority.MISS, busy)) for _ in range(2)]
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded):
+        await bucket.acquire(Priority.MISS, busy)
+    # quiet's first miss takes the turn after busy's first: 0.2 s, within the bound (first come first
+    # served would put it behind both of busy's, at 0.3 s, and refuse it)
+    waiting.append(asyncio.create_task(bucket.acquire(Priority.MISS, quiet)))
+    await asyncio.sleep(0)
+    assert bucket.waiting(Priority.MISS) == 3
+    for task in waiting:
+        task.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+    assert bucket.waiting() == 0
+
+
+def test_shared_buckets_one_per_backend_name_and_limit() -> None:
+    shared = SharedBuckets()
+    limit = RateLimitConfig(per_second=20, burst=40)
+    ssm = shared.bucket("ssm", limit, 5)
+    assert shared.bucket("ssm", RateLimitConfig(per_second=20, burst=40, max_wait=2), 30) is ssm
+    assert shared.bucket("other", limit, 5) is not ssm  # another store
+    assert shared.bucket("ssm", RateLimitConfig(per_second=5, burst=40), 5) is not ssm  # another quota
 
 
 async def test_priority_is_carried_into_tasks_started_inside_the_block() -> None:

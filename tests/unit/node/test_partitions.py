@@ -19,6 +19,7 @@ from broker.clock import FakeClock
 from broker.config import validate_config
 from broker.node.partitions import NodeService, Partition
 from broker.node.verify import PodIdentity
+from broker.ratelimit import Priority, SharedBuckets, priority
 from broker.state import BrokerState
 
 
@@ -204,6 +205,7 @@ class Store:
     def __init__(self, partition: Partition, monkeypatch: pytest.MonkeyPatch) -> None:
         self.guard = partition.guards[0]
         self.up = True
+        self.calls = 0
         backend: Any = self.guard.backend
         monkeypatch.setattr(backend, "fetch", self._fetch)
         self._identity = backend.identity
@@ -211,6 +213,7 @@ class Store:
         monkeypatch.setattr(self._identity, "_acquire", self._login)
 
     async def _fetch(self, kind: Kind, path: str) -> SecretValue:
+        self.calls += 1
         if not self.up:
             raise BackendUnavailable("vault: connection refused")
         if "unknown" in path:
@@ -301,3 +304,24 @@ async def test_the_cache_gauges_add_up_every_partitions_entries(make: Any, monke
     service._close(pa)
     await service.drained()
     assert gauges() == (0, 0)
+
+
+async def test_the_rate_limit_is_the_nodes_not_each_partitions(make: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    service, clock = make(["a", "b"], vault={"rate_limit": {"per_second": 10, "burst": 5, "max_wait": 0}})
+    service.rate_limits = SharedBuckets(now=clock.now)  # the buckets on the test's clock
+    exp = clock.wall() + 3600
+    _, pa = await service.caller(fake_token("a", exp))
+    _, pb = await service.caller(fake_token("b", exp))
+    stores = [Store(pa, monkeypatch), Store(pb, monkeypatch)]
+    assert pa.guards[0].bucket is pb.guards[0].bucket
+    elapsed = 0.0
+    for step in range(100):
+        for store in stores if step % 2 else stores[::-1]:
+            for _ in range(3):  # more than the rate, from each identity
+                with priority(Priority.MISS), contextlib.suppress(Overloaded):
+                    await store.guard.fetch(Kind.VARIABLE, "x")
+        assert sum(s.calls for s in stores) <= 5 + 10 * elapsed  # the burst, then the rate, for the node
+        clock.advance(0.05)
+        elapsed += 0.05
+    assert sum(s.calls for s in stores) == 54  # the burst and 4.95 s at 10/s: the node gets the whole rate
+    assert min(s.calls for s in stores) > 0
