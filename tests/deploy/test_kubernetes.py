@@ -268,9 +268,9 @@ def test_the_command_line_validator_agrees(tmp_path: Path) -> None:
 
 # Idle RSS measured per store type (benchmarks/footprint.py, docs/footprint.md), MiB, and what a full default cache
 # (10,000 entries of about 0.8 KiB) and request buffers add on top.
-IDLE_MIB = {"file": 54, "env": 54, "vault": 54, "aws_secrets_manager": 67, "aws_ssm": 69, "gcp_secret_manager": 69}
+IDLE_MIB = {"file": 53, "env": 53, "vault": 54, "aws_secrets_manager": 62, "aws_ssm": 64, "gcp_secret_manager": 69}
 IDLE_MIB |= {"azure_key_vault": 71}
-IDLE_SEVERAL_SDKS_MIB = 89  # AWS, Google and Azure stores in one chain
+IDLE_SEVERAL_SDKS_MIB = 82  # AWS, Google and Azure stores in one chain
 CACHE_AND_BUFFERS_MIB = 16
 SDK = {"aws_secrets_manager": "aws", "aws_ssm": "aws", "gcp_secret_manager": "google", "azure_key_vault": "azure"}
 
