@@ -236,7 +236,7 @@ def shared_loader(data_path: str | None) -> Any:
                     with open_method(full_path, "rb") as fp:
                         payload = fp.read().decode("utf-8")
                     base = os.path.basename(full_path)
-                    if base == "endpoints.json":
+                    if base.startswith("endpoints.json"):  # endpoints.json or endpoints.json.gz
                         return endpoints_for(payload, SERVICES)
                     service = os.path.basename(os.path.dirname(os.path.dirname(full_path)))
                     if base.startswith("service-2.json") and service in OPERATIONS:
