@@ -62,9 +62,11 @@ def unspelled(text: str) -> Key:
     return _KIND[text[0]], name, team if sep else None
 
 
+Terms = tuple[float, float, str | None]  # an entry's ttl, stale and backend
 Loader = Callable[[Kind, str, str | None], Awaitable[Resolved]]
 INF = float("inf")
 BUCKET = 1.0  # seconds per scheduler bucket (entries are looked at again until they are due)
+MAX_SHARED_TERMS = 256
 JITTER_STEPS = 1024  # refresh-ahead jitter in this many steps: one float per step, shared by the entries
 MAX_SPAN_SETS = 16  # TTLs (with the config's refresh settings) whose spans are kept: 40 KiB each at most
 RETRY_BASE, RETRY_CAP, RETRY_FLOOR = 1.0, 30.0, 0.5  # seconds between failed refreshes or renewals
@@ -111,10 +113,11 @@ class Entry:
 
     spelled: str  # its key as one string (``spelled``)
     head: bytes | None  # the served JSON up to its per-request fields; None: remembered as not found
-    backend: str | None  # the backend that answered (the guard's own name object)
+    # (ttl, stale, backend): fresh until fetched_at + ttl, then servable for ``stale`` while refreshes fail;
+    # the backend that answered (the guard's own name object). One tuple shared by the entries with the same
+    # three (``SecretCache._shared``), where three slots would cost each entry 16 bytes more.
+    terms: Terms
     fetched_at: float
-    ttl: float  # fresh until fetched_at + ttl
-    stale: float  # then servable for this long while refreshes fail
     refresh_in: float  # refreshed (or its lease renewed) from fetched_at + refresh_in
     last_access: float
     lease: Lease | None = None
@@ -160,6 +163,26 @@ class Entry:
     @property
     def key(self) -> Key:
         return unspelled(self.spelled)
+
+    @property
+    def ttl(self) -> float:
+        return self.terms[0]
+
+    @ttl.setter
+    def ttl(self, ttl: float) -> None:
+        self.terms = (ttl, *self.terms[1:])
+
+    @property
+    def stale(self) -> float:
+        return self.terms[1]
+
+    @stale.setter
+    def stale(self, stale: float) -> None:
+        self.terms = (self.terms[0], stale, self.terms[2])
+
+    @property
+    def backend(self) -> str | None:
+        return self.terms[2]
 
     @property
     def refresh_at(self) -> float:
@@ -323,6 +346,7 @@ class SecretCache:
         self._pinned: set[Key] = set()
         # (ttl, refresh_ahead, refresh_jitter) -> the refresh-ahead spans drawn so far, by jitter step
         self._spans: dict[tuple[float, float, float], list[float | None]] = {}
+        self._terms: dict[Terms, Terms] = {}
 
     # ------------------------------------------------------------------------------------------ reads
 
@@ -343,7 +367,7 @@ class SecretCache:
             return None
         now = self._clock.now()
         fetched_at = entry.fetched_at
-        if now >= fetched_at + entry.ttl or (now >= fetched_at + entry.refresh_in and entry.lease is None):
+        if now >= fetched_at + entry.terms[0] or (now >= fetched_at + entry.refresh_in and entry.lease is None):
             return None
         entry.last_access = now
         self._metrics.cache_hits.count += 1
@@ -459,10 +483,8 @@ class SecretCache:
                     Entry(
                         spelled=spelled(key),
                         head=None,
-                        backend=None,
+                        terms=self._shared(negative_ttl, 0.0, None),
                         fetched_at=now,
-                        ttl=negative_ttl,
-                        stale=0.0,
                         refresh_in=INF,
                         last_access=now,
                     )
@@ -504,10 +526,8 @@ class SecretCache:
             entry = Entry(
                 spelled=spelled(key),
                 head=head,
-                backend=resolved.backend,
+                terms=(self._lease_hard_expiry(lease) - now, 0.0, resolved.backend),
                 fetched_at=now,
-                ttl=self._lease_hard_expiry(lease) - now,
-                stale=0.0,
                 refresh_in=self._renew_time(lease, now) - now,
                 last_access=now,
                 lease=lease,
@@ -520,13 +540,23 @@ class SecretCache:
         return Entry(
             spelled=spelled(key),
             head=head,
-            backend=resolved.backend,
+            terms=self._shared(resolved.ttl, resolved.max_stale, resolved.backend),
             fetched_at=now,
-            ttl=resolved.ttl,
-            stale=resolved.max_stale,
             refresh_in=refresh_in,
             last_access=now,
         )
+
+    def _shared(self, ttl: float, stale: float, backend: str | None) -> Terms:
+        """The entry's (ttl, stale, backend), as the tuple other entries with the same three hold: the first
+        MAX_SHARED_TERMS combinations are kept (the backends' TTLs and the TTL hints stores give); an entry with
+        another gets a tuple of its own."""
+        terms = (ttl, stale, backend)
+        shared = self._terms.get(terms)
+        if shared is None:
+            if len(self._terms) < MAX_SHARED_TERMS:
+                self._terms[terms] = terms
+            return terms
+        return shared
 
     def _refresh_span(self, ttl: float) -> float:
         """When to refresh an entry fresh for ``ttl``, from its fetch: ``refresh_ahead`` of it, less a jitter
@@ -707,8 +737,7 @@ class SecretCache:
         capped = (not renewed.renewable) or renewed.duration < lease.duration * 0.9
         self._metrics.lease_renewals.labels(backend, "capped" if capped else "ok").inc()
         entry.lease = renewed
-        entry.ttl = self._lease_hard_expiry(renewed) - entry.fetched_at
-        entry.stale = 0.0
+        entry.terms = (self._lease_hard_expiry(renewed) - entry.fetched_at, 0.0, entry.backend)
         entry.lease_capped = capped
         entry.failures = 0
         entry.refresh_at = self._renew_time(renewed, self._clock.now())

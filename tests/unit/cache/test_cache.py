@@ -392,9 +392,7 @@ def test_lru_evicts_exactly_the_least_recently_used(seed: int) -> None:
             if got is not None:
                 model.move_to_end(text)
         elif op < 0.9:
-            entry = Entry(
-                spelled=text, head=b"", backend=None, fetched_at=0, ttl=1, stale=0, refresh_in=0, last_access=0
-            )
+            entry = Entry(spelled=text, head=b"", terms=(1.0, 0.0, None), fetched_at=0, refresh_in=0, last_access=0)
             lru.put(entry)
             model[text] = entry
             model.move_to_end(text)
@@ -729,3 +727,15 @@ async def test_an_entry_without_a_lease_or_failure_holds_no_side_object(
     assert entry.rare is None and entry.failures == 0 and entry.retry_at == 0.0 and not entry.lease_capped
     entry.failures += 1
     assert entry.rare is not None and entry.failures == 1 and entry.source is None
+
+
+async def test_entries_with_the_same_ttl_stale_and_backend_share_one_tuple(
+    loader: ScriptedLoader, clock: FakeClock
+) -> None:
+    loader.answers["a"] = loader.answers["b"] = "v"
+    cache = make_cache(loader, clock)
+    a, _ = await cache.get(V, "a")
+    b, _ = await cache.get(V, "b")
+    assert a.terms is b.terms
+    a.ttl = 5.0  # one entry's change (a renewed lease) is its own
+    assert a.ttl == 5.0 and b.ttl != 5.0 and a.stale == b.stale and a.backend == b.backend
