@@ -115,8 +115,9 @@ class SecretRegistry:
             older = self._older.get
             filed = [f if f is not None else older(piece) for f, piece in zip(filed, pieces, strict=True)]
         taken = [i for i, f in enumerate(filed) if f is not None]
+        at_start = _signature(value, 0)  # the signature at offset i: at_start | i << _HASH_BITS
         for i in taken:
-            signature = _signature(value, i)
+            signature = at_start | i << _HASH_BITS
             f = filed[i]
             if f == signature or (isinstance(f, list) and signature in f):
                 return (pieces[i], signature), pieces[i], i
