@@ -65,6 +65,7 @@ def unspelled(text: str) -> Key:
 Terms = tuple[float, float, str | None]  # an entry's ttl, stale and backend
 Loader = Callable[[Kind, str, str | None], Awaitable[Resolved]]
 INF = float("inf")
+READ = INF  # the last access of an entry without a lease once it was read (``Entry.last_access``)
 BUCKET = 1.0  # seconds per scheduler bucket (entries are looked at again until they are due)
 MAX_SHARED_TERMS = 256
 JITTER_STEPS = 1024  # refresh-ahead jitter in this many steps: one float per step, shared by the entries
@@ -119,6 +120,9 @@ class Entry:
     terms: Terms
     fetched_at: float
     refresh_in: float  # refreshed (or its lease renewed) from fetched_at + refresh_in
+    # When it was last read. Only a leased entry needs the time (its idle timeout); any other needs to know
+    # whether it was read since its fetch, and holds READ once it was, a float shared by every entry, instead
+    # of a float of its own per read (32 bytes).
     last_access: float
     lease: Lease | None = None
     rare: _Rare | None = None  # what few entries have: set on first use
@@ -272,7 +276,7 @@ class _LRU:
         if entry is None and self._older:
             entry = self._older.pop(text, None)
         if entry is not None:
-            recent[text] = entry
+            recent[entry.spelled] = entry  # its own key string: the one just spelled is let go
         return entry
 
     def peek(self, key: Key) -> Entry | None:
@@ -382,7 +386,7 @@ class SecretCache:
         fetched_at = entry.fetched_at
         if now >= fetched_at + entry.terms[0] or (now >= fetched_at + entry.refresh_in and entry.lease is None):
             return None
-        entry.last_access = now
+        entry.last_access = READ if entry.lease is None else now
         self._metrics.cache_hits.count += 1
         return entry
 
@@ -396,7 +400,7 @@ class SecretCache:
         now = self._clock.now()
         entry = self._entries.get(key) or self._negatives.get(key)
         if entry is not None:
-            entry.last_access = now
+            entry.last_access = READ if entry.lease is None else now
             if now < entry.fetched_at + entry.ttl:
                 if entry.head is None:
                     self._metrics.cache_events.labels("negative_hit").inc()

@@ -19,7 +19,7 @@ from broker.backends.base import (
     Lease,
     SecretNotFound,
 )
-from broker.cache import _LRU, JITTER_STEPS, Entry, SecretCache, Status, spelled
+from broker.cache import _LRU, JITTER_STEPS, READ, Entry, SecretCache, Status, spelled
 from broker.clock import FakeClock
 from broker.config import CacheConfig, LeasesConfig
 from broker.metrics import Metrics
@@ -725,6 +725,8 @@ async def test_an_entry_without_a_lease_or_failure_holds_no_side_object(
     cache = make_cache(loader, clock)
     entry, _ = await cache.get(V, "k")
     assert entry.rare is None and entry.failures == 0 and entry.retry_at == 0.0 and not entry.lease_capped
+    assert entry.last_access is entry.fetched_at  # not read since its fetch: no float of its own
+    assert cache.hit(V, "k") is entry and entry.last_access is READ  # read: the float every read entry shares
     entry.failures += 1
     assert entry.rare is not None and entry.failures == 1 and entry.source is None
 
