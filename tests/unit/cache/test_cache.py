@@ -741,3 +741,14 @@ async def test_entries_with_the_same_ttl_stale_and_backend_share_one_tuple(
     assert a.terms is b.terms
     a.ttl = 5.0  # one entry's change (a renewed lease) is its own
     assert a.ttl == 5.0 and b.ttl != 5.0 and a.stale == b.stale and a.backend == b.backend
+
+
+def test_a_read_entry_stays_filed_under_its_own_key_string() -> None:
+    """A lookup spells its key anew; the LRU keeps the entry's own string, so a read holds no second copy."""
+    lru = _LRU(4, lambda entry: None)
+    entry = Entry(
+        spelled=spelled((V, "k", None)), head=b"", terms=(1.0, 0.0, None), fetched_at=0, refresh_in=0, last_access=0
+    )
+    lru.put(entry)
+    assert lru.get((V, "k", None)) is entry
+    assert [text for text in lru._recent] == [entry.spelled] and next(iter(lru._recent)) is entry.spelled
