@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from broker.backends import REGISTRY, load_type
 from broker.config import BrokerConfig, load_config
 from broker.node.config import identity_chain
+from tests.unit.test_config_keys import _models
 
 # A key named like this holds a local file, so it must be typed Path (the type is what re-roots it).
 LOCAL_FILE_NAME = re.compile(r"(^|_)(file|path|dir|socket|cert|output|bundle)s?$")
@@ -64,14 +65,6 @@ def node_document(**identity: Any) -> dict[str, Any]:
 
 def _has(annotation: Any, kind: type) -> bool:
     return annotation is kind or any(_has(arg, kind) for arg in typing.get_args(annotation))
-
-
-def _models(annotation: Any) -> Iterator[type[BaseModel]]:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        yield annotation
-        return
-    for arg in typing.get_args(annotation):
-        yield from _models(arg)
 
 
 def _keys(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, str, Any]]:
