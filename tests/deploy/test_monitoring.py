@@ -12,7 +12,7 @@ import pytest
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
-from broker.metrics import Metrics
+from broker.metrics import Metrics, SharedGauge
 from tests.deploy.manifests import DEPLOY, VARIANTS, container, helm_values, pod_spec, render
 from tests.support.broker_process import BrokerProcess
 
@@ -59,6 +59,8 @@ def declared_labels() -> dict[str, set[str]]:
     """Label names per exported sample name, from the Metrics class the daemon uses."""
     labels: dict[str, set[str]] = {}
     for metric in vars(Metrics()).values():
+        if isinstance(metric, SharedGauge):
+            metric = metric.gauge
         if isinstance(metric, MetricWrapperBase):
             for family in metric.describe():
                 for suffix in ("", "_total", "_bucket", "_sum", "_count", "_info", "_created"):
