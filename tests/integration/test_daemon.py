@@ -415,13 +415,17 @@ def test_check_from_another_directory_takes_every_path_from_the_config_files_dir
     )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    result = subprocess.run(
-        [sys.executable, "-m", "broker", "check", "--strict", "--config", str(conf / "broker.yaml")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=elsewhere,
-    )
+
+    def check() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "broker", "check", "--strict", "--config", str(conf / "broker.yaml")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=elsewhere,
+        )
+
+    result = check()
     assert result.returncode == 0, result.stdout + result.stderr
     for line in (
         f"ok    listen.token_file: {conf}/keys/api-token",
@@ -431,13 +435,7 @@ def test_check_from_another_directory_takes_every_path_from_the_config_files_dir
     ):
         assert line in result.stdout, result.stdout
     (conf / "audit").rmdir()
-    missing = subprocess.run(
-        [sys.executable, "-m", "broker", "check", "--strict", "--config", str(conf / "broker.yaml")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=elsewhere,
-    )
+    missing = check()
     assert missing.returncode == 2
     assert f"WARN  audit.output: cannot write {conf}/audit/reads.jsonl" in missing.stdout
 
