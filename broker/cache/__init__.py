@@ -12,7 +12,9 @@ Rules, per entry (times on the monotonic clock):
   cached as "not found";
 - loads of keys nobody is served from yet (cold misses) queue behind refreshes of entries in use at a
   store's rate limit (``broker.ratelimit``);
-- concurrent misses for one key share one load; clients that go away do not cancel it.
+- concurrent misses for one key share one load; clients that go away do not cancel it;
+- a load under way when its key is invalidated (or the config reloaded) answers its waiting callers but is not
+  stored; when no caller waits for it, the lease it brought is revoked at once.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import json
 import logging
 import math
 import random
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -353,6 +356,7 @@ class SecretCache:
         self._entries = _LRU(config.max_entries, self._evicted)
         self._negatives = _LRU(config.negative_max_entries, self._negative_evicted)
         self._inflight: dict[Key, asyncio.Task[Entry]] = {}
+        self._waiters: Counter[asyncio.Task[Entry]] = Counter()  # callers waiting for each load now
         self._tasks: set[asyncio.Task[Any]] = set()
         # Refreshes and renewals due, by second: bucket -> the spelled keys of the entries due in it (a list
         # slot per entry, the key string being the entry's own; an entry evicted meanwhile is not kept alive);
@@ -418,7 +422,13 @@ class SecretCache:
         try:
             with priority(Priority.REFRESH if in_use else Priority.MISS):
                 load = self._load(key)
-            fresh = await asyncio.shield(load)
+            self._waiters[load] += 1
+            try:
+                fresh = await asyncio.shield(load)
+            finally:
+                self._waiters[load] -= 1
+                if not self._waiters[load]:
+                    del self._waiters[load]
         except SecretNotFound:
             raise
         except AccessDenied:
@@ -486,9 +496,18 @@ class SecretCache:
         entry = self._entry_for(key, resolved)  # a lease it carries is tracked either way: the caller gets it
         if self._owns(key):
             self._put(entry)
+        elif entry.lease is not None and not self._waited():
+            # Disowned (see below) and nobody waits for it: a background refresh or rotation, or a load whose
+            # callers all left. No one gets the credential: its lease is given back now, not left to expire.
+            self._retire_lease(entry, revoke=True)
         # else disowned meanwhile (an invalidation or a reload): served to the callers waiting for it, and
         # neither this answer nor a failure touches what the cache holds now
         return entry
+
+    def _waited(self) -> bool:
+        """Whether a caller is waiting for the running load."""
+        task = asyncio.current_task()
+        return task is not None and self._waiters[task] > 0
 
     def _store_failure(self, key: Key, exc: BrokerError) -> None:
         if isinstance(exc, SecretNotFound):

@@ -588,6 +588,75 @@ async def test_shutdown_revokes_every_live_lease(loader: ScriptedLoader, clock: 
     assert len(leases.revoked) == 3
 
 
+def disown(cache: SecretCache, how: str) -> None:
+    """Disown the loads under way, as an invalidation or a config reload does."""
+    if how == "invalidate":
+        cache.invalidate(V, "db")
+    else:
+        cache.retain(lambda _entry: True)
+
+
+@pytest.mark.parametrize("how", ["invalidate", "reload"])
+@pytest.mark.parametrize("load", ["caller-left", "rotation"])
+async def test_a_disowned_leased_load_nobody_waits_for_gives_its_lease_back(
+    loader: ScriptedLoader, clock: FakeClock, leases: Leases, how: str, load: str
+) -> None:
+    """No one will get the credential of a load disowned while under way when no caller waits for it (every
+    caller left, or it was the cache's own rotation): its lease is revoked once, not kept unrenewed till it
+    expires."""
+    loader.answers["db"] = "creds"
+    loader.lease_duration["db"] = 90
+    cache = make_cache(loader, clock, leases)
+    if load == "caller-left":
+        loader.gate = asyncio.Event()
+        caller = asyncio.create_task(cache.get(V, "db"))
+        await settle()
+        caller.cancel()
+    else:
+        await cache.get(V, "db")
+        clock.advance(60)
+        await cache.get(V, "db")
+        leases.fail = BackendError("lease not found")  # the renewal fails: a new credential is loaded
+        loader.gate = asyncio.Event()
+        await cache.run_due()
+        await settle()
+    assert loader.calls["db"] == (1 if load == "caller-left" else 2)
+    disown(cache, how)
+    loader.gate.set()
+    await settle()
+    granted = f"database/creds/x/{loader.version}"
+    assert leases.revoked == [granted]
+    assert granted not in [lease.lease_id for _, lease in cache.leases.live()]
+    kept = cache.peek(V, "db")  # a reload keeps what still follows from the chain: the credential before
+    assert kept is None or (kept.lease is not None and kept.lease.lease_id != granted)
+    revoked = {"backend": "b1", "outcome": "revoked"}
+    assert cache._metrics.registry.get_sample_value("broker_lease_renewals_total", revoked) == 1
+
+
+@pytest.mark.parametrize("how", ["invalidate", "reload"])
+async def test_a_disowned_leased_load_a_caller_waits_for_keeps_its_lease(
+    loader: ScriptedLoader, clock: FakeClock, leases: Leases, how: str
+) -> None:
+    """A credential handed to a caller is never revoked under it, even when another caller of the same load
+    left: the lease lives on (until it expires, or shutdown revokes it)."""
+    loader.answers["db"] = "creds"
+    loader.lease_duration["db"] = 90
+    loader.gate = asyncio.Event()
+    cache = make_cache(loader, clock, leases)
+    waiting = asyncio.create_task(cache.get(V, "db"))
+    gone = asyncio.create_task(cache.get(V, "db"))
+    await settle()
+    gone.cancel()
+    disown(cache, how)
+    loader.gate.set()
+    entry, status = await waiting
+    await settle()
+    assert (entry.value, status) == ("creds", Status.MISS) and entry.lease is not None
+    assert leases.revoked == []
+    assert [lease for _, lease in cache.leases.live()] == [entry.lease]
+    assert cache.peek(V, "db") is None and loader.calls["db"] == 1
+
+
 async def test_lost_lease_fetches_new_credential(loader: ScriptedLoader, clock: FakeClock, leases: Leases) -> None:
     loader.answers["db"] = "creds"
     loader.lease_duration["db"] = 90
