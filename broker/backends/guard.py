@@ -164,7 +164,8 @@ class Guard:
 
     async def idle(self) -> None:
         """Return once no call is under way (each is bounded by the backend's timeout and retries)."""
-        await self._idle.wait()
+        while self._active:  # a call may begin before this waiter wakes: the event is set no longer
+            await self._idle.wait()
 
     async def aclose(self) -> None:
         """Close the backend's sessions and tasks, and withdraw its gauges (node mode: another partition's

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
@@ -295,3 +296,33 @@ async def test_an_error_on_a_candidate_stops_the_walk(ctx: BackendContext) -> No
     with pytest.raises(BackendUnavailable):
         await Resolver([guard(one, ctx)], 300, 3600, 30).resolve(Kind.VARIABLE, "k", "t1")
     assert "k" not in one.asked  # never the global value in place of a team's failing store
+
+
+class Held(Listed):
+    """``Listed`` whose reads each wait until the test lets them answer."""
+
+    def __init__(self, name: str, store: dict[str, Any], ctx: BackendContext) -> None:
+        super().__init__(name, store, ctx)
+        self.answer = asyncio.Event()
+
+    async def fetch(self, kind: Kind, path: str) -> SecretValue:
+        await self.answer.wait()
+        self.answer.clear()
+        return await super().fetch(kind, path)
+
+
+async def test_idle_waits_for_a_call_begun_as_the_previous_one_ended(ctx: BackendContext) -> None:
+    """A walk over candidates starts its next read on the same step the last one ended: a backend waiting to be
+    closed must not take that moment as idle."""
+    one = Held("one", {"k": "global"}, ctx)
+    guarded = guard(one, ctx)
+    read = asyncio.create_task(Resolver([guarded], 300, 3600, 30).resolve(Kind.VARIABLE, "k", "t1"))
+    await asyncio.sleep(0)
+    idle = asyncio.create_task(guarded.idle())
+    one.answer.set()  # t1/k: not found, then k is asked at once
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert one.asked == ["t1/k"] and not idle.done()
+    one.answer.set()
+    assert (await read).value == "global"
+    await idle
