@@ -285,7 +285,7 @@ class Broker:
             starting = {g: self._cancel_start(g) for g in change.retired}
             self._spawn(self._start_backends(change.fresh), "backend-start")
             for guard in close_now:
-                self._spawn(self._close(guard, starting[guard]), "backend-close")
+                self._spawn(self._close(guard, starting[guard], change.reads), "backend-close")
             state.metrics.reloads.labels("ok").inc()
             log.info(
                 "configuration reloaded",
@@ -305,11 +305,15 @@ class Broker:
             task.cancel()
         return task
 
-    async def _close(self, guard: Guard, start: asyncio.Task[Any] | None = None) -> None:
-        """Close a backend out of the chain, once its cancelled start loop has ended and the calls it was making
-        are done; one of those that granted a lease keeps it open until that lease goes."""
-        if start is not None:
-            await asyncio.wait([start])
+    async def _close(
+        self, guard: Guard, start: asyncio.Task[Any] | None = None, reads: list[asyncio.Task[Any]] | None = None
+    ) -> None:
+        """Close a backend out of the chain, once its cancelled start loop has ended, the reads begun on the old
+        chain (which may still reach it) are done, and so are the calls it was making; one of those that granted
+        a lease keeps it open until that lease goes."""
+        waits = [task for task in [start, *(reads or [])] if task is not None]
+        if waits:
+            await asyncio.wait(waits)
         await guard.idle()
         if guard in self.state.cache.leases.holders():
             self.state.retired.append(guard)

@@ -3,10 +3,11 @@ changes it. No listeners, no signals: ``broker.app`` owns those, ``broker.server
 
 from __future__ import annotations
 
+import asyncio
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from broker.audit import AuditLog
 from broker.backends import load_type
@@ -53,6 +54,8 @@ class Reload:
     retired: list[Guard]  # backends no longer in the chain, to be closed once they hold no lease
     dropped: int  # cache entries that no longer follow from the chain
     restart_needed: list[str] = field(default_factory=list)  # sections read only at start-up
+    # loads under way, begun on the old chain: they may still call a retired backend, which stays open for them
+    reads: list[asyncio.Task[Any]] = field(default_factory=list)
 
 
 def unchanged_prefix(old: list[BackendConfig], new: list[BackendConfig]) -> int:
@@ -168,6 +171,7 @@ class BrokerState:
             retired=retired,
             dropped=dropped,
             restart_needed=restart,
+            reads=list(self.cache.loads()),
         )
 
     def retire(self, guards: list[Guard]) -> list[Guard]:

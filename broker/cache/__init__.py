@@ -356,6 +356,7 @@ class SecretCache:
         self._entries = _LRU(config.max_entries, self._evicted)
         self._negatives = _LRU(config.negative_max_entries, self._negative_evicted)
         self._inflight: dict[Key, asyncio.Task[Entry]] = {}
+        self._loads: set[asyncio.Task[Entry]] = set()  # every load under way, disowned ones too
         self._waiters: Counter[asyncio.Task[Entry]] = Counter()  # callers waiting for each load now
         self._tasks: set[asyncio.Task[Any]] = set()
         # Refreshes and renewals due, by second: bucket -> the spelled keys of the entries due in it (a list
@@ -451,9 +452,16 @@ class SecretCache:
         if task is None:
             task = asyncio.get_running_loop().create_task(self._fetch_and_store(key), name=f"load-{key[0]}")
             self._inflight[key] = task
+            self._loads.add(task)
             self._track(task)
+            task.add_done_callback(self._loads.discard)
             task.add_done_callback(functools.partial(self._forget_inflight, key))
         return task
+
+    def loads(self) -> list[asyncio.Task[Entry]]:
+        """Every load under way, disowned ones too: after a reload these may still call the backends it
+        retired, through the chain they began on."""
+        return list(self._loads)
 
     def _forget_inflight(self, key: Key, task: asyncio.Task[Entry]) -> None:
         if self._inflight.get(key) is task:  # not a load started after this one was disowned

@@ -323,3 +323,35 @@ async def test_prefetch_warms_the_list_for_every_team_a_caller_is_served_as(harn
         assert entry is not None and entry.value == "1", team
     assert broker.state.cache.peek(V, "x") is None  # no caller is served with no team
     assert fake(broker.state.guards[0]).fetches == ["x"] * 3  # one load per team, none twice
+
+
+@pytest.mark.parametrize("waiting", [True, False], ids=["read-waiting", "reader-left"])
+async def test_a_read_that_reaches_a_backend_after_its_retirement_finds_it_open(
+    harness: Harness, waiting: bool
+) -> None:
+    """A read begun before a reload walks the old chain: it may reach a retired backend only after the reload.
+    That backend is closed once such reads are done, never under them, and a lease it grants is renewed or
+    revoked through it while it is still open."""
+    broker = await harness.start({**A, "fetch_blocks": True}, B)
+    await until(lambda: started(broker), "backends started")
+    a, b = broker.state.guards
+    read = asyncio.ensure_future(broker.state.cache.get(V, "y"))
+    await until(lambda: fake(a).fetches == ["y"], "the read under way at a")
+    assert await harness.reload({**A, "fetch_blocks": True}) is True
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert fake(b).closes == 0  # a read of the old chain may still need it
+    if not waiting:
+        read.cancel()
+    fake(a).answer.set()  # not found at a: the read goes on to b
+    if waiting:
+        entry, _ = await read
+        assert entry.value == "2" and entry.lease is not None
+        await until(lambda: broker.state.retired == [b], "b kept for the lease it granted")
+        await broker.stop()
+        harness.broker = None
+        assert fake(b).revoked == [entry.lease.lease_id]
+    else:
+        await until(lambda: fake(b).closes == 1, "b closed once its lease was revoked")
+        assert len(fake(b).revoked) == 1
+    assert fake(b).closes == 1 and fake(b).after_close == []
