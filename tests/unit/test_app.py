@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from broker.clock import FakeClock
 from broker.config import load_config
 from tests.support.fake_store import Backend as FakeBackend
 from tests.support.fake_store import use_fake_store
+from tests.support.polling import until
 
 V = Kind.VARIABLE
 A = {"name": "a", "type": "fake", "values": {"x": "1"}}
@@ -31,16 +32,6 @@ def fake(guard: Guard) -> FakeBackend:
     backend = guard.backend
     assert isinstance(backend, FakeBackend)
     return backend
-
-
-async def until(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    """Poll with a deadline (the loop's own time: no wall clock)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.001)
 
 
 class Harness:

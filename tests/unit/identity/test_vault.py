@@ -20,6 +20,7 @@ from broker.clock import FakeClock
 from broker.identity import NEVER_EXPIRES_RECHECK
 from broker.identity.vault import AuthConfig, VaultTokenSource, login_request, parse_grant, seconds
 from broker.metrics import Metrics
+from tests.support.polling import until
 
 Answer = dict[str, Any] | BrokerError | Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -84,15 +85,6 @@ class Rounds:
             expected = len(self.waits) + 1
             self._go.put_nowait(None)
             await until(lambda: len(self.waits) >= expected, "the refresh loop to sleep again")
-
-
-async def until(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    """Poll with a deadline (file reads of a login run in the thread pool)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        assert loop.time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.001)
 
 
 @pytest.fixture
