@@ -2,7 +2,9 @@
 
 Modes: ``pass`` (forward), ``refuse`` (the listening socket is closed: connections are refused), ``reset``
 (the connection is aborted as soon as a request arrives), ``stall`` (the request is held, never answered,
-until the mode changes), ``cut`` (the upstream answer is sent with its full ``Content-Length`` but only half
+until the mode changes), ``hold`` (the request reaches the upstream, whose answer is held back until the mode
+changes: the store has done the work, a lease it granted exists, and the caller is still waiting), ``cut`` (the
+upstream answer is sent with its full ``Content-Length`` but only half
 its body, then the connection is closed), ``error`` (a 503 from the proxy), ``throttle`` (the store's own
 throttling answer, given by the caller), ``deny`` and ``expired`` (the store's own answers to a caller
 without the permission, and to a caller whose credential has expired, when the caller gives them), and three
@@ -17,6 +19,7 @@ a thread; counters say how many requests arrived and how many reached the upstre
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import threading
 from collections import Counter
@@ -41,6 +44,7 @@ MODES = (
     "refuse",
     "reset",
     "stall",
+    "hold",
     "cut",
     "error",
     "throttle",
@@ -99,8 +103,8 @@ class FaultProxy:
         return self
 
     def set(self, mode: str, times: int | None = None) -> None:
-        """Switch the fault (for the next ``times`` requests only, when given); leaving ``stall`` releases
-        held requests, ``refuse`` closes/reopens the listener."""
+        """Switch the fault (for the next ``times`` requests only, when given); leaving ``stall`` or ``hold``
+        releases held requests, ``refuse`` closes/reopens the listener."""
         assert mode in MODES, mode
         assert mode in ("pass", "throttle", "deny", "expired", "error", "garbage", "oversize", "shape") or (
             times is None
@@ -143,7 +147,7 @@ class FaultProxy:
     async def _set(self, mode: str, times: int | None = None) -> None:
         previous, self.mode = self.mode, mode
         self.left = times
-        if previous == "stall" and self._release is not None:
+        if previous in ("stall", "hold") and self._release is not None:
             self._release.set()
             self._release = asyncio.Event()
         if mode == "refuse" and previous != "refuse" and self._site is not None:
@@ -212,6 +216,11 @@ class FaultProxy:
             out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
         with self._lock:
             self.forwarded += 1
+        if mode == "hold":
+            release = self._release
+            assert release is not None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(release.wait(), 120)
         if mode == "cut":
             response = web.StreamResponse(status=status, headers=out_headers)
             response.content_length = len(data)

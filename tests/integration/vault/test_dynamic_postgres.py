@@ -1,9 +1,11 @@
 """Dynamic PostgreSQL credentials through the broker: real leases, renewals, rotation at max TTL, revocation;
 and reload, then shutdown, with a live lease: for every reload shape the broker exits 0, revokes every lease it
-handed out (the PostgreSQL roles are dropped), unlinks its socket and closes every backend it built."""
+handed out (the PostgreSQL roles are dropped), unlinks its socket and closes every backend it built. A read
+invalidated while OpenBao's answer is on its way gives its lease back at once when nobody waits for it."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import os
@@ -12,12 +14,18 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import hvac
 import psycopg
 import pytest
 
+from broker.backends.base import Kind
+from broker.config import validate_config
+from broker.state import BrokerState
 from tests.integration.vault.conftest import VaultEnv
+from tests.servers.fault_proxy import FaultProxy
 from tests.servers.postgres import Postgres, dynamic_postgres
 from tests.support.broker_process import wait_for
+from tests.support.polling import until
 
 pytestmark = pytest.mark.integration
 
@@ -208,3 +216,68 @@ def test_reload_then_sigterm_with_live_leases(
     closed = {json.loads(line).get("backend") for line in logs.splitlines() if '"backend closed"' in line}
     built = {b["name"] for b in config["backends"]} | {b["name"] for b in new["backends"]}
     assert closed >= built, f"{shape}: backends not closed: {built - closed}"
+
+
+def live_leases(vault_env: VaultEnv) -> set[str]:
+    try:
+        listed = vault_env.bao.client().sys.list_leases("database/creds/airflow")
+    except hvac.exceptions.InvalidPath:  # none left under the prefix
+        return set()
+    return {f"database/creds/airflow/{key}" for key in listed["data"]["keys"]}
+
+
+def lease_exists(vault_env: VaultEnv, lease_id: str) -> bool:
+    try:
+        vault_env.bao.client().sys.read_lease(lease_id)
+    except hvac.exceptions.InvalidRequest:  # "invalid lease": revoked
+        return False
+    return True
+
+
+@pytest.mark.parametrize("waiting", [False, True], ids=["caller-left", "caller-waiting"])
+async def test_a_read_invalidated_while_openbao_answers_gives_its_lease_back_when_nobody_waits(
+    vault_env: VaultEnv, postgres: Postgres, tmp_path: Any, waiting: bool
+) -> None:
+    """OpenBao has granted the lease (the PostgreSQL role exists) and its answer is held on the way back when
+    the name is invalidated. With its caller gone, the credential goes to no one: the broker revokes the lease
+    then and there (the role is dropped), instead of keeping it unrenewed until its TTL ends. A caller still
+    waiting gets a credential that works, and it stays alive."""
+    proxy = FaultProxy(vault_env.bao.url).start()
+    backend = dynamic_backend(vault_env, postgres, "vault") | {"url": proxy.url}
+    state = BrokerState(validate_config({"listen": {"socket": str(tmp_path / "unused.sock")}, "backends": [backend]}))
+    cache = state.cache
+    roles, leases = live_roles(postgres), live_leases(vault_env)
+    try:
+        for guard in state.guards:
+            await guard.start()
+        forwarded = proxy.counts()[1]
+        proxy.set("hold")
+        caller = asyncio.create_task(cache.get(Kind.CONNECTION, "pg_dynamic"))
+        await until(lambda: proxy.counts()[1] > forwarded, "OpenBao's answer held at the proxy", interval=0.01)
+        [granted] = live_leases(vault_env) - leases
+        [role] = live_roles(postgres) - roles
+        assert cache.loads(), "the read is under way"
+        cache.invalidate(Kind.CONNECTION, "pg_dynamic")
+        if not waiting:
+            caller.cancel()
+        proxy.set("pass")
+        await until(lambda: not cache.loads(), "the read done", interval=0.01)
+        assert cache.peek(Kind.CONNECTION, "pg_dynamic") is None  # disowned: not stored
+        if waiting:
+            entry, _ = await caller
+            fields = json.loads(entry.value)
+            assert fields["login"] == role and can_log_in(postgres, fields)
+            assert [lease.lease_id for _, lease in cache.leases.live()] == [granted]
+            assert lease_exists(vault_env, granted) and role in live_roles(postgres)
+        else:
+            assert cache.leases.live() == []
+            await until(lambda: not lease_exists(vault_env, granted), "the lease revoked in OpenBao", interval=0.05)
+            assert role not in live_roles(postgres)
+            revoked = {"backend": "vault", "outcome": "revoked"}
+            assert state.metrics.registry.get_sample_value("broker_lease_renewals_total", revoked) == 1
+    finally:
+        await cache.aclose(revoke_leases=True)
+        await asyncio.gather(*(g.aclose() for g in state.guards))
+        state.executor.shutdown()
+        proxy.stop()
+    assert not (live_roles(postgres) - roles), "every lease given back by the end"
