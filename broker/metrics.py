@@ -30,10 +30,15 @@ class SharedGauge:
     with the service accounts, and name them.
 
     A gauge without labels (each partition's cache writes the entry counts) is written with ``backend``
-    None; it needs an ``idle`` reading, since its one series cannot be removed.
+    None; it needs an ``idle`` reading, since its one series cannot be removed. Raises ValueError without one.
     """
 
     def __init__(self, gauge: Gauge, combine: Callable[[list[float]], float], *, idle: float | None = None) -> None:
+        if idle is None and not gauge._labelnames:
+            raise ValueError(
+                f"SharedGauge {gauge._name}: a gauge without labels needs an idle reading (its one series cannot "
+                "be removed when its last source withdraws)"
+            )
         self.gauge = gauge
         self._combine = combine
         self._idle = idle

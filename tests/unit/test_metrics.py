@@ -78,6 +78,17 @@ def test_an_unlabelled_gauge_reads_the_sum_of_its_sources() -> None:
     assert metrics.registry.get_sample_value("broker_cache_entries") == 0
 
 
+def test_an_unlabelled_gauge_without_an_idle_reading_is_refused_when_built() -> None:
+    registry = CollectorRegistry()
+    with pytest.raises(ValueError, match="SharedGauge entries: a gauge without labels needs an idle reading"):
+        SharedGauge(Gauge("entries", "", registry=registry), sum)
+    held = SharedGauge(Gauge("held", "", registry=registry), sum, idle=0.0)
+    source = object()
+    held.set(source, None, 3)
+    held.withdraw(source, None)
+    assert registry.get_sample_value("held") == 0
+
+
 def test_a_function_is_read_at_each_scrape() -> None:
     metrics = Metrics()
     left = [300.0]
