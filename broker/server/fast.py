@@ -66,26 +66,18 @@ class FastFront:
         # Request heads already read, byte for byte: a client repeating a lookup sends the same head, and the
         # parser reads the same bytes the same way, so it is not run again (the checks on what it read are).
         self.heads: dict[bytes, _Head] = {}
+        # Both hold only what was read for a lookup answered as a fresh hit: a miss waits on a store anyway,
+        # and a name looked up once (a cache being filled) would only push out the ones looked up again.
 
-    def remember(self, head: bytes, read: _Head) -> None:
-        if len(head) > _MAX_HEAD_SIZE or read[3] is not None:  # a request id is usually new every time
-            return
-        if len(self.heads) >= _MAX_HEADS:
-            self.heads.clear()
-        self.heads[head] = read
-
-    def target(self, url: bytes) -> tuple[Kind, str, str | None] | None:
-        """(kind, name, team) for a lookup the fast path may answer (``edge.fast_target``), else None."""
-        known = self.targets.get(url)
-        if known is not None:
-            return known
-        target = edge.fast_target(url)
-        if target is None:
-            return None
+    def learn(self, head: bytes, read: _Head, target: tuple[Kind, str, str | None]) -> None:
+        """Remember what ``head`` read and the target its URL names, for the next time they are sent."""
+        if len(head) <= _MAX_HEAD_SIZE and read[3] is None:  # a request id is usually new every time
+            if len(self.heads) >= _MAX_HEADS:
+                self.heads.clear()
+            self.heads[head] = read
         if len(self.targets) >= _MAX_TARGETS:
             self.targets.clear()
-        self.targets[url] = target
-        return target
+        self.targets[read[0]] = target
 
     def protocol(self, handler_factory: Callable[[], asyncio.Protocol]) -> FastProtocol:
         return FastProtocol(self, handler_factory)
@@ -143,6 +135,8 @@ class FastProtocol(asyncio.Protocol):
         self.request_id_of = front.policy.request_id_bytes
         self.new_request_id = front.policy.new_request_id
         self.asserted: list[tuple[str, bytes]] | None = None  # the request's X-Airflow-* headers
+        # What the request's head and target read when the front had not remembered both (FastFront.learn)
+        self.fresh: tuple[bytes, _Head, tuple[Kind, str, str | None]] | None = None
 
     # ---- httptools callbacks
 
@@ -255,6 +249,9 @@ class FastProtocol(asyncio.Protocol):
                 team, refused = bound_team(self.bound, asked)
                 answer = None if refused else self._hit(kind, name, team)
             if answer is not None:
+                if self.fresh is not None:
+                    self.front.learn(*self.fresh)
+                    self.fresh = None
                 transport.write(answer)
                 if self.front.draining:
                     transport.close()  # the answer said Connection: close; written before the close
@@ -262,23 +259,33 @@ class FastProtocol(asyncio.Protocol):
                 continue
             # A miss (or anything but a plain fresh hit): the application's own lookup, in order. A refused
             # team goes there too: lookup() refuses it, logs it and audits it.
+            self.fresh = None
             transport.pause_reading()
             self.pending = self.loop.create_task(self._slow(kind, name, asked, self._rid(), self.asserted))
             return
 
     def _parse(self, head: bytes) -> tuple[Kind, str, str | None] | None:
         """(kind, name, team) when ``head`` is a complete, qualifying GET; None to hand it to aiohttp."""
-        read = self.front.heads.get(head)
+        front = self.front
+        read = front.heads.get(head)
+        known = read is not None
         if read is None:
             read = self._read(head)
             if read is None:
                 return None
-            self.front.remember(head, read)
         url, self.tokens, forwarded, self.request_ids, self.asserted = read
-        token = self.front.tcp_token
+        token = front.tcp_token
         if token is not None and (forwarded or not edge.token_ok(self.tokens or [], token)):
             return None  # refused: aiohttp answers it with the same rules
-        return self.front.target(url)
+        target = front.targets.get(url)
+        if target is None:
+            target = edge.fast_target(url)
+            if target is None:
+                return None
+        elif known:
+            return target
+        self.fresh = (head, read, target)
+        return target
 
     def _read(self, head: bytes) -> _Head | None:
         """What the parser reads in ``head``, when it is one complete keep-alive HTTP/1.1 GET without Expect."""

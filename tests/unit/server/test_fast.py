@@ -216,6 +216,20 @@ async def test_a_repeated_head_is_answered_and_checked_like_the_first(tmp_path: 
     st.executor.shutdown(wait=False)
 
 
+async def test_the_front_remembers_what_hits_read_and_nothing_of_misses(tmp_path: Path) -> None:
+    st = make_state(tmp_path)
+    front = front_for(st)
+    proto, transport, _ = connect(front)
+    proto.data_received(get("/v1/variables/once"))  # a cache being filled: each name read once, each a miss
+    await settle(proto)
+    assert front.heads == {} and front.targets == {}
+    proto.data_received(get("/v1/variables/once") * 2)
+    assert [b["cache"] for _, _, b in answers(transport.written)] == ["miss", "hit", "hit"]
+    assert front.heads.keys() == {get("/v1/variables/once")}
+    assert front.targets == {b"/v1/variables/once": (Kind.VARIABLE, "once", None)}
+    st.executor.shutdown(wait=False)
+
+
 async def test_a_refused_peer_is_handed_to_aiohttp_at_once(tmp_path: Path, unix_pair: socket.socket) -> None:
     st = make_state(tmp_path, allowed_uids=[os.getuid() + 1])
     proto, _, inner = connect(front_for(st), unix_pair)
