@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
-from broker.backends.base import Kind, Lease, SecretNotFound
+from broker.backends.base import BrokerError, Kind, Lease, SecretNotFound
 from broker.backends.guard import Guard
 from broker.normalize import normalise, provider_form
 
@@ -70,6 +70,12 @@ def team_problem(team: str) -> str | None:
     if not TEAM.match(team):
         return "team must be 3 to 50 letters, digits, '_' or '-' (Airflow's team names)"
     return None
+
+
+def held_by(guard: Guard, exc: BrokerError) -> None:
+    """Name ``guard`` as the holder of the lease ``exc`` carries, if any: the cache gives that lease back."""
+    if exc.lease is not None:
+        exc.lease_holder = guard
 
 
 @dataclass(slots=True)
@@ -133,10 +139,18 @@ class Resolver:
                     secret = await guard.fetch(kind, path)
                 except SecretNotFound:
                     continue
+                except BrokerError as exc:
+                    held_by(guard, exc)
+                    raise
+                try:
+                    value = normalise(kind, secret.value, f"{guard.name}:{path}")
+                except BrokerError as exc:
+                    exc.lease = secret.lease
+                    held_by(guard, exc)
+                    raise
                 ttl = cfg.ttl if cfg.ttl is not None else self.default_ttl
                 if secret.ttl_hint is not None:
                     ttl = max(0.0, min(ttl, secret.ttl_hint))
-                value = normalise(kind, secret.value, f"{guard.name}:{path}")
                 provided = provider_form(kind, secret.value)
                 return Resolved(
                     value=value,

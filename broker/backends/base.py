@@ -28,6 +28,7 @@ from broker.configtypes import Duration, StrictModel
 from broker.providerkw import ProviderKwarg
 
 if TYPE_CHECKING:
+    from broker.cache.leases import LeaseHolder
     from broker.metrics import Metrics
     from broker.ratelimit import SharedBuckets
 
@@ -66,6 +67,12 @@ class BrokerError(Exception):
     status: ClassVar[int] = 502
     code: ClassVar[str] = "backend_error"
     transient: ClassVar[bool] = False
+
+    # A lease the store granted for an answer that could then not be used (a dynamic secret that does not
+    # fit its connection template, a value that is not a connection): set where that is found, with the
+    # guarded backend that holds it, so the cache gives the lease back instead of leaving it to expire.
+    lease: Lease | None = None
+    lease_holder: LeaseHolder | None = None
 
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)

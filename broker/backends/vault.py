@@ -199,7 +199,12 @@ def parse_dynamic(spec: DynamicConnection, data: dict[str, Any], now: float, wha
         raise BackendError(f"{what}: answer has no data")
     lease = parse_lease(data, now, what)
     ttl = seconds(data.get("lease_duration"), what)
-    return SecretValue(render(spec.fields, secret, what), lease=lease, ttl_hint=ttl if ttl and not lease else None)
+    try:
+        fields = render(spec.fields, secret, what)
+    except BrokerError as exc:
+        exc.lease = lease
+        raise
+    return SecretValue(fields, lease=lease, ttl_hint=ttl if ttl and not lease else None)
 
 
 class Backend(rest.RestBackend):

@@ -498,6 +498,8 @@ class SecretCache:
         try:
             resolved = await self._loader(kind, name, team)
         except BrokerError as exc:
+            if exc.lease is not None and exc.lease_holder is not None:
+                self.leases.revoke_soon(exc.lease_holder, exc.lease)  # granted for an answer nobody can use
             if self._owns(key):
                 self._store_failure(key, exc)
             raise

@@ -17,7 +17,9 @@ from broker.backends.base import (
     BackendError,
     BackendTimeout,
     BackendUnavailable,
+    BrokerError,
     Kind,
+    Lease,
     RateLimited,
     SecretNotFound,
     SecretValue,
@@ -326,3 +328,40 @@ async def test_idle_waits_for_a_call_begun_as_the_previous_one_ended(ctx: Backen
     one.answer.set()
     assert (await read).value == "global"
     await idle
+
+
+class Leased(Scripted):
+    """Answers with a lease on every read, as a dynamic secret does."""
+
+    async def fetch(self, kind: Kind, path: str) -> SecretValue:
+        self.calls += 1
+        answer = self.answers[min(self.calls - 1, len(self.answers) - 1)]
+        lease = Lease(f"database/creds/r/{self.calls}", 60, True, 0.0)
+        if isinstance(answer, BrokerError):
+            answer.lease = lease
+            raise answer
+        return SecretValue(answer, lease=lease)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [BackendError("the secret has no key 'username' for the connection template"), "not a connection uri"],
+    ids=["template", "not-a-connection"],
+)
+async def test_a_leased_answer_that_cannot_be_served_names_its_lease_and_holder(
+    ctx: BackendContext, answer: Any
+) -> None:
+    """The cache can give back what the store granted only if the error says which lease, held by whom."""
+    b = Leased("vault", [answer], ctx)
+    g = guard(b, ctx)
+    with pytest.raises(BackendError) as raised:
+        await Resolver([g], 300, 3600).resolve(Kind.CONNECTION, "pg")
+    assert raised.value.lease is not None and raised.value.lease.lease_id == "database/creds/r/1"
+    assert raised.value.lease_holder is g
+
+
+async def test_an_error_without_a_lease_names_no_holder(ctx: BackendContext) -> None:
+    b = Scripted("b", [BackendError("bad payload")], ctx)
+    with pytest.raises(BackendError) as raised:
+        await Resolver([guard(b, ctx)], 300, 3600).resolve(Kind.VARIABLE, "k")
+    assert raised.value.lease is None and raised.value.lease_holder is None

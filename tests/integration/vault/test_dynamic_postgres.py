@@ -18,7 +18,7 @@ import hvac
 import psycopg
 import pytest
 
-from broker.backends.base import Kind
+from broker.backends.base import BackendError, Kind
 from broker.config import validate_config
 from broker.state import BrokerState
 from tests.integration.vault.conftest import VaultEnv
@@ -281,3 +281,32 @@ async def test_a_read_invalidated_while_openbao_answers_gives_its_lease_back_whe
         state.executor.shutdown()
         proxy.stop()
     assert not (live_roles(postgres) - roles), "every lease given back by the end"
+
+
+async def test_a_credential_that_does_not_fit_its_template_is_revoked_not_left_alive(
+    vault_env: VaultEnv, postgres: Postgres, tmp_path: Any
+) -> None:
+    """OpenBao creates the PostgreSQL role and grants the lease, but the connection template asks for a key the
+    answer does not have: the caller gets a 502 naming the key, and the lease is revoked (the role dropped)
+    instead of living on unrenewed, one more role per retry, until its TTL ends."""
+    backend = dynamic_backend(vault_env, postgres, "vault")
+    backend["dynamic_connections"]["pg_dynamic"]["fields"]["login"] = "{{ user_name }}"
+    state = BrokerState(validate_config({"listen": {"socket": str(tmp_path / "unused.sock")}, "backends": [backend]}))
+    cache = state.cache
+    roles, leases = live_roles(postgres), live_leases(vault_env)
+    try:
+        for guard in state.guards:
+            await guard.start()
+        with pytest.raises(BackendError, match="no key 'user_name'") as raised:
+            await cache.get(Kind.CONNECTION, "pg_dynamic")
+        assert raised.value.status == 502
+        await until(lambda: live_leases(vault_env) == leases, "the lease revoked in OpenBao", interval=0.05)
+        assert live_roles(postgres) == roles, "the role OpenBao created for it is dropped"
+        granted = raised.value.lease
+        assert granted is not None and not lease_exists(vault_env, granted.lease_id)
+        revoked = {"backend": "vault", "outcome": "revoked"}
+        assert state.metrics.registry.get_sample_value("broker_lease_renewals_total", revoked) == 1
+    finally:
+        await cache.aclose(revoke_leases=True)
+        await asyncio.gather(*(g.aclose() for g in state.guards))
+        state.executor.shutdown()

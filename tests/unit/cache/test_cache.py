@@ -657,6 +657,27 @@ async def test_a_disowned_leased_load_a_caller_waits_for_keeps_its_lease(
     assert cache.peek(V, "db") is None and loader.calls["db"] == 1
 
 
+async def test_a_lease_granted_for_an_answer_that_cannot_be_served_is_given_back(
+    loader: ScriptedLoader, clock: FakeClock, leases: Leases
+) -> None:
+    """The store granted a lease, then the answer could not be used (it does not fit the connection template,
+    or is not a connection): the caller gets the error, and the lease is revoked once instead of expiring."""
+    cache = make_cache(loader, clock, leases)
+    failure = BackendError("b1:db: the secret has no key 'username' for the connection template")
+    failure.lease = Lease("database/creds/x/unusable", 90, True, clock.now())
+    failure.lease_holder = leases
+    loader.answers["db"] = failure
+    with pytest.raises(BackendError) as raised:
+        await cache.get(V, "db")
+    await settle()
+    assert raised.value is failure
+    assert leases.revoked == ["database/creds/x/unusable"] and cache.leases.live() == []
+    assert (
+        cache._metrics.registry.get_sample_value("broker_lease_renewals_total", {"backend": "b1", "outcome": "revoked"})
+        == 1
+    )
+
+
 async def test_lost_lease_fetches_new_credential(loader: ScriptedLoader, clock: FakeClock, leases: Leases) -> None:
     loader.answers["db"] = "creds"
     loader.lease_duration["db"] = 90
