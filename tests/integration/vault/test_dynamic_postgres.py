@@ -6,12 +6,13 @@ invalidated while OpenBao's answer is on its way gives its lease back at once wh
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import hvac
@@ -234,6 +235,21 @@ def lease_exists(vault_env: VaultEnv, lease_id: str) -> bool:
     return True
 
 
+@contextlib.asynccontextmanager
+async def started_state(backend: dict[str, Any], tmp_path: Any) -> AsyncIterator[BrokerState]:
+    """The broker's state for one backend, started in this event loop (no listeners); closed with every lease
+    it holds revoked."""
+    state = BrokerState(validate_config({"listen": {"socket": str(tmp_path / "unused.sock")}, "backends": [backend]}))
+    try:
+        for guard in state.guards:
+            await guard.start()
+        yield state
+    finally:
+        await state.cache.aclose(revoke_leases=True)
+        await asyncio.gather(*(g.aclose() for g in state.guards))
+        state.executor.shutdown()
+
+
 @pytest.mark.parametrize("waiting", [False, True], ids=["caller-left", "caller-waiting"])
 async def test_a_read_invalidated_while_openbao_answers_gives_its_lease_back_when_nobody_waits(
     vault_env: VaultEnv, postgres: Postgres, tmp_path: Any, waiting: bool
@@ -244,41 +260,36 @@ async def test_a_read_invalidated_while_openbao_answers_gives_its_lease_back_whe
     waiting gets a credential that works, and it stays alive."""
     proxy = FaultProxy(vault_env.bao.url).start()
     backend = dynamic_backend(vault_env, postgres, "vault") | {"url": proxy.url}
-    state = BrokerState(validate_config({"listen": {"socket": str(tmp_path / "unused.sock")}, "backends": [backend]}))
-    cache = state.cache
     roles, leases = live_roles(postgres), live_leases(vault_env)
     try:
-        for guard in state.guards:
-            await guard.start()
-        forwarded = proxy.counts()[1]
-        proxy.set("hold")
-        caller = asyncio.create_task(cache.get(Kind.CONNECTION, "pg_dynamic"))
-        await until(lambda: proxy.counts()[1] > forwarded, "OpenBao's answer held at the proxy", interval=0.01)
-        [granted] = live_leases(vault_env) - leases
-        [role] = live_roles(postgres) - roles
-        assert cache.loads(), "the read is under way"
-        cache.invalidate(Kind.CONNECTION, "pg_dynamic")
-        if not waiting:
-            caller.cancel()
-        proxy.set("pass")
-        await until(lambda: not cache.loads(), "the read done", interval=0.01)
-        assert cache.peek(Kind.CONNECTION, "pg_dynamic") is None  # disowned: not stored
-        if waiting:
-            entry, _ = await caller
-            fields = json.loads(entry.value)
-            assert fields["login"] == role and can_log_in(postgres, fields)
-            assert [lease.lease_id for _, lease in cache.leases.live()] == [granted]
-            assert lease_exists(vault_env, granted) and role in live_roles(postgres)
-        else:
-            assert cache.leases.live() == []
-            await until(lambda: not lease_exists(vault_env, granted), "the lease revoked in OpenBao", interval=0.05)
-            assert role not in live_roles(postgres)
-            revoked = {"backend": "vault", "outcome": "revoked"}
-            assert state.metrics.registry.get_sample_value("broker_lease_renewals_total", revoked) == 1
+        async with started_state(backend, tmp_path) as state:
+            cache = state.cache
+            forwarded = proxy.counts()[1]
+            proxy.set("hold")
+            caller = asyncio.create_task(cache.get(Kind.CONNECTION, "pg_dynamic"))
+            await until(lambda: proxy.counts()[1] > forwarded, "OpenBao's answer held at the proxy", interval=0.01)
+            [granted] = live_leases(vault_env) - leases
+            [role] = live_roles(postgres) - roles
+            assert cache.loads(), "the read is under way"
+            cache.invalidate(Kind.CONNECTION, "pg_dynamic")
+            if not waiting:
+                caller.cancel()
+            proxy.set("pass")
+            await until(lambda: not cache.loads(), "the read done", interval=0.01)
+            assert cache.peek(Kind.CONNECTION, "pg_dynamic") is None  # disowned: not stored
+            if waiting:
+                entry, _ = await caller
+                fields = json.loads(entry.value)
+                assert fields["login"] == role and can_log_in(postgres, fields)
+                assert [lease.lease_id for _, lease in cache.leases.live()] == [granted]
+                assert lease_exists(vault_env, granted) and role in live_roles(postgres)
+            else:
+                assert cache.leases.live() == []
+                await until(lambda: not lease_exists(vault_env, granted), "the lease revoked in OpenBao", interval=0.05)
+                assert role not in live_roles(postgres)
+                revoked = {"backend": "vault", "outcome": "revoked"}
+                assert state.metrics.registry.get_sample_value("broker_lease_renewals_total", revoked) == 1
     finally:
-        await cache.aclose(revoke_leases=True)
-        await asyncio.gather(*(g.aclose() for g in state.guards))
-        state.executor.shutdown()
         proxy.stop()
     assert not (live_roles(postgres) - roles), "every lease given back by the end"
 
@@ -291,14 +302,10 @@ async def test_a_credential_that_does_not_fit_its_template_is_revoked_not_left_a
     instead of living on unrenewed, one more role per retry, until its TTL ends."""
     backend = dynamic_backend(vault_env, postgres, "vault")
     backend["dynamic_connections"]["pg_dynamic"]["fields"]["login"] = "{{ user_name }}"
-    state = BrokerState(validate_config({"listen": {"socket": str(tmp_path / "unused.sock")}, "backends": [backend]}))
-    cache = state.cache
     roles, leases = live_roles(postgres), live_leases(vault_env)
-    try:
-        for guard in state.guards:
-            await guard.start()
+    async with started_state(backend, tmp_path) as state:
         with pytest.raises(BackendError, match="no key 'user_name'") as raised:
-            await cache.get(Kind.CONNECTION, "pg_dynamic")
+            await state.cache.get(Kind.CONNECTION, "pg_dynamic")
         assert raised.value.status == 502
         await until(lambda: live_leases(vault_env) == leases, "the lease revoked in OpenBao", interval=0.05)
         assert live_roles(postgres) == roles, "the role OpenBao created for it is dropped"
@@ -306,7 +313,3 @@ async def test_a_credential_that_does_not_fit_its_template_is_revoked_not_left_a
         assert granted is not None and not lease_exists(vault_env, granted.lease_id)
         revoked = {"backend": "vault", "outcome": "revoked"}
         assert state.metrics.registry.get_sample_value("broker_lease_renewals_total", revoked) == 1
-    finally:
-        await cache.aclose(revoke_leases=True)
-        await asyncio.gather(*(g.aclose() for g in state.guards))
-        state.executor.shutdown()
