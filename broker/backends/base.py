@@ -52,7 +52,14 @@ TEAM_SEP = "--"
 
 def layout_key(config: object, kind: Kind, suffix: str) -> Any:
     """A per-kind layout setting by Airflow's naming, e.g. ``connections_prefix`` for (CONNECTION, "prefix")."""
-    return getattr(config, f"{_LAYOUT_PREFIX[kind]}_{suffix}")
+    return getattr(config, _layout_name(kind, suffix))
+
+
+@functools.cache
+def _layout_name(kind: Kind, suffix: str) -> str:
+    # One string per setting: the interpreter's attribute cache keeps a reference to each name string it is
+    # asked for, so a name built per call left thousands of copies alive there.
+    return f"{_LAYOUT_PREFIX[kind]}_{suffix}"
 
 
 # ---------------------------------------------------------------------------------------------- errors
