@@ -27,13 +27,22 @@ _SEGMENT = re.compile(r"^[\w.\-:@+=,~]+$")
 TEAM = re.compile(r"^[A-Za-z0-9_-]{3,50}$")
 
 
+def _has_other(name: str) -> bool:
+    """Whether ``name`` holds a control, format, surrogate, private-use or unassigned character (category C).
+    Of the ASCII characters only the controls are, and they are exactly those ``isprintable`` refuses: an
+    ASCII name is checked without reading the Unicode database."""
+    if name.isascii():
+        return not name.isprintable()
+    return any(unicodedata.category(c)[0] == "C" for c in name)
+
+
 def name_problem(name: str) -> str | None:
     """Why ``name`` is not an acceptable Airflow id, or None."""
     if not name:
         return "name is empty"
     if len(name) > MAX_NAME:
         return f"name is longer than {MAX_NAME} characters"
-    if any(unicodedata.category(c)[0] == "C" for c in name):
+    if _has_other(name):
         return "name may contain only letters, digits and _ . - : @ + = , ~ (and / between segments)"
     for segment in name.split("/"):
         if not segment:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
@@ -214,6 +215,16 @@ HOSTILE = [
 @pytest.mark.parametrize("name", HOSTILE)
 def test_hostile_names_are_refused(name: str) -> None:
     assert name_problem(name) is not None
+
+
+def test_a_character_of_category_c_is_named_before_an_empty_segment() -> None:
+    other = [chr(i) for i in range(0x110000) if unicodedata.category(chr(i))[0] == "C"]
+    for c in [chr(i) for i in range(128)] + ["\u00a0", "\u2028", "\u3000", "\u00e9"] + other[::97]:
+        problem = name_problem(f"a//b{c}")
+        if unicodedata.category(c)[0] == "C":
+            assert problem is not None and problem.startswith("name may contain only"), repr(c)
+        else:
+            assert problem == "name may not start or end with '/' or contain '//'", repr(c)
 
 
 @pytest.mark.parametrize(
