@@ -5,20 +5,53 @@ from __future__ import annotations
 import platform
 from bisect import bisect_left
 from collections.abc import Callable, Hashable
+from typing import TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+import prometheus_client
+from prometheus_client import CollectorRegistry, Info
 from prometheus_client.metrics_core import Metric
 
 from broker import __version__
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 BACKEND_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_M = TypeVar("_M")
 
 
 def soonest_expiry(seconds_left: list[float]) -> float:
     """The soonest of several expiries in seconds, where -1 is "does not expire" (-1 only when none does)."""
     expiring = [s for s in seconds_left if s >= 0]
     return min(expiring) if expiring else -1.0
+
+
+class _KnownChildren:
+    """``labels()`` answers a series already made for these values, as given, from the parent's own table of
+    them. prometheus_client's ``labels()`` builds the values' tuple anew with ``tuple()`` over a generator,
+    which sizes it for ten items and shrinks it: each one made so comes from no free list and goes to one when
+    freed, so the interpreter's free lists of 1-, 2- and 3-item tuples fill to their bound of 2,000 each
+    (about 350 KiB held) while the secrets being cached grow; it also costs a lock and several calls per
+    update. New series, and values that are not the strings of an existing one, take the library's path."""
+
+    def labels(self: _M, *labelvalues: object, **labelkwargs: object) -> _M:
+        if not labelkwargs:
+            children: dict[tuple[object, ...], _M] | None = getattr(self, "_metrics", None)
+            if children is not None:
+                child = children.get(labelvalues)
+                if child is not None:
+                    return child
+        return super().labels(*labelvalues, **labelkwargs)  # type: ignore[misc, no-any-return]
+
+
+class Counter(_KnownChildren, prometheus_client.Counter):
+    pass
+
+
+class Gauge(_KnownChildren, prometheus_client.Gauge):
+    pass
+
+
+class Histogram(_KnownChildren, prometheus_client.Histogram):
+    pass
 
 
 class SharedGauge:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
+from broker.backends.base import Kind
 from broker.metrics import LATENCY_BUCKETS, Metrics, SharedGauge, soonest_expiry
 
 
@@ -139,3 +140,24 @@ def test_cache_hits_are_counted_on_collection() -> None:
     assert metrics.registry.get_sample_value("broker_cache_events_total", {"event": "hit"}) == 3
     metrics.cache_hits.count += 1
     assert metrics.registry.get_sample_value("broker_cache_events_total", {"event": "hit"}) == 4
+
+
+def test_labels_answers_the_series_the_library_would() -> None:
+    metrics = Metrics()
+    first = metrics.backend_calls.labels("vault", "fetch", "ok")
+    assert metrics.backend_calls.labels("vault", "fetch", "ok") is first
+    assert metrics.backend_calls.labels(backend="vault", operation="fetch", outcome="ok") is first
+    assert metrics.requests.labels(Kind.VARIABLE, "hit") is metrics.requests.labels("variable", "hit")
+    assert metrics.rate_limit_wait.labels(5) is metrics.rate_limit_wait.labels("5")
+    first.inc(2)
+    assert (
+        metrics.registry.get_sample_value(
+            "broker_backend_calls_total", {"backend": "vault", "operation": "fetch", "outcome": "ok"}
+        )
+        == 2
+    )
+    for wrong in [lambda: metrics.backend_calls.labels("vault"), lambda: first.labels("vault", "fetch", "ok")]:
+        with pytest.raises(ValueError):
+            wrong()
+    with pytest.raises(ValueError):
+        metrics.inflight.labels("x")
