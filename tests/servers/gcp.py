@@ -13,7 +13,8 @@ that name it (``POST /v1/projects/-/serviceAccounts/{email}:generateAccessToken`
 ``access`` limits a principal or service account to the secret ids with a given prefix (IAM on secrets).
 
 Secret Manager (HTTPS with the test CA) serves ``GET /v1/projects/{p}/secrets/{s}/versions/{v}:access``
-with base64 payloads and their CRC32C, and refuses like the real service: 401 UNAUTHENTICATED for a missing,
+with base64 payloads and their CRC32C (the path's variables percent-decoded, as Google's HTTP/JSON
+transcoding does), and refuses like the real service: 401 UNAUTHENTICATED for a missing,
 unknown, expired or revoked token, 403 for a token without the ``cloud-platform`` scope, another project or a
 denied secret, 400 INVALID_ARGUMENT for an invalid secret id, 404 NOT_FOUND, 400 FAILED_PRECONDITION for a
 disabled version. Tests queue one-shot faults (429 with ``Retry-After``, 5xx) and corrupt a payload's CRC32C.
@@ -29,7 +30,7 @@ import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import google_crc32c
 import jwt
@@ -270,7 +271,8 @@ def secret_manager_handler(cloud: GoogleCloud) -> type[QuietHandler]:
             if not match:
                 _error(self, 404, "Method not found.")
                 return
-            project, secret_id, version = match.groups()
+            # one-segment path variables arrive percent-encoded (HTTP/JSON transcoding): the id is the decoded one
+            project, secret_id, version = (unquote(part) for part in match.groups())
             grant, reason = cloud.tokens.check(self.bearer())
             if grant is None:
                 with cloud.lock:

@@ -3,10 +3,14 @@ federation, against the local Google Cloud in ``tests/servers/gcp.py``, with the
 
 from __future__ import annotations
 
+import base64
 import json
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.integration.gcp.conftest import CONFIG_VALUE, PASSWORD, PLANTED, VARIABLE, gcp_backend, gcp_env
 from tests.servers.cloud import TestCA
-from tests.servers.gcp import GcpServers
+from tests.servers.gcp import CLOUD_PLATFORM, GcpServers
 from tests.support.broker_process import wait_for
 
 pytestmark = pytest.mark.integration
@@ -252,3 +256,26 @@ def test_workload_identity_federation_file(
     status, body = broker.get("variable", "plain")
     assert (status, body["error"]) == (403, "forbidden")
     assert gcp.cloud.refused["sts"] >= 1
+
+
+def test_the_local_secret_manager_reads_percent_encoded_path_variables(gcp: GcpServers, test_ca: TestCA) -> None:
+    """The local server's wire format, for clients that encode the path (Google's HTTP/JSON transcoding: a
+    one-segment variable is percent-encoded, '-' included): the ids it reads are the decoded ones, so encoded
+    valid names are served and an encoded '/' is an invalid id (400 INVALID_ARGUMENT), not another path."""
+    token = gcp.cloud.tokens.issue(60, email=gcp.cloud.email, scopes=[CLOUD_PLATFORM])
+    tls = ssl.create_default_context(cafile=str(test_ca.ca_path))
+    base = f"{gcp.secret_manager.url}/v1/projects/airflow%2Dprod/secrets"
+
+    def access(secret: str) -> tuple[int, dict[str, Any]]:
+        request = urllib.request.Request(f"{base}/{secret}/versions/latest:access")
+        request.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(request, context=tls, timeout=10) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    status, body = access("airflow%2Dvariables%2Dplain")
+    assert status == 200 and base64.b64decode(body["payload"]["data"]).decode() == VARIABLE
+    status, body = access("airflow-variables-team%2Fdb")
+    assert (status, body["error"]["status"]) == (400, "INVALID_ARGUMENT")
