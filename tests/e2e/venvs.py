@@ -27,17 +27,34 @@ REPO = Path(__file__).resolve().parents[2]
 AIRFLOW_VERSIONS = {"2": "2.10.5", "3": "3.3.2"}
 AIRFLOW_31 = "3.1.8"
 # Installed with Airflow: the provider backends tests/parity compares against (the hashicorp provider
-# with its deps; boto3 and the Azure SDK for the amazon and microsoft-azure providers, which go in below
-# with --no-deps: their full dependency sets would pull in half of the registry).
+# with its deps; boto3, the Azure SDK and the Secret Manager client for the amazon, microsoft-azure and
+# google providers, which go in below with --no-deps: their full dependency sets would pull in half of the
+# registry). The google provider's secrets backend imports, at import time, its common hook module too:
+# httplib2's auth glue, the discovery client and gcloud-aio-auth come for that import alone.
 _SDKS = ["boto3>=1.42.93", "asgiref", "inflection", "jmespath", "azure-identity", "azure-keyvault-secrets", "msrest"]
+_GOOGLE_SDKS = [
+    "google-cloud-secret-manager>=2.27.0",
+    "google-auth-httplib2",
+    "google-api-python-client",
+    "gcloud-aio-auth",
+]
 EXTRA_PINS: dict[str, list[str]] = {
-    "2.10.5": ["apache-airflow-providers-hashicorp==4.3.4", *_SDKS],
-    "3.3.2": ["apache-airflow-providers-hashicorp==4.8.4", *_SDKS],
+    "2.10.5": ["apache-airflow-providers-hashicorp==4.3.4", *_SDKS, *_GOOGLE_SDKS],
+    "3.3.2": ["apache-airflow-providers-hashicorp==4.8.4", *_SDKS, *_GOOGLE_SDKS],
     AIRFLOW_31: [],
 }
+# google 19.0.0 is the last release for Airflow 2.10.
 NO_DEPS_PINS: dict[str, list[str]] = {
-    "2.10.5": ["apache-airflow-providers-amazon==9.15.0", "apache-airflow-providers-microsoft-azure==12.8.1"],
-    "3.3.2": ["apache-airflow-providers-amazon==9.39.0", "apache-airflow-providers-microsoft-azure==15.2.1"],
+    "2.10.5": [
+        "apache-airflow-providers-amazon==9.15.0",
+        "apache-airflow-providers-microsoft-azure==12.8.1",
+        "apache-airflow-providers-google==19.0.0",
+    ],
+    "3.3.2": [
+        "apache-airflow-providers-amazon==9.39.0",
+        "apache-airflow-providers-microsoft-azure==15.2.1",
+        "apache-airflow-providers-google==22.8.0",
+    ],
     AIRFLOW_31: [],
 }
 
