@@ -18,6 +18,9 @@ ID_MARKS = [".", "-", ":", "@", "+", "=", ",", "~"]
 # Key Vault names hold only letters, digits and '-' ('_' becomes the separator): most Azure ids use those,
 # one in three a mark that no Key Vault name can hold (both sides then find nothing).
 AZURE_MARKS = ["-", "_", "."]
+# Secret Manager secret ids hold letters, digits, '-' and '_': one id in three has a mark no id can hold
+# (the provider sends it and gets INVALID_ARGUMENT, the broker does not send it).
+GCP_MARKS = ["-", "_", "."]
 REFUSED_IDS = ["a b", "a%2Fb", "a?b", "a#b", ".."]
 
 PASSWORD = "p@ss/w:rd#?&=+ %"  # every character a URI must percent-encode
@@ -80,7 +83,7 @@ class Variant:
     """One provider backend with kwargs and the equivalent broker backend (``{url}`` etc. filled later)."""
 
     name: str
-    store: str  # vault_kv2, vault_kv1, secretsmanager, ssm, azure, env
+    store: str  # vault_kv2, vault_kv1, secretsmanager, ssm, azure, gcp, env, file
     provider: str
     kwargs: dict[str, Any]
     broker: dict[str, Any]
@@ -94,7 +97,7 @@ class Variant:
 
     @property
     def marks(self) -> list[str]:
-        return AZURE_MARKS if self.store == "azure" else ID_MARKS
+        return {"azure": AZURE_MARKS, "gcp": GCP_MARKS}.get(self.store, ID_MARKS)
 
     def path(self, kind: str, key: str, team: str | None = None) -> str | None:
         prefix = self.layout.get(kind)
@@ -111,6 +114,11 @@ class Variant:
             prefix = prefix.rstrip(self.sep)
             key = f"{team}--{key}" if team is not None else key
             return (f"{prefix}{self.sep}{key}" if prefix else key).replace("_", self.sep)
+        if self.store == "gcp":
+            # CloudSecretManagerBackend: {prefix}{sep}{id} (an empty prefix keeps sep), a team's is
+            # {prefix}{sep}{team}--{id}, the id verbatim
+            key = f"{team}--{key}" if team is not None else key
+            return f"{prefix}{self.sep}{key}"
         if team is not None:
             if self.store.startswith("vault"):
                 prefix = f"{prefix}/{team}"
@@ -123,6 +131,7 @@ VAULT = "airflow.providers.hashicorp.secrets.vault.VaultBackend"
 SM = "airflow.providers.amazon.aws.secrets.secrets_manager.SecretsManagerBackend"
 SSM = "airflow.providers.amazon.aws.secrets.systems_manager.SystemsManagerParameterStoreBackend"
 AKV = "airflow.providers.microsoft.azure.secrets.key_vault.AzureKeyVaultBackend"
+GSM = "airflow.providers.google.cloud.secrets.secret_manager.CloudSecretManagerBackend"
 ENV = "airflow.secrets.environment_variables.EnvironmentVariablesBackend"
 FILE = "airflow.secrets.local_filesystem.LocalFilesystemBackend"
 CONNECTION_ARGS = ("conn_type", "host", "login", "password", "schema", "port", "extra", "description")
@@ -133,6 +142,7 @@ FILE_KWARGS = {"connections_file_path": "{files}/connections.json", "variables_f
 ENV_FILES = {"connections_file_path": "{files}/connections.env", "variables_file_path": "{files}/variables.env"}
 ENV_DEFAULTS = {"connection": "AIRFLOW_CONN_", "variable": "AIRFLOW_VAR_", "config": None}
 AZURE_DEFAULTS = {"connection": "airflow-connections", "variable": "airflow-variables", "config": "airflow-config"}
+GCP_DEFAULTS = AZURE_DEFAULTS
 
 VARIANTS = [
     Variant(
@@ -207,6 +217,7 @@ VARIANTS = [
         {"connection": "/af/conns", "variable": "", "config": "/airflow/config"},
     ),
     Variant("azure-defaults", "azure", AKV, {}, {}, AZURE_DEFAULTS, sep="-"),
+    Variant("gcp-defaults", "gcp", GSM, {}, {}, GCP_DEFAULTS, sep="-"),
     Variant("env-defaults", "env", ENV, {}, {}, ENV_DEFAULTS, sep=""),
     Variant("file-json", "file", FILE, FILE_KWARGS, FILE_KWARGS, {"connection": "", "variable": "", "config": None}),
     Variant("file-env", "file", FILE, ENV_FILES, ENV_FILES, {"connection": "", "variable": "", "config": None}),
@@ -238,6 +249,26 @@ NAMING_VARIANTS = [
         {"connections_prefix": "afxconnsx", "variables_prefix": "afvars", "sep": "x", "api_version": "7.4"},
         {"connection": "afxconnsx", "variable": "afvars", "config": "airflow-config"},
         sep="x",
+    ),
+    Variant(
+        "gcp-prefixes",
+        "gcp",
+        GSM,
+        # an empty prefix keeps sep ("-{id}")
+        {"connections_prefix": "af-conns", "variables_prefix": "", "config_prefix": None},
+        {"connections_prefix": "af-conns", "variables_prefix": "", "config_prefix": None},
+        {"connection": "af-conns", "variable": "", "config": None},
+        sep="-",
+    ),
+    Variant(
+        "gcp-sep",
+        "gcp",
+        GSM,
+        # the project by number, from the kwargs (the credentials name airflow-prod)
+        {"connections_prefix": "af_conns", "variables_prefix": None, "sep": "__", "project_id": "123456789012"},
+        {"connections_prefix": "af_conns", "variables_prefix": None, "sep": "__", "project_id": "123456789012"},
+        {"connection": "af_conns", "variable": None, "config": "airflow-config"},
+        sep="__",
     ),
 ]
 
@@ -277,6 +308,16 @@ TEAM_VARIANTS = [
         {"connections_prefix": "t-conns", "variables_prefix": "t-vars"},
         {"connection": "t-conns", "variable": "t-vars", "config": "airflow-config"},
         sep="-",
+        multi_team=True,
+    ),
+    Variant(
+        "gcp-teams",
+        "gcp",
+        GSM,
+        {"connections_prefix": "t-conns", "variables_prefix": "t_vars", "sep": "_"},
+        {"connections_prefix": "t-conns", "variables_prefix": "t_vars", "sep": "_"},
+        {"connection": "t-conns", "variable": "t_vars", "config": "airflow-config"},
+        sep="_",
         multi_team=True,
     ),
     Variant("env-teams", "env", ENV, {}, {}, ENV_DEFAULTS, sep="", multi_team=True),
@@ -419,7 +460,7 @@ class Seed:
     store: str
     path: str
     value: Any
-    access: str = "ok"  # Key Vault: "denied" (RBAC refuses the pod's identity) or "disabled"
+    access: str = "ok"  # Key Vault and Secret Manager: "denied" (the pod's identity is refused) or "disabled"
     kind: str = ""  # set where a store keeps the kinds apart by file (LocalFilesystemBackend)
 
 
@@ -494,15 +535,18 @@ def plan(variant_index: int, variant: Variant) -> tuple[list[Seed], list[dict[st
     for kind in ("connection", "variable", "config"):
         for key in [f"absent{variant_index}_{kind}", *REFUSED_IDS]:
             cases.append({"variant": variant.name, "store": variant.store, "kind": kind, "id": key, "shape": "absent"})
-    if variant.store == "azure":
-        # Readable by no one: Key Vault answers 403 (RBAC denies the identity, or the secret is disabled).
+    if variant.store in ("azure", "gcp"):
+        # Readable by no one: Key Vault answers 403 (RBAC denies the identity, or the secret is disabled);
+        # Secret Manager 403 PERMISSION_DENIED (IAM) and 400 FAILED_PRECONDITION (the version is disabled).
         for access in ("denied", "disabled"):
             for kind in ("connection", "variable"):
                 key = f"{kind[:4]}-{access}-{variant_index}"
                 path = variant.path(kind, key)
                 assert path is not None
                 seeds.append(Seed(variant.store, path, f"http://{access}.example", access))
-                cases.append({"variant": variant.name, "store": "azure", "kind": kind, "id": key, "shape": access})
+                cases.append(
+                    {"variant": variant.name, "store": variant.store, "kind": kind, "id": key, "shape": access}
+                )
     if variant.path("variable", "up") is not None:
         # Stored beside the layout: an id that climbs out of it reaches this only through the provider.
         add("variable", "up", {"value": "outside"} if vault else "outside")

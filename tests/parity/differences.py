@@ -108,6 +108,18 @@ DIFFERENCES: list[Difference] = [
         lambda c, p, b: c["shape"] in ("denied", "disabled") and _all(p, "error") and _all(b, "denied"),
     ),
     Difference(
+        "store-failure-not-missing",
+        "a Secret Manager secret IAM refuses to the pod: the provider answers None (it catches PermissionDenied), "
+        "as if absent; the broker answers 403: AirflowSecretsBackendAccessDenied on Airflow 3.2+, which stops the "
+        "search, a client error on 2.10",
+        lambda c, p, b: (
+            c["store"] == "gcp"
+            and c["shape"] == "denied"
+            and _all(p, "none")
+            and all("denied" in side or "error" in side for side in _sides(b))
+        ),
+    ),
+    Difference(
         "file-connection-build",
         "Airflow's LocalFilesystemBackend builds the Connection itself (a URI not stripped, a string port kept a "
         "string); through the broker Airflow's deserialize_connection strips and int()s",

@@ -1,8 +1,10 @@
 """Google Secret Manager: the names apache-airflow-providers-google's CloudSecretManagerBackend asks for, as a
 table, against the broker's layout (``candidates``) and config checks.
 
-The provider speaks gRPC to Secret Manager, so it is not run side by side with the broker (tests/parity's
-other stores are). The table below was read from apache-airflow-providers-google 22.8.0
+tests/parity/test_parity.py runs the provider side by side with the broker and compares the answers; where
+both answer None it cannot tell which names were asked (an id Secret Manager cannot hold is sent by the
+provider and refused, and never sent by the broker), nor does it start a backend on a bad prefix. The table
+below says that. It was read from apache-airflow-providers-google 22.8.0
 (``cloud/secrets/secret_manager.py`` and ``cloud/_internal_client/secret_manager_client.py``) with
 Airflow 3.3.2's ``BaseSecretsBackend.build_path``:
 

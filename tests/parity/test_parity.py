@@ -1,8 +1,10 @@
 """The broker through BrokerSecretsBackend against the provider backends, side by side, on the same stores.
 
 One OpenBao (KV v2 at ``secret/``, KV v1 at ``kv1/``), one moto server (Secrets Manager and SSM, reached
-through boto3's real credential chain) and the local Key Vault (tests/servers/azure.py, over TLS, reached
-with the workload-identity flow of azure-identity on both sides) hold every case's secret; one broker
+through boto3's real credential chain), the local Key Vault (tests/servers/azure.py, over TLS, reached
+with the workload-identity flow of azure-identity on both sides) and the local Secret Manager
+(tests/servers/gcp.py, over TLS, both sides' credentials from google-auth's metadata-server flow, the
+provider's client on the REST transport: tests/parity/runner.py says why) hold every case's secret; one broker
 process per variant serves the broker side. One Airflow process per venv asks every case of every variant
 of both backends and records what Airflow builds from each answer (tests/parity/runner.py). Any answer
 that differs must be a row of the parity table in docs/airflow.md (tests/parity/differences.py); anything
@@ -44,6 +46,7 @@ from tests.parity.cases import (
 from tests.parity.differences import DIFFERENCES, explain, view
 from tests.servers.azure import AzureServers
 from tests.servers.cloud import TestCA
+from tests.servers.gcp import SECRET_ID, GcpServers
 from tests.servers.openbao import ROOT_TOKEN, OpenBao
 from tests.support.broker_process import BrokerProcess
 from tests.support.leakcheck import plant
@@ -52,10 +55,11 @@ pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_EC2_METADATA_DISABLED": "true"}
 REGION = "us-east-1"
+CLOUD_VARIABLES = ("AWS_", "AZURE_", "GOOGLE_", "GCE_", "CLOUDSDK_")  # the runner's own: none reaches either side
 plant("parity", PASSWORD)  # stored in many cases' passwords and variables: it must reach no broker log
 
 
-def seed(seeds: list[Seed], bao: OpenBao, moto_url: str, azure: AzureServers) -> None:
+def seed(seeds: list[Seed], bao: OpenBao, moto_url: str, azure: AzureServers, gcp: GcpServers) -> None:
     """Write every seed in its store (a name a store refuses is left out: both sides then find nothing)."""
     vault = bao.client()
     sm = boto3.client("secretsmanager", region_name=REGION, endpoint_url=moto_url, **_keys())
@@ -64,7 +68,15 @@ def seed(seeds: list[Seed], bao: OpenBao, moto_url: str, azure: AzureServers) ->
         try:
             if s.store in ("env", "file"):
                 continue  # set in the environment of both sides (job, run_in_airflow); files: write_files
-            if s.store == "azure":
+            if s.store == "gcp":
+                if not SECRET_ID.fullmatch(s.path):
+                    continue  # a name Secret Manager cannot hold: INVALID_ARGUMENT whoever asks
+                gcp.cloud.add(s.path, s.value)
+                if s.access == "denied":
+                    gcp.cloud.denied.add(s.path)
+                elif s.access == "disabled":
+                    gcp.cloud.secrets[s.path][-1].state = "DISABLED"
+            elif s.store == "azure":
                 # a name Key Vault refuses is never asked for by either side
                 azure.cloud.add(s.path, s.value, enabled=s.access != "disabled")
                 if s.access == "denied":
@@ -112,7 +124,9 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     moto.start()
     host, port = moto.get_host_and_port()
-    azure = AzureServers(TestCA(work / "ca"))
+    ca = TestCA(work / "ca")
+    azure = AzureServers(ca)
+    gcp = GcpServers(ca)
     try:
         bao.client().sys.enable_secrets_engine("kv", path="kv1", options={"version": "1"})
         token = work / "bao.token"
@@ -125,11 +139,19 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
             "token": token,
             "work": work,
             "azure": azure,
-            # what the AKS webhook injects, for both sides; the Azure SDK's requests transport reads the CA
-            # bundle from REQUESTS_CA_BUNDLE
-            "azure_env": azure.env(str(azure_token)) | {"REQUESTS_CA_BUNDLE": str(azure.ca.bundle_path)},
+            "gcp": gcp,
+            "ca": ca,
+            # what the AKS webhook injects and what a GKE pod sees (the metadata server), for both sides; the
+            # Azure SDK's and the google REST transport's requests sessions read the CA from REQUESTS_CA_BUNDLE:
+            # the test CA alone, as only the local servers are reached (the google provider opens a connection
+            # per lookup, and loading the system bundle for each costs about 30 ms); no gcloud configuration
+            # from a home directory
+            "cloud_env": azure.env(str(azure_token))
+            | gcp.env()
+            | {"REQUESTS_CA_BUNDLE": str(ca.ca_path), "CLOUDSDK_CONFIG": str(work / "gcloud")},
         }
     finally:
+        gcp.stop()
         azure.stop()
         moto.stop()
         bao.stop()
@@ -140,7 +162,13 @@ def broker_backend(store: str, settings: dict[str, Any], stores: dict[str, Any])
         return {"name": "parity", "type": "file", **settings}
     if store == "env":
         return {"name": "parity", "type": "env", **settings}
-    if store == "azure":
+    if store == "gcp":
+        base = {
+            "type": "gcp_secret_manager",
+            "endpoint_url": stores["gcp"].secret_manager.url,
+            "ca_cert": str(stores["ca"].ca_path),
+        }
+    elif store == "azure":
         base = {
             "type": "azure_key_vault",
             "vault_url": stores["azure"].key_vault.url,
@@ -160,7 +188,7 @@ def broker_backend(store: str, settings: dict[str, Any], stores: dict[str, Any])
 
 
 def provider_kwargs(store: str, kwargs: dict[str, Any], stores: dict[str, Any]) -> dict[str, Any]:
-    if store in ("file", "env"):
+    if store in ("file", "env", "gcp"):  # the google provider's project and credentials: the metadata server
         return dict(kwargs)
     if store == "azure":  # extra kwargs go to the provider's SecretClient
         return {"vault_url": stores["azure"].key_vault.url, "verify_challenge_resource": False, **kwargs}
@@ -173,8 +201,8 @@ def provider_kwargs(store: str, kwargs: dict[str, Any], stores: dict[str, Any]) 
 def job(stores: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """Seed the stores, start one broker per variant (in parallel), and build the job the runner reads."""
     groups, seeds, brokers = [], [], []
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "AZURE_"))} | AWS_ENV
-    env |= stores["azure_env"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(CLOUD_VARIABLES)} | AWS_ENV
+    env |= stores["cloud_env"]
     planned = [(v, plan) for v in VARIANTS] + [(v, team_plan) for v in TEAM_VARIANTS]
     planned += [(v, layout_plan) for v in LAYOUT_VARIANTS] + [(v, naming_plan) for v in NAMING_VARIANTS]
     planned += [(v, bad_entry_plan) for v in BAD_ENTRY_VARIANTS]
@@ -206,9 +234,11 @@ def job(stores: dict[str, Any]) -> Iterator[dict[str, Any]]:
                 # LocalFilesystemBackend builds the ORM Connection itself and has no get_conn_value: the task
                 # SDK's context is not asked of it
                 "server_only": variant.store == "file",
+                # the google provider's client on the REST transport, to the local Secret Manager
+                **({"rest_endpoint": stores["gcp"].secret_manager.url} if variant.store == "gcp" else {}),
             }
         )
-    seed(seeds, stores["bao"], stores["moto_url"], stores["azure"])
+    seed(seeds, stores["bao"], stores["moto_url"], stores["azure"], stores["gcp"])
     # The environment backends' seeds: in every broker's environment and the Airflow processes' (not in
     # this process's: the other tests' brokers inherit it).
     env_seeds = {s.path: s.value for s in seeds if s.store == "env" and "=" not in s.path}  # '=' cannot be in one
@@ -224,15 +254,15 @@ def job(stores: dict[str, Any]) -> Iterator[dict[str, Any]]:
             list(pool.map(lambda broker: broker.stop(), brokers))
 
 
-def run_in_airflow(python: Path, job: dict[str, Any], work: Path, azure_env: dict[str, str]) -> dict[str, Any]:
+def run_in_airflow(python: Path, job: dict[str, Any], work: Path, cloud_env: dict[str, str]) -> dict[str, Any]:
     job_file, out_file = work / "job.json", work / "out.json"
     job_file.write_text(json.dumps({"groups": job["groups"]}))
     home = work / "home"
     home.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "AWS_", "AZURE_", "VIRTUAL_ENV"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "VIRTUAL_ENV", *CLOUD_VARIABLES))}
     env |= (
         AWS_ENV
-        | azure_env
+        | cloud_env
         | job["env"]
         | {
             "AIRFLOW_HOME": str(home),
@@ -263,7 +293,7 @@ def test_broker_answers_as_the_provider_backends(job: dict[str, Any], stores: di
     with ThreadPoolExecutor(len(versions)) as pool:  # one Airflow process per venv, side by side
         outputs = list(
             pool.map(
-                lambda vp: run_in_airflow(vp[1], job, stores["work"] / f"airflow-{vp[0]}", stores["azure_env"]),
+                lambda vp: run_in_airflow(vp[1], job, stores["work"] / f"airflow-{vp[0]}", stores["cloud_env"]),
                 zip(versions, pythons),
             )
         )
