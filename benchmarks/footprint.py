@@ -257,6 +257,7 @@ def entries(work: Path, quick: bool) -> tuple[list[list[Any]], dict[str, Any]]:
         time.sleep(SETTLE_S)
         base = status_kib(d.proc.pid)["VmRSS"]  # type: ignore[union-attr]
         out["rss_before_mib"] = round(base / 1024, 1)
+        rss_at: dict[int, int] = {}
         for count in counts:
             got = stack.loadgen(
                 "fill", "--unix", d.socket, "--pattern", "/v1/variables/v{i}", "--count", str(count), "-c", "16",
@@ -267,8 +268,18 @@ def entries(work: Path, quick: bool) -> tuple[list[list[Any]], dict[str, Any]]:
             time.sleep(SETTLE_S)
             rss = status_kib(d.proc.pid)["VmRSS"]  # type: ignore[union-attr]
             per = (rss - base) * 1024 / count
+            rss_at[count] = rss
             out[f"daemon_{count}"] = {"rss_mib": round(rss / 1024, 1), "bytes_per_entry": round(per)}
             rows.append([f"daemon RSS growth, {count:,} entries", f"{per:,.0f} B", f"RSS {mib(rss)} MiB"])
+        marginal = (rss_at[counts[-1]] - rss_at[counts[0]]) * 1024 / (counts[-1] - counts[0])
+        out["daemon_marginal"] = {"bytes_per_entry": round(marginal)}
+        rows.append(
+            [
+                f"daemon RSS growth per entry from {counts[0]:,} to {counts[-1]:,} entries",
+                f"{marginal:,.0f} B",
+                "what one more entry costs, without the first lookups' one-time growth",
+            ]
+        )
     finally:
         d.stop()
     r = subprocess.run(
