@@ -24,7 +24,7 @@ from urllib.parse import quote
 import pytest
 
 from tests.servers.fault_proxy import FaultProxy
-from tests.servers.openbao import OpenBao, approle, approle_auth
+from tests.servers.openbao import OpenBao, approle, approle_auth, live_tokens
 from tests.servers.stores import Harness
 from tests.support.broker_process import BrokerProcess
 from tests.support.leakcheck import plant
@@ -189,8 +189,8 @@ def _vault_approle(bao: OpenBao, data_path: str, files: Path) -> dict[str, str]:
 def _revoke_approle_tokens(bao: OpenBao) -> None:
     """The broker's Vault token stops being honoured, as when it expires under it (OpenBao answers 403)."""
     root = bao.client()
-    for accessor in root.list("auth/token/accessors")["data"]["keys"]:
-        if root.auth.token.lookup_accessor(accessor)["data"].get("path", "").startswith("auth/approle"):
+    for accessor, token in live_tokens(root):
+        if token.get("path", "").startswith("auth/approle"):
             root.auth.token.revoke_accessor(accessor)
 
 

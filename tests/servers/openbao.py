@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -113,3 +114,13 @@ def approle_auth(files: Path, role: str) -> dict[str, str]:
         "role_id_file": str(files / f"{role}.role_id"),
         "secret_id_file": str(files / f"{role}.secret_id"),
     }
+
+
+def live_tokens(client: hvac.Client) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(accessor, lookup data) of every token alive when looked up: one listed but expired or revoked before its
+    lookup (other tests' short-lived tokens end at any time) answers "invalid accessor" and is passed over."""
+    for accessor in client.list("auth/token/accessors")["data"]["keys"]:
+        try:
+            yield accessor, client.auth.token.lookup_accessor(accessor)["data"]
+        except hvac.exceptions.InvalidRequest:
+            continue

@@ -19,6 +19,7 @@ from broker.backends.base import Kind
 from broker.config import validate_config
 from broker.state import BrokerState
 from tests.integration.node.conftest import NODE, TEAM_A, TEAM_A_CONN, TEAM_B, NodeVault
+from tests.servers.openbao import live_tokens
 from tests.servers.tokenreview import KubernetesAPI, Pod
 from tests.support.broker_process import BrokerProcess, wait_for
 
@@ -187,13 +188,7 @@ async def test_fifty_sidecars_make_fifty_logins_and_reads(node_vault: NodeVault,
 
 def _team_tokens(node_vault: NodeVault, team: str) -> int:
     """Live Vault tokens carrying ``team``'s policy."""
-    c = node_vault.bao.client()
-    accessors = c.list("auth/token/accessors")["data"]["keys"]
-    live = 0
-    for accessor in accessors:
-        info = c.auth.token.lookup_accessor(accessor)["data"]
-        live += team in (info.get("policies") or [])
-    return live
+    return sum(team in (token.get("policies") or []) for _, token in live_tokens(node_vault.bao.client()))
 
 
 def test_idle_identity_is_logged_out_and_released(node_vault: NodeVault, tmp_path: Path) -> None:

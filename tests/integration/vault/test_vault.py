@@ -8,12 +8,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import hvac
 import pytest
 import yaml
 
 from tests.integration.vault.conftest import CONFIG_VALUE, PASSWORD, VARIABLE, VaultEnv
-from tests.servers.openbao import ROOT_TOKEN, OpenBao, approle_auth
+from tests.servers.openbao import ROOT_TOKEN, OpenBao, approle_auth, live_tokens
 from tests.support.broker_process import wait_for
 
 EXPECTED_FIELDS = {
@@ -107,12 +106,8 @@ def test_rotated_service_account_token_is_read_at_next_login(
     vault_env.tokenreview.valid.pop(token_a)
     reviews_before = vault_env.tokenreview.reviews
     root = vault_env.bao.client()
-    for accessor in root.list("auth/token/accessors")["data"]["keys"]:
-        try:
-            path = root.auth.token.lookup_accessor(accessor)["data"].get("path", "")
-        except hvac.exceptions.InvalidRequest:  # "invalid accessor": expired or revoked since the listing
-            continue
-        if path.startswith("auth/kubernetes"):
+    for accessor, token in live_tokens(root):
+        if token.get("path", "").startswith("auth/kubernetes"):
             root.auth.token.revoke_accessor(accessor)
     broker.invalidate()
     assert broker.get("variable", "plain")[0] == 200
